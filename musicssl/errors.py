@@ -1,0 +1,46 @@
+"""The error types users catch.
+
+Every error says what went wrong, on which file or model, and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class MusicsslError(Exception):
+    """Base class of every error raised on purpose by musicssl."""
+
+
+class AudioDecodeError(MusicsslError, ValueError):
+    """An audio file could not be read or decoded (names the file and the backend)."""
+
+
+class AudioInputError(MusicsslError, ValueError):
+    """Audio given as an array or tensor is unusable (shape, sample rate, NaN/Inf)."""
+
+
+class UnknownModelError(MusicsslError, LookupError):
+    """A model name is not in the registry (the message suggests the closest names)."""
+
+
+class WeightsUnavailableError(MusicsslError, LookupError):
+    """A registered architecture has no released weights yet."""
+
+
+class WeightsNotCachedError(MusicsslError, FileNotFoundError):
+    """Offline mode is on and the pinned weights are not in the local cache."""
+
+
+class ChecksumError(MusicsslError, ValueError):
+    """A downloaded or cached file does not have the pinned sha256."""
+
+
+class DownloadError(MusicsslError, OSError):
+    """Weights could not be fetched (unknown repo, revision or file; server unreachable)."""
+
+
+class ReleaseFormatError(MusicsslError, ValueError):
+    """A release folder or its config.json is malformed, or its weights do not fit the model."""
+
+
+class MissingDependencyError(MusicsslError, ImportError):
+    """An optional dependency needed for this call is not installed."""

@@ -1,0 +1,153 @@
+"""The model registry: names -> (ModelSpec, builder). No I/O here.
+
+A family file registers each named model with ``@register_model(ModelSpec(...))`` on a small builder
+function, and its encoder class with ``@register_family``, so that a release folder's config.json can
+name the class that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from musicssl.errors import UnknownModelError
+
+# Family modules imported the first time the registry is read, so `import musicssl` stays cheap.
+_FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a named model is: its audio contract, its outputs and where its weights come from.
+
+    ``weights`` is None for models that need none (baselines), ``"hf-hub:org/repo"`` for Hub
+    releases, ``"bundled:DIR"`` for a release folder inside the wheel (``musicssl/weights/DIR``),
+    or an ``https://`` URL for upstream files hosted elsewhere. ``files`` maps each file to fetch to
+    its sha256; ``revision`` pins a Hub commit.
+    """
+
+    name: str
+    family: str
+    sample_rate: int  # Hz
+    frame_rate: float  # output frames per second
+    embed_dim: int
+    num_layers: int
+    recommended_layer: int  # index into the layers of embed(layers="all"); -1 = last
+    context_seconds: float  # window the model sees at once; longer audio is cut and stitched
+    weights: str | None = None
+    revision: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    needs_weights: bool = True
+    license: str = "n/a"
+    source: str = "musicssl"
+    citation: str = ""
+    description: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pretrained(self) -> bool:
+        """True when `load(name)` gives a ready model (weights released, or none needed)."""
+        return self.weights is not None or not self.needs_weights
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable view, with `pretrained` included."""
+        d = dataclasses.asdict(self)
+        d["pretrained"] = self.pretrained
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+_MODELS: dict[str, tuple[ModelSpec, Callable[..., Any]]] = {}
+_FAMILIES: dict[str, type] = {}
+_loaded = False
+
+
+def canonical(name: str) -> str:
+    """Registry key: case- and `-`/`_`-insensitive."""
+    return re.sub(r"[-_]", "-", name.strip().lower())
+
+
+def register_model(spec: ModelSpec) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register `builder(**overrides) -> Encoder` under `spec.name`."""
+
+    def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
+        key = canonical(spec.name)
+        if key in _MODELS:
+            raise ValueError(f"model {spec.name!r} is registered twice")
+        _MODELS[key] = (spec, builder)
+        return builder
+
+    return wrap
+
+
+def register_family(name: str) -> Callable[[type], type]:
+    """Class decorator: the encoder class that rebuilds a release whose config names `name`."""
+
+    def wrap(cls: type) -> type:
+        _FAMILIES[name] = cls
+        cls.family = name
+        return cls
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        for module in _FAMILY_MODULES:
+            importlib.import_module(module)
+        _loaded = True
+
+
+def list_models(pattern: str = "*", pretrained: bool = True) -> list[str]:
+    """Registered names matching a glob `pattern`; only ready-to-load ones when `pretrained`."""
+    _ensure_loaded()
+    pat = canonical(pattern)
+    return sorted(
+        spec.name
+        for key, (spec, _) in _MODELS.items()
+        if fnmatch.fnmatch(key, pat) and (spec.pretrained or not pretrained)
+    )
+
+
+def _lookup(name: str) -> tuple[ModelSpec, Callable[..., Any]]:
+    _ensure_loaded()
+    key = canonical(name)
+    if key not in _MODELS:
+        close = difflib.get_close_matches(key, list(_MODELS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(_MODELS[c][0].name) for c in close)}?" if close else ""
+        raise UnknownModelError(
+            f"unknown model {name!r}.{hint} `musicssl list --all` shows every registered name; "
+            "a release on the Hub loads as 'hf-hub:org/repo' and a local one by its folder path."
+        )
+    return _MODELS[key]
+
+
+def model_info(name: str) -> ModelSpec:
+    """The ModelSpec of a registered name (raises UnknownModelError with suggestions)."""
+    return _lookup(name)[0]
+
+
+def builder(name: str) -> Callable[..., Any]:
+    """The builder function of a registered name."""
+    return _lookup(name)[1]
+
+
+def family_class(family: str) -> type:
+    """The encoder class registered for a family name (as written in config.json)."""
+    _ensure_loaded()
+    if family not in _FAMILIES:
+        raise UnknownModelError(
+            f"unknown model family {family!r}; this musicssl knows {sorted(_FAMILIES)}. "
+            "The release may need a newer musicssl: pip install -U musicssl"
+        )
+    return _FAMILIES[family]
