@@ -1,0 +1,100 @@
+"""Turn whatever a user passes to `embed()` into mono float32 clips at the model's sample rate."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from musicssl.errors import AudioInputError
+
+_INT_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
+
+
+def is_path(x: Any) -> bool:
+    return isinstance(x, (str, os.PathLike))
+
+
+def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray]:
+    """Paths, arrays, tensors or lists of them -> list of (S,) float32 clips at `target_sr` Hz.
+
+    Arrays: (S,) is one clip, (B, S) a batch of mono clips, (B, C, S) a batch of C-channel clips.
+    List items: each (S,) or (C, S). Integer PCM is scaled to [-1, 1]; channels are averaged.
+    """
+    if is_path(audio):
+        return [_load_path(audio, target_sr)]
+    if isinstance(audio, (np.ndarray, torch.Tensor)):
+        arr = _as_numpy(audio, "the audio")
+        if arr.ndim == 1:
+            clips = [arr]
+        elif arr.ndim == 2:
+            clips = list(arr)
+        elif arr.ndim == 3:
+            clips = [c.mean(axis=0) for c in arr]
+        else:
+            raise AudioInputError(
+                f"audio array has shape {tuple(arr.shape)}; pass (samples,), (batch, samples) or "
+                "(batch, channels, samples), or a list of (samples,) / (channels, samples) clips"
+            )
+        return [_finish(c, sr, target_sr, f"item {i}") for i, c in enumerate(clips)]
+    if isinstance(audio, Sequence) and not isinstance(audio, (bytes, bytearray)):
+        if len(audio) == 0:
+            raise AudioInputError("embed() got an empty list: pass at least one path or clip")
+        return [_one_item(x, sr, target_sr, i) for i, x in enumerate(audio)]
+    raise AudioInputError(
+        f"embed() cannot use a {type(audio).__name__}: pass a path, a numpy array or torch tensor "
+        "with sr=..., or a list of those"
+    )
+
+
+def _one_item(x: Any, sr: int | None, target_sr: int, i: int) -> np.ndarray:
+    if is_path(x):
+        return _load_path(x, target_sr)
+    if not isinstance(x, (np.ndarray, torch.Tensor)):
+        raise AudioInputError(f"item {i} of the list is a {type(x).__name__}; expected a path, array or tensor")
+    arr = _as_numpy(x, f"item {i}")
+    if arr.ndim == 2:
+        arr = arr.mean(axis=0)
+    elif arr.ndim != 1:
+        raise AudioInputError(f"item {i} has shape {tuple(arr.shape)}; list items are (samples,) or (channels, samples)")
+    return _finish(arr, sr, target_sr, f"item {i}")
+
+
+def _load_path(path: Any, target_sr: int) -> np.ndarray:
+    from musicssl.audio.io import load_audio
+
+    x, _ = load_audio(path, sr=target_sr, mono=True)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise AudioInputError(f"{what} is a complex tensor; pass real-valued samples")
+        x = x.detach().to("cpu")
+        x = x.float() if x.is_floating_point() else x
+        x = x.numpy()
+    arr = np.asarray(x)
+    if arr.dtype in _INT_SCALE:
+        return arr.astype(np.float32) / np.float32(_INT_SCALE[arr.dtype])
+    if arr.dtype == np.uint8:  # 8-bit WAV convention: unsigned, centred on 128
+        return (arr.astype(np.float32) - 128.0) / 128.0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise AudioInputError(f"{what} has dtype {arr.dtype}; pass float samples in [-1, 1] or integer PCM")
+    return arr.astype(np.float32, copy=False)
+
+
+def _finish(x: np.ndarray, sr: int | None, target_sr: int, what: str) -> np.ndarray:
+    from musicssl.audio.io import check_finite, resample
+
+    if sr is None:
+        raise AudioInputError(
+            f"{what}: arrays and tensors need their sample rate, e.g. embed(x, sr=44100); "
+            f"this model runs at {target_sr} Hz and resamples for you"
+        )
+    if x.shape[-1] == 0:
+        raise AudioInputError(f"{what} has no samples")
+    check_finite(x, what)
+    return np.ascontiguousarray(resample(x, int(sr), target_sr), dtype=np.float32)

@@ -1,0 +1,610 @@
+"""Decode audio files, resample, mix to mono and find audio files.
+
+soundfile (libsndfile) decodes wav, flac, ogg/vorbis, opus, mp3, aiff and friends. Containers that
+libsndfile cannot read (m4a, aac, wma, webm, ...) go to an optional fallback: ``torchcodec`` when it
+imports, else an ``ffmpeg`` binary on the PATH. Neither is required; without them such files raise
+an :class:`~musicssl.errors.AudioDecodeError` that says what to install.
+
+Layouts: a decoded file is float32 in [-1, 1] (integer PCM is scaled), shaped (S,) when mixed to mono
+and (C, S) otherwise; S counts samples per channel, C channels. Rates are in Hz, times in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import re
+import shutil
+import stat
+import struct
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from musicssl.errors import AudioDecodeError, AudioInputError
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+T = TypeVar("T")
+
+AUDIO_EXTENSIONS: frozenset[str] = frozenset({
+    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au",
+    ".caf", ".w64", ".m4a", ".m4b", ".aac", ".wma", ".webm", ".mka", ".mp4",
+})
+
+# libsndfile never reads these containers: skip the doomed soundfile attempt.
+_FALLBACK_ONLY = frozenset({".m4a", ".m4b", ".aac", ".wma", ".webm", ".mka", ".mp4"})
+
+_INSTALL_HINT = (
+    "install torchcodec (`pip install torchcodec`) or an ffmpeg binary "
+    "(`apt-get install ffmpeg`, `conda install -c conda-forge ffmpeg` or `brew install ffmpeg`)"
+)
+
+# Frames per soundfile read, and per re-read after an error (finer, to keep more good frames).
+_READ_BLOCK = 1 << 18
+_SALVAGE_BLOCK = 1 << 12
+
+# WAV data sizes that streaming writers use for "length unknown", not a truncation.
+_UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
+
+_SNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a file holds, read from its header (no decoding where the backend allows).
+
+    ``frames`` counts samples per channel; for mp3 and fallback-decoded files it may be an estimate
+    from the header. ``backend`` is "soundfile", "torchcodec", "ffprobe" or "ffmpeg".
+    """
+
+    sample_rate: int
+    frames: int
+    channels: int
+    duration: float
+    backend: str
+
+
+class _BackendFailed(Exception):
+    """A fallback backend could not decode a file; never escapes this module."""
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def audio_info(path: PathLike) -> AudioInfo:
+    """Sample rate (Hz), frames, channels and duration (s) of an audio file."""
+    p = _check_path(path)
+    sndfile_err: Exception | None = None
+    if p.suffix.lower() not in _FALLBACK_ONLY:
+        try:
+            info = sf.info(os.fspath(p))
+        except _SNDFILE_ERRORS as err:
+            sndfile_err = err
+        else:
+            return _make_info(info.samplerate, info.frames, info.channels, "soundfile")
+    attempts: list[tuple[str, Callable[[], AudioInfo]]] = []
+    decoder_cls = _torchcodec_decoder()
+    if decoder_cls is not None:
+        attempts.append(("torchcodec", lambda: _info_torchcodec(decoder_cls, p)))
+    ffprobe, ffmpeg = shutil.which("ffprobe"), shutil.which("ffmpeg")
+    if ffprobe is not None:
+        attempts.append(("ffprobe", lambda: _info_ffprobe(ffprobe, p)))
+    if ffmpeg is not None:
+        # Without ffprobe the only way to count frames is to decode them all.
+        attempts.append(("ffmpeg", lambda: _info_ffmpeg(ffmpeg, p)))
+    return _run_fallbacks(p, sndfile_err, attempts)
+
+
+def load_audio(
+    path: PathLike,
+    sr: int | None = None,
+    *,
+    mono: bool = True,
+    offset: float = 0.0,
+    duration: float | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode an audio file to float32 samples in [-1, 1] and its sample rate.
+
+    Returns ``(samples, rate)``: samples (S,) when ``mono`` (channels averaged) else (C, S); rate is
+    ``sr`` when given (resampled with soxr) else the file's. ``offset`` and ``duration`` (s) select
+    a span: only those frames are read. A span running past the end stops at the end; an offset at
+    or past the end raises. A truncated file yields the samples before the damage, with a logged
+    warning naming the file; if none decode, it raises.
+    """
+    if sr is not None:
+        sr = _check_rate(sr, "sr")
+    _check_span(offset, duration)
+    p = _check_path(path)
+    frames, file_sr, backend = _decode(p, offset, duration)
+    n_bad = frames.size - int(np.count_nonzero(np.isfinite(frames)))
+    if n_bad:
+        raise AudioDecodeError(
+            f"Cannot use audio file '{p}': {n_bad} decoded samples are NaN or Inf (backend: "
+            f"{backend}). The file holds invalid floating-point data: re-export it from its source, "
+            f"or re-encode it with `ffmpeg -i '{p}' out.flac`."
+        )
+    # Mix before resampling: both are linear, and one channel is cheaper to resample than C.
+    if mono:
+        x = frames[:, 0] if frames.shape[1] == 1 else _mix_down(frames)
+    else:
+        x = frames
+    if sr is not None and sr != file_sr:
+        x = _soxr(x, file_sr, sr)
+    if not mono:
+        x = np.ascontiguousarray(x.T)
+    else:
+        x = np.ascontiguousarray(x)
+    return x, sr if sr is not None else file_sr
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "HQ") -> np.ndarray:
+    """Resample (S,) or (C, S) audio from ``sr_in`` to ``sr_out`` Hz with soxr; float32 out.
+
+    Output length is about S * sr_out / sr_in. Equal rates return the input as float32.
+    """
+    sr_in, sr_out = _check_rate(sr_in, "sr_in"), _check_rate(sr_out, "sr_out")
+    x = np.asarray(x)
+    if x.ndim not in (1, 2):
+        raise AudioInputError(f"resample expects audio shaped (S,) or (C, S), got shape {x.shape}.")
+    if sr_in == sr_out:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        return _soxr(x, sr_in, sr_out, quality)
+    # soxr wants frames first: (S, C).
+    return np.ascontiguousarray(_soxr(x.T, sr_in, sr_out, quality).T)
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """Average (C, S) audio over channels to (S,); (S,) comes back unchanged."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        return x
+    if x.ndim != 2:
+        raise AudioInputError(f"to_mono expects audio shaped (S,) or (C, S), got shape {x.shape}.")
+    return _mix_down(x.T)
+
+
+def check_finite(x: Any, what: str) -> None:
+    """Raise AudioInputError naming ``what`` if array or tensor ``x`` holds NaN or Inf."""
+    if hasattr(x, "isfinite") and not isinstance(x, np.ndarray):
+        # A torch tensor: test on its own device and copy to host only to describe a failure.
+        if bool(x.isfinite().all()):
+            return
+        x = x.detach().float().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fc":
+        return  # integers and booleans cannot hold NaN or Inf
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    n_nan = int(np.count_nonzero(np.isnan(arr)))
+    n_inf = arr.size - int(np.count_nonzero(finite)) - n_nan
+    first = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise AudioInputError(
+        f"{what} contains {n_nan} NaN and {n_inf} Inf values (first at index {first}); "
+        f"audio must be finite: fix or drop it before embedding (e.g. np.nan_to_num)."
+    )
+
+
+def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Path]:
+    """Audio files under ``root``, sorted; a file given as ``root`` comes back alone.
+
+    Folders are searched recursively; extensions match case-insensitively (".wav" or "wav"); files
+    and folders whose names start with "." are skipped; symlinks are followed, and a real file
+    reached by several paths is listed once, under the first path in sorted order.
+    """
+    base = Path(root).expanduser()
+    if base.is_file():
+        return [base]
+    if not base.is_dir():
+        raise FileNotFoundError(f"Cannot search '{base}' for audio files: no such file or folder.")
+    suffixes = tuple({e.lower() if e.startswith(".") else "." + e.lower() for e in extensions})
+    found: list[Path] = []
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def on_error(err: OSError) -> None:
+        log.warning("Skipping unreadable folder %s: %s", err.filename, err.strerror)
+
+    for dirpath, dirnames, filenames in os.walk(base, onerror=on_error, followlinks=True):
+        st = os.stat(dirpath)
+        # Symlinked folders can form cycles or repeat a tree: walk each real folder once.
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(
+            Path(dirpath, name)
+            for name in filenames
+            if not name.startswith(".") and name.lower().endswith(suffixes)
+        )
+    files: list[Path] = []
+    seen_files: set[tuple[int, int]] = set()
+    for path in sorted(found):
+        try:
+            st = path.stat()
+        except OSError as err:
+            log.warning("Skipping %s: %s", path, err.strerror)  # e.g. a dangling symlink
+            continue
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen_files:
+            continue
+        seen_files.add((st.st_dev, st.st_ino))
+        files.append(path)
+    return files
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_rate(sr: Any, name: str) -> int:
+    """A positive integer rate in Hz (integral floats such as 16000.0 are accepted)."""
+    ok = isinstance(sr, numbers.Integral) and not isinstance(sr, (bool, np.bool_))
+    if isinstance(sr, float) and sr.is_integer():
+        ok = True
+    if not ok or sr <= 0:
+        raise AudioInputError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}.")
+    return int(sr)
+
+
+def _check_span(offset: float, duration: float | None) -> None:
+    if not (isinstance(offset, numbers.Real) and np.isfinite(offset) and offset >= 0):
+        raise AudioInputError(f"offset must be a finite number of seconds >= 0, got {offset!r}.")
+    if duration is not None and not (
+        isinstance(duration, numbers.Real) and np.isfinite(duration) and duration > 0
+    ):
+        raise AudioInputError(
+            f"duration must be a finite number of seconds > 0 (or None for the rest of the file), "
+            f"got {duration!r}."
+        )
+
+
+def _check_path(path: PathLike) -> Path:
+    """The path as a readable, non-empty regular file, or an AudioDecodeError saying why not."""
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except FileNotFoundError as err:
+        raise AudioDecodeError(
+            f"Cannot read audio file '{p}': no such file. Check the path (relative paths start "
+            f"from {Path.cwd()})."
+        ) from err
+    except OSError as err:
+        raise AudioDecodeError(
+            f"Cannot read audio file '{p}': {err.strerror}. Check the path and its permissions."
+        ) from err
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioDecodeError(
+            f"Cannot read audio file '{p}': it is a folder. Pass one file, or list the audio files "
+            f"in it with musicssl.audio.io.find_audio_files('{p}')."
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioDecodeError(
+            f"Cannot read audio file '{p}': it is not a regular file. Copy the audio to a file first."
+        )
+    if not os.access(p, os.R_OK):
+        raise AudioDecodeError(
+            f"Cannot read audio file '{p}': permission denied. Make it readable "
+            f"(e.g. `chmod a+r '{p}'`) or run as a user who may read it."
+        )
+    if st.st_size == 0:
+        raise AudioDecodeError(
+            f"Cannot decode audio file '{p}': the file is empty (0 bytes), probably an interrupted "
+            f"copy or download. Re-create or re-download it, or remove it from the input."
+        )
+    return p
+
+
+def _no_samples(p: Path, backend: str) -> AudioDecodeError:
+    return AudioDecodeError(
+        f"Audio file '{p}' contains no audio samples (0 frames; backend: {backend}). "
+        f"Re-export it from its source, or remove it from the input."
+    )
+
+
+def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> AudioDecodeError:
+    length = "" if file_seconds is None else f" (it lasts {file_seconds:.3f} s)"
+    return AudioDecodeError(
+        f"Cannot read audio file '{p}' from offset {offset:.3f} s: that is at or past its end"
+        f"{length}. Use a smaller offset."
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray, int, str]:
+    """Decode the span of ``p``: frames (S, C) float32, rate in Hz, backend name."""
+    sndfile_err: Exception | None = None
+    if p.suffix.lower() not in _FALLBACK_ONLY:
+        try:
+            f = sf.SoundFile(os.fspath(p))
+        except _SNDFILE_ERRORS as err:
+            sndfile_err = err
+            log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
+        else:
+            with f:
+                return _read_soundfile(f, p, offset, duration), f.samplerate, "soundfile"
+    attempts: list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]] = []
+    decoder_cls = _torchcodec_decoder()
+    if decoder_cls is not None:
+        attempts.append(("torchcodec", lambda: _decode_torchcodec(decoder_cls, p, offset, duration)))
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is not None:
+        attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration)))
+    return _run_fallbacks(p, sndfile_err, attempts)
+
+
+def _read_soundfile(
+    f: sf.SoundFile, p: Path, offset: float, duration: float | None
+) -> np.ndarray:
+    """Seek to ``offset`` and read the span: (S, C) float32, cut short where the file is damaged."""
+    sr, total = f.samplerate, f.frames
+    if total <= 0:
+        raise _no_samples(p, "soundfile")
+    start = round(offset * sr)
+    if start >= total:
+        raise _offset_past_end(p, offset, total / sr)
+    # A positive duration shorter than one sample still reads one sample.
+    want = total - start if duration is None else min(max(1, round(duration * sr)), total - start)
+    out = np.empty((want, f.channels), dtype=np.float32)
+    got, err = _read_into(f, start, out, 0, _READ_BLOCK)
+    if err is not None:
+        # libsndfile drops a whole request when a block inside it is damaged: re-read the rest
+        # in small blocks from a fresh handle to keep every frame before the damage.
+        try:
+            with sf.SoundFile(os.fspath(p)) as again:
+                got, err = _read_into(again, start + got, out, got, _SALVAGE_BLOCK)
+        except _SNDFILE_ERRORS as reopen_err:
+            err = reopen_err
+    if err is not None:
+        if got == 0:
+            raise AudioDecodeError(
+                f"Cannot decode audio file '{p}' (backend: soundfile): {_cause(err)}. The file is "
+                f"probably truncated or damaged: re-create or re-download it, or re-encode what "
+                f"is left with `ffmpeg -i '{p}' out.flac`."
+            ) from err
+        log.warning(
+            "%s: decoding stopped after %d of %d frames (%s); the file is probably truncated or "
+            "damaged, using the frames before the damage", p, got, want, _cause(err),
+        )
+    elif got < want:
+        log.warning(
+            "%s: the header promises %d frames but only %d decode; the file is probably "
+            "truncated, using the frames present", p, want, got,
+        )
+    elif start + got == total:
+        _warn_if_wav_truncated(f, p)
+    if got == 0:
+        raise _no_samples(p, "soundfile")
+    return out[:got]
+
+
+def _read_into(
+    f: sf.SoundFile, frame: int, out: np.ndarray, got: int, block: int
+) -> tuple[int, Exception | None]:
+    """Fill ``out[got:]`` from ``frame`` on; the frames filled, and the error that stopped it."""
+    try:
+        if f.tell() != frame:
+            f.seek(frame)
+        while got < len(out):
+            n = len(f.read(out=out[got : got + block]))
+            if n == 0:
+                break
+            got += n
+    except _SNDFILE_ERRORS as err:
+        return got, err
+    return got, None
+
+
+def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:
+    """Warn when a WAV header claims more data than the file holds.
+
+    libsndfile silently shortens such files to the data present; its log (``extra_info``) keeps
+    the claim as "data : <claimed> (should be <present>)".
+    """
+    match = re.search(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", f.extra_info, re.MULTILINE)
+    if match is None:
+        return
+    claimed, present = int(match[1]), int(match[2])
+    if claimed > present and claimed not in _UNKNOWN_WAV_SIZES:
+        log.warning(
+            "%s: the WAV header declares %d bytes of audio but the file holds %d; the file is "
+            "probably truncated, using the frames present", p, claimed, present,
+        )
+
+
+def _cause(err: BaseException) -> str:
+    """The backend's own words, without the file path soundfile prepends."""
+    text = getattr(err, "error_string", None) or str(err) or type(err).__name__
+    return text.strip().rstrip(".")
+
+
+def _run_fallbacks(
+    p: Path, sndfile_err: Exception | None, attempts: list[tuple[str, Callable[[], T]]]
+) -> T:
+    """Try fallback backends in order; raise one error that names the file and every cause."""
+    causes = [f"libsndfile: {_cause(sndfile_err)}"] if sndfile_err is not None else []
+    last: Exception | None = sndfile_err
+    for name, attempt in attempts:
+        try:
+            result = attempt()
+        except _BackendFailed as err:
+            causes.append(f"{name}: {err}")
+            last = err
+            log.debug("%s cannot decode %s: %s", name, p, err)
+        else:
+            log.debug("decoded %s with %s", p, name)
+            return result
+    if not attempts:
+        said = (
+            f"libsndfile could not read it ({causes[0].split(': ', 1)[1]})"
+            if causes
+            else f"libsndfile cannot read '{p.suffix}' files"
+        )
+        raise AudioDecodeError(
+            f"Cannot decode audio file '{p}': {said}, and no fallback decoder is available. "
+            f"If it is audio in a format libsndfile lacks, {_INSTALL_HINT}, or convert it to FLAC "
+            f"with `ffmpeg -i '{p}' out.flac`. If it is damaged or not audio, re-create it or "
+            f"remove it from the input."
+        ) from last
+    raise AudioDecodeError(
+        f"Cannot decode audio file '{p}': every decoder failed ({'; '.join(causes)}). The file is "
+        f"probably damaged or not audio: check it with `ffprobe '{p}'`, re-encode it with "
+        f"`ffmpeg -i '{p}' out.flac`, or remove it from the input."
+    ) from last
+
+
+def _torchcodec_decoder() -> Any | None:
+    """torchcodec's AudioDecoder class, or None when torchcodec (or its FFmpeg) is missing."""
+    try:
+        from torchcodec.decoders import AudioDecoder
+    except (ImportError, OSError, RuntimeError) as err:
+        # torchcodec raises RuntimeError/OSError at import when its FFmpeg libraries are absent.
+        log.debug("torchcodec unavailable: %s", err)
+        return None
+    return AudioDecoder
+
+
+def _decode_torchcodec(
+    decoder_cls: Any, p: Path, offset: float, duration: float | None
+) -> tuple[np.ndarray, int, str]:
+    try:
+        decoder = decoder_cls(os.fspath(p))
+        file_seconds = decoder.metadata.duration_seconds_from_header
+    except (RuntimeError, ValueError, OSError) as err:
+        raise _BackendFailed(_cause(err)) from err
+    if file_seconds is not None and offset >= file_seconds:
+        raise _offset_past_end(p, offset, file_seconds)
+    stop = None if duration is None else offset + duration
+    try:
+        samples = decoder.get_samples_played_in_range(start_seconds=offset, stop_seconds=stop)
+        data = samples.data.numpy()  # (C, S) float32
+        sr = int(samples.sample_rate)
+    except (RuntimeError, ValueError, OSError) as err:
+        raise _BackendFailed(_cause(err)) from err
+    if data.shape[-1] == 0:
+        raise _offset_past_end(p, offset, None) if offset > 0 else _no_samples(p, "torchcodec")
+    return np.asarray(data, dtype=np.float32).T, sr, "torchcodec"
+
+
+def _info_torchcodec(decoder_cls: Any, p: Path) -> AudioInfo:
+    try:
+        metadata = decoder_cls(os.fspath(p)).metadata
+        sr, seconds = int(metadata.sample_rate), metadata.duration_seconds_from_header
+    except (RuntimeError, ValueError, OSError) as err:
+        raise _BackendFailed(_cause(err)) from err
+    if seconds is None:  # the header does not say: count by decoding
+        data, sr, _ = _decode_torchcodec(decoder_cls, p, 0.0, None)
+        return _make_info(sr, data.shape[0], data.shape[1], "torchcodec")
+    return _make_info(sr, round(seconds * sr), int(metadata.num_channels), "torchcodec")
+
+
+def _decode_ffmpeg(
+    ffmpeg: str, p: Path, offset: float, duration: float | None
+) -> tuple[np.ndarray, int, str]:
+    """Decode with the ffmpeg binary to a float32 WAV on stdout.
+
+    The WAV header gives the rate and channel count without ffprobe; its size fields are
+    placeholders on a pipe, so the samples are everything after the data chunk header.
+    """
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error"]
+    if offset > 0:
+        cmd += ["-ss", f"{offset:.6f}"]  # before -i: seek in the input, decode nothing before
+    if duration is not None:
+        cmd += ["-t", f"{duration:.6f}"]
+    # "file:" keeps ffmpeg from reading a path such as "a:b.m4a" as a protocol.
+    cmd += ["-i", "file:" + os.fspath(p.absolute()), "-map", "0:a:0", "-map_metadata", "-1",
+            "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
+    try:
+        run = subprocess.run(cmd, capture_output=True, check=False)
+    except OSError as err:
+        raise _BackendFailed(f"could not run {ffmpeg}: {err.strerror}") from err
+    if run.returncode != 0:
+        lines = run.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise _BackendFailed(" / ".join(lines[-3:]) or f"exit status {run.returncode}")
+    sr, channels, data = _parse_pipe_wav(run.stdout)
+    frames = len(data) // (4 * channels)
+    if frames == 0:
+        raise _offset_past_end(p, offset, None) if offset > 0 else _no_samples(p, "ffmpeg")
+    samples = np.frombuffer(data, dtype="<f4", count=frames * channels)
+    return samples.reshape(frames, channels).astype(np.float32), sr, "ffmpeg"
+
+
+def _parse_pipe_wav(buf: bytes) -> tuple[int, int, memoryview]:
+    """(rate Hz, channels, sample bytes) of the float WAV that ffmpeg writes to a pipe."""
+    if len(buf) < 12 or buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
+        raise _BackendFailed("ffmpeg did not produce a WAV stream")
+    pos, fmt = 12, None
+    while pos + 8 <= len(buf):
+        chunk, size = buf[pos : pos + 4], struct.unpack_from("<I", buf, pos + 4)[0]
+        if chunk == b"data":
+            if fmt is None:
+                break
+            return fmt[1], fmt[0], memoryview(buf)[pos + 8 :]
+        if chunk == b"fmt ":
+            fmt = struct.unpack_from("<HI", buf, pos + 10)  # channels, sample rate
+        pos += 8 + size + (size & 1)  # RIFF chunks are padded to even sizes
+    raise _BackendFailed("ffmpeg's WAV stream has no fmt or data chunk")
+
+
+def _info_ffprobe(ffprobe: str, p: Path) -> AudioInfo:
+    cmd = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries",
+           "stream=sample_rate,channels,duration,duration_ts,time_base:format=duration",
+           "-of", "json", "file:" + os.fspath(p.absolute())]
+    try:
+        run = subprocess.run(cmd, capture_output=True, check=False)
+    except OSError as err:
+        raise _BackendFailed(f"could not run {ffprobe}: {err.strerror}") from err
+    text = run.stderr.decode("utf-8", "replace").strip()
+    try:
+        probe = json.loads(run.stdout)
+        stream = probe["streams"][0]
+        sr, channels = int(stream["sample_rate"]), int(stream["channels"])
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise _BackendFailed(text or "no audio stream found") from err
+    if stream.get("time_base") == f"1/{sr}" and "duration_ts" in stream:
+        frames = int(stream["duration_ts"])  # exact: counted in samples
+    else:
+        seconds = stream.get("duration") or probe.get("format", {}).get("duration")
+        if seconds in (None, "N/A"):
+            raise _BackendFailed("ffprobe reports no duration")
+        frames = round(float(seconds) * sr)
+    return _make_info(sr, frames, channels, "ffprobe")
+
+
+def _info_ffmpeg(ffmpeg: str, p: Path) -> AudioInfo:
+    data, sr, _ = _decode_ffmpeg(ffmpeg, p, 0.0, None)
+    return _make_info(sr, data.shape[0], data.shape[1], "ffmpeg")
+
+
+def _make_info(sr: int, frames: int, channels: int, backend: str) -> AudioInfo:
+    return AudioInfo(int(sr), int(frames), int(channels), frames / sr if sr else 0.0, backend)
+
+
+# --------------------------------------------------------------------------- signal helpers
+
+
+def _mix_down(frames: np.ndarray) -> np.ndarray:
+    """Average (S, C) frames to (S,); adds columns so no per-frame reduction runs."""
+    out = np.array(frames[:, 0], dtype=np.result_type(frames.dtype, np.float32))
+    for c in range(1, frames.shape[1]):
+        out += frames[:, c]
+    if frames.shape[1] > 1:
+        out /= frames.shape[1]
+    return out
+
+
+def _soxr(x: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> np.ndarray:
+    """soxr on (S,) or frames-first (S, C) audio; float32 contiguous in and out."""
+    y = soxr.resample(np.ascontiguousarray(x, dtype=np.float32), sr_in, sr_out, quality=quality)
+    return np.asarray(y, dtype=np.float32)

@@ -1,0 +1,179 @@
+"""The `musicssl` command: argparse over the public API. `main(argv) -> int` for tests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from musicssl import __version__
+
+DEFAULT_MODEL = "logmel"  # until a trained self-supervised default ships
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+log = logging.getLogger("musicssl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="musicssl", description="Self-supervised music audio encoders.")
+    p.add_argument("--version", action="version", version=f"musicssl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("list", help="list models", description="List registered models.")
+    s.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'jepa-*'")
+    s.add_argument("--all", action="store_true", help="include architectures without released weights")
+    s.add_argument("--json", action="store_true", help="print the model specs as JSON")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
+
+    s = sub.add_parser("info", help="show one model's spec", description="Show a model's spec as JSON.")
+    s.add_argument("name")
+
+    s = sub.add_parser("download", help="fetch weights into the cache",
+                       description="Download a model's pinned weights into the cache, for offline use later.")
+    s.add_argument("name", help="registry name or hf-hub:org/repo[@rev]")
+
+    s = sub.add_parser(
+        "embed", help="embed audio files into .npz files",
+        description="Embed audio files or folders. Each input gets OUT/<relative path>.npz with "
+                    "frames (T, D), timestamps (T,) in seconds, clip (D,) and a JSON metadata string.",
+    )
+    s.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders (searched recursively)")
+    s.add_argument("-o", "--out", required=True, help="output folder (mirrors the input tree)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"name, hf-hub:org/repo or folder (default {DEFAULT_MODEL})")
+    s.add_argument("--layers", default="last", help="'last', 'all', or indices like '4,8,-1' (default last)")
+    s.add_argument("--pool", choices=["none", "mean", "max"], default="none",
+                   help="'mean'/'max' store only the pooled clip embedding (default none: frames too)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision")
+    s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass (default 8)")
+    s.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
+    s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
+    return p
+
+
+def parse_layers(text: str) -> Any:
+    if text in ("last", "all"):
+        return text
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"musicssl embed: --layers takes 'last', 'all' or comma-separated integers, not {text!r}")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from musicssl.registry import list_models, model_info
+
+    names = list_models(args.pattern, pretrained=not args.all)
+    if args.json:
+        print(json.dumps([model_info(n).to_dict() for n in names], indent=2))
+        return 0
+    if args.markdown:
+        print(markdown_table(names))
+        return 0
+    for n in names:
+        spec = model_info(n)
+        ready = "" if spec.pretrained else "  (no weights yet)"
+        print(f"{spec.name:<20} {spec.embed_dim:>5}-d {spec.frame_rate:>7.2f} fps {spec.sample_rate:>6} Hz{ready}")
+    return 0
+
+
+def markdown_table(names: list[str]) -> str:
+    """The README's model table: one row per registered name."""
+    from musicssl.registry import model_info
+
+    rows = ["| model | weights | sample rate | frames/s | dim | layers | context | weights licence |",
+            "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = model_info(n)
+        weights = "none needed" if not s.needs_weights else (s.weights or "not released yet")
+        rows.append(f"| `{s.name}` | {weights} | {s.sample_rate} Hz | {s.frame_rate:g} | {s.embed_dim} | "
+                    f"{s.num_layers} | {s.context_seconds:g} s | {s.license} |")
+    return "\n".join(rows)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from musicssl.registry import model_info
+
+    print(json.dumps(model_info(args.name).to_dict(), indent=2))
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from musicssl import hub
+    from musicssl.registry import model_info
+
+    if args.name.startswith("hf-hub:"):
+        path = hub.fetch_release(args.name, offline=False)
+    else:
+        spec = model_info(args.name)
+        if not spec.needs_weights:
+            print(f"{spec.name} needs no weights")
+            return 0
+        if spec.weights is None:
+            print(f"{spec.name} has no released weights to download", file=sys.stderr)
+            return 1
+        path = hub.download(spec, offline=False)
+    print(path)
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from musicssl.extract import embed_jobs, plan_jobs
+    from musicssl.factory import load
+
+    if args.batch_size < 1:
+        raise SystemExit("musicssl embed: --batch-size must be at least 1")
+    layers = parse_layers(args.layers)
+    jobs = plan_jobs(args.inputs, args.out)
+    if not jobs:
+        print(f"no audio files found in {', '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    dtype = getattr(torch, DTYPES[args.dtype])
+    encoder = load(args.model, device=args.device, dtype=dtype, offline=args.offline or None)
+    counts = {"ok": 0, "skipped": 0, "error": 0}
+    records = embed_jobs(encoder, jobs, layers=layers, pool=None if args.pool == "none" else args.pool,
+                         batch_size=args.batch_size, overwrite=args.overwrite, model_name=args.model)
+    for rec in _progress(records, total=len(jobs)):
+        counts[rec["status"]] += 1
+        if rec["status"] == "error":
+            print(f"error: {rec['input']}: {rec['reason']}", file=sys.stderr)
+    print(f"{counts['ok']} embedded, {counts['skipped']} skipped (already done), {counts['error']} failed -> {args.out}")
+    return 1 if counts["error"] else 0
+
+
+def _progress(records, total: int):
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(records, total=total, unit="file")
+    else:
+        for i, rec in enumerate(records, 1):
+            log.info("%d/%d %s %s", i, total, rec["status"], rec["input"])
+            yield rec
+
+
+COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "embed": cmd_embed}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Errors meant for users print one line, not a traceback."""
+    from musicssl.errors import MusicsslError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (MusicsslError, FileNotFoundError, ValueError) as err:
+        print(f"musicssl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""`load()` and `save_pretrained()`: one factory for registry names, Hub repos and release folders.
+
+A release folder is `config.json` (family, constructor args, spec, provenance) + `model.safetensors`
++ `README.md` (the model card). The same folder on the Hub loads as `hf-hub:org/repo@rev`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from musicssl import __version__, hub
+from musicssl.errors import ReleaseFormatError, WeightsUnavailableError
+from musicssl.models.base import Encoder
+from musicssl.registry import ModelSpec, builder, family_class, model_info
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def load(
+    name: str | os.PathLike,
+    *,
+    pretrained: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offline: bool | None = None,
+    **overrides: Any,
+) -> Encoder:
+    """A ready encoder in eval mode.
+
+    name: a registry name ("jepa-base"), "hf-hub:org/repo[@revision]", or a release folder.
+    pretrained: False builds a registered architecture with random weights.
+    device, dtype: where and in which precision the backbone runs (front-ends stay float32).
+    offline: never touch the network (default: MUSICSSL_OFFLINE / HF_HUB_OFFLINE at call time).
+    overrides: constructor arguments for registered architectures built with pretrained=False.
+    """
+    source = os.fspath(name)
+    if source.startswith("hf-hub:"):
+        model = load_release(hub.fetch_release(source, offline=offline))
+    elif Path(source).is_dir():
+        model = load_release(hub.fetch_release(source, offline=offline))
+    else:
+        model = _load_registered(source, pretrained, offline, overrides)
+    model.eval()
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _load_registered(name: str, pretrained: bool, offline: bool | None, overrides: dict[str, Any]) -> Encoder:
+    spec = model_info(name)
+    if overrides and pretrained and spec.needs_weights:
+        raise ValueError(f"constructor overrides {sorted(overrides)} only apply with pretrained=False")
+    if not pretrained or not spec.needs_weights:
+        model = builder(spec.name)(**overrides)
+        model.spec = spec
+        return model
+    if spec.weights is None:
+        raise WeightsUnavailableError(
+            f"{spec.name!r} is a registered architecture with no released weights yet. "
+            f"For a randomly initialised model use musicssl.load({spec.name!r}, pretrained=False); "
+            f"to get weights, train them with a musicssl recipe and load the exported folder "
+            f"(musicssl.load('path/to/release')). `musicssl list` shows the models with weights."
+        )
+    if spec.weights.startswith(("http://", "https://")):
+        model = builder(spec.name)()
+        model.load_upstream(hub.fetch_spec_files(spec, offline=offline))
+        model.spec = spec
+        return model
+    folder = hub.fetch_release(
+        spec.weights, revision=spec.revision, files=spec.files, offline=offline,
+        download_hint=f"musicssl download {spec.name}",
+    )
+    model = load_release(folder)
+    model.spec = spec
+    return model
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a release folder, checked for the keys `load` needs."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ReleaseFormatError(f"cannot read {path}: {err}. A release folder is written by musicssl.save_pretrained().") from err
+    missing = [k for k in ("family", "args") if k not in config]
+    if missing:
+        raise ReleaseFormatError(f"{path} lacks {missing}; it was not written by musicssl.save_pretrained()")
+    return config
+
+
+def load_release(folder: str | os.PathLike) -> Encoder:
+    """Rebuild the encoder a release folder describes and load its weights strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_config(folder)
+    model: Encoder = family_class(config["family"])(**config["args"])
+    weights = folder / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as err:
+        raise ReleaseFormatError(f"cannot read {weights}: {err}. Download or export it again.") from err
+    load_state_strict(model, state, where=str(weights))
+    if "spec" in config:
+        model.spec = ModelSpec.from_dict(config["spec"])
+    return model
+
+
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict(strict=True), with every missing, unexpected or mis-shaped key reported."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ReleaseFormatError(
+            f"weights in {where} do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}, "
+            f"shape mismatches {shapes}"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def save_pretrained(
+    encoder: Encoder, folder: str | os.PathLike, *, name: str | None = None, card: str | None = None,
+    provenance: dict[str, Any] | None = None, dtype: torch.dtype | None = None,
+) -> Path:
+    """Write a release folder (config.json, model.safetensors, README.md) that `load()` reads.
+
+    dtype: store the weights in this precision (e.g. torch.float16 to halve the file); default as is.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = _release_spec(encoder, name)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "family": encoder.family,
+        "args": encoder.args,
+        "spec": spec.to_dict(),
+        "musicssl_version": __version__,
+        "provenance": provenance or {},
+    }
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "musicssl": __version__})
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if card is not None or not (folder / "README.md").exists():
+        (folder / "README.md").write_text(card if card is not None else card_stub(spec))
+    return folder
+
+
+def _release_spec(encoder: Encoder, name: str | None) -> ModelSpec:
+    base = encoder.spec
+    return ModelSpec(
+        name=name or (base.name if base else encoder.family),
+        family=encoder.family,
+        sample_rate=encoder.sample_rate,
+        frame_rate=encoder.frame_rate,
+        embed_dim=encoder.embed_dim,
+        num_layers=encoder.num_layers,
+        recommended_layer=base.recommended_layer if base else -1,
+        context_seconds=encoder.context_seconds,
+        license=base.license if base else "unspecified",
+        source=base.source if base else "musicssl",
+        citation=base.citation if base else "",
+        description=base.description if base else "",
+        args=dict(encoder.args),
+    )
+
+
+def card_stub(spec: ModelSpec) -> str:
+    """A model card with the house outline, to be filled in by whoever releases the weights."""
+    return f"""---
+library_name: musicssl
+tags: [audio, music, self-supervised, musicssl]
+license: other
+---
+
+# {spec.name}
+
+## Model details
+- Family: `{spec.family}`; {spec.embed_dim}-d embeddings from {spec.num_layers} layers at {spec.frame_rate:g} frames/s.
+- Input: mono audio at {spec.sample_rate} Hz (musicssl resamples), windows of {spec.context_seconds:g} s.
+
+## Intended use
+Frame- and clip-level music representations: `musicssl.load("path/or/hf-hub:org/repo").embed(audio)`.
+
+## Training data
+(to be filled in)
+
+## Evaluation
+(to be filled in)
+
+## Limitations
+(to be filled in)
+
+## Licence
+Weights: {spec.license}. Code: Apache-2.0 (musicssl).
+"""

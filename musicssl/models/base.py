@@ -1,0 +1,240 @@
+"""The Encoder contract and `embed()`: any audio in, frame and clip embeddings out.
+
+A family subclasses `Encoder`, sets its audio facts (sample rate, frame hop, context) and implements
+`forward_features(wav, lengths) -> list[Tensor]`. Everything else -- decoding, resampling, cutting long
+audio into overlapping windows, batching windows across items, stitching, pooling -- lives here once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from musicssl.errors import AudioInputError
+from musicssl.registry import ModelSpec
+
+AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
+LayersArg = Union[str, int, Sequence[int]]
+
+
+@dataclass
+class Embeddings:
+    """What `embed()` returns.
+
+    frames: (B, T, D) for one layer or (B, L, T, D) for several; zero past each item's `lengths`;
+        None when `pool` was given.
+    timestamps: (T,) seconds, the centre of each frame.
+    lengths: (B,) number of valid frames of each item.
+    clip: (B, D) or (B, L, D), pooled over each item's valid frames.
+    layers: the layer indices (0-based, into `forward_features`) that were kept.
+    """
+
+    frames: torch.Tensor | None
+    timestamps: torch.Tensor
+    lengths: torch.Tensor
+    clip: torch.Tensor
+    layers: list[int]
+    sample_rate: int
+    frame_rate: float
+
+
+@dataclass(frozen=True)
+class _Window:
+    item: int  # index of the input item
+    index: int  # window number within the item
+    start: int  # first sample
+    length: int  # valid samples
+
+
+class Encoder(nn.Module):
+    """Base class of every musicssl encoder: a plain nn.Module with `embed()`.
+
+    Subclasses set in `__init__`: `sample_rate` (Hz), `hop_length` (samples between output frames),
+    `frame_offset` (samples from the start to the centre of frame 0), `context_seconds`,
+    `overlap_seconds` (how much adjacent windows share; their edges are discarded when stitching),
+    `embed_dim`, `num_layers`, and `args` (the constructor arguments, written to config.json).
+    """
+
+    family: str = ""
+    sample_rate: int
+    hop_length: int
+    frame_offset: float = 0.0
+    context_seconds: float
+    overlap_seconds: float
+    embed_dim: int
+    num_layers: int
+    args: dict[str, Any]
+    spec: ModelSpec | None = None
+
+    # --- what a family implements -------------------------------------------------------------
+    def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """wav (B, S) float32 at `sample_rate`, lengths (B,) valid samples -> per layer (B, T, D)."""
+        raise NotImplementedError
+
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        """Valid output frames for inputs of `lengths` samples (B,) -> (B,)."""
+        raise NotImplementedError
+
+    def load_upstream(self, files: dict[str, Any]) -> None:
+        """Load weights from upstream files (name -> local path) through the family's converter."""
+        raise NotImplementedError(f"the {self.family!r} family has no converter for upstream weights")
+
+    # --- derived facts ------------------------------------------------------------------------
+    @property
+    def frame_rate(self) -> float:
+        """Output frames per second."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def forward(self, wav: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """wav (B, S) -> last hidden state (B, T, D); for fine-tuning and tracing."""
+        if lengths is None:
+            lengths = torch.full((wav.shape[0],), wav.shape[-1], dtype=torch.long, device=wav.device)
+        return self.forward_features(wav, lengths)[-1]
+
+    # --- embed --------------------------------------------------------------------------------
+    def embed(
+        self,
+        audio: AudioLike | Sequence[AudioLike],
+        sr: int | None = None,
+        *,
+        layers: LayersArg = "last",
+        pool: str | None = None,
+        batch_size: int = 8,
+        dtype: torch.dtype = torch.float32,
+    ) -> Embeddings:
+        """Embed paths, arrays or tensors of any length, channel count and sample rate.
+
+        audio: a path; a list of paths; a 1-D (S,) clip; a 2-D (B, S) batch of mono clips; a 3-D
+            (B, C, S) batch; or a list of clips of different lengths, each (S,) or (C, S).
+        sr: sample rate of arrays/tensors in Hz (required for them; paths carry their own).
+        layers: "last", "all", an index or a list of indices (negative counts from the end).
+        pool: None keeps frames; "mean" or "max" returns only the pooled clip embedding.
+        batch_size: windows of `context_seconds` run through the model at once.
+        """
+        from musicssl.audio.inputs import prepare_items
+
+        if pool not in (None, "mean", "max"):
+            raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        keep = self._layer_indices(layers)
+        items = prepare_items(audio, sr, self.sample_rate)
+        with torch.inference_mode():
+            frames, lengths = self._embed_items(items, keep, batch_size)
+        return self._assemble(frames, lengths, keep, pool, dtype, single_layer=_single_layer(layers))
+
+    def _layer_indices(self, layers: LayersArg) -> list[int]:
+        n = self.num_layers
+        if layers == "last":
+            chosen: list[int] = [n - 1]
+        elif layers == "all":
+            chosen = list(range(n))
+        elif isinstance(layers, (int, np.integer)):
+            chosen = [int(layers)]
+        elif isinstance(layers, (list, tuple)) and layers and all(isinstance(i, (int, np.integer)) for i in layers):
+            chosen = [int(i) for i in layers]
+        else:
+            raise ValueError(f"layers must be 'last', 'all', an int or a list of ints, not {layers!r}")
+        bad = [i for i in chosen if not -n <= i < n]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range: this model has {n} layers (0..{n - 1}, or -1 for the last)")
+        return [i % n for i in chosen]
+
+    # --- windowing ----------------------------------------------------------------------------
+    def _window_plan(self) -> tuple[int, int, int]:
+        """(window samples W, step samples, frames to drop at the start of a non-first window)."""
+        W = max(int(round(self.context_seconds * self.sample_rate)), self.hop_length)
+        ov = int(round(self.overlap_seconds * self.sample_rate))
+        # The step is a whole number of frame hops so every window's frames fall on one global grid.
+        step = max((W - ov) // self.hop_length, 1) * self.hop_length
+        frames_full = int(self.frame_lengths(torch.tensor([W]))[0])
+        frames_step = step // self.hop_length
+        return W, step, max((frames_full - frames_step) // 2, 0)
+
+    def _windows(self, n_items_lengths: list[int]) -> list[_Window]:
+        W, step, _ = self._window_plan()
+        out = []
+        for i, n in enumerate(n_items_lengths):
+            k = 0
+            while True:
+                start = k * step
+                out.append(_Window(i, k, start, min(W, n - start)))
+                if start + W >= n:
+                    break
+                k += 1
+        return out
+
+    def _embed_items(self, items: list[np.ndarray], keep: list[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run all windows of all items, longest first, stitched in place -> frames (B, T, L, D), lengths (B,)."""
+        W, step, trim = self._window_plan()
+        frames_step = step // self.hop_length
+        lengths = self.frame_lengths(torch.tensor([len(x) for x in items]))
+        frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
+        windows = self._windows([len(x) for x in items])
+        last_window = {w.item: w.index for w in windows}
+        # Longest first: batches then hold windows of similar length and pad little.
+        order = sorted(windows, key=lambda w: -w.length)
+        device = self.device
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            wav = torch.zeros(len(batch), max(w.length for w in batch))
+            for j, w in enumerate(batch):
+                wav[j, : w.length] = torch.from_numpy(items[w.item][w.start : w.start + w.length])
+            n_samples = torch.tensor([w.length for w in batch])
+            hidden = self.forward_features(wav.to(device), n_samples.to(device))
+            stacked = torch.stack([hidden[i] for i in keep], dim=2).float().cpu()  # (b, T, L, D)
+            n_valid = self.frame_lengths(n_samples).tolist()
+            for j, w in enumerate(batch):
+                # Keep the middle of each window; the first and last keep their outer edges too.
+                lo = 0 if w.index == 0 else trim
+                hi = n_valid[j] if w.index == last_window[w.item] else min(trim + frames_step, n_valid[j])
+                g0 = w.index * frames_step
+                frames[w.item, g0 + lo : g0 + hi] = stacked[j, lo:hi]
+        return frames, lengths
+
+    def _assemble(
+        self, frames: torch.Tensor, lengths: torch.Tensor, keep: list[int], pool: str | None,
+        dtype: torch.dtype, single_layer: bool,
+    ) -> Embeddings:
+        """frames (B, T, L, D) zero past `lengths` -> Embeddings with clip pooled over valid frames."""
+        T = frames.shape[1]
+        if pool == "max":
+            valid = (torch.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
+            clip = frames.masked_fill(~valid, float("-inf")).amax(dim=1)
+        else:
+            clip = frames.sum(dim=1) / lengths[:, None, None]
+        frames = frames.transpose(1, 2)  # (B, L, T, D), a view
+        if single_layer:
+            frames, clip = frames[:, 0], clip[:, 0]
+        timestamps = (self.frame_offset + torch.arange(T, dtype=torch.float64) * self.hop_length) / self.sample_rate
+        return Embeddings(
+            frames=None if pool else frames.to(dtype),
+            timestamps=timestamps.float(),
+            lengths=lengths,
+            clip=clip.to(dtype),
+            layers=keep,
+            sample_rate=self.sample_rate,
+            frame_rate=self.frame_rate,
+        )
+
+
+def _single_layer(layers: LayersArg) -> bool:
+    return layers == "last" or isinstance(layers, (int, np.integer))
+
+
+def conv_frames(lengths: torch.Tensor, hop: int, patch: int = 1) -> torch.Tensor:
+    """Frames of a centred STFT with `hop` (S // hop + 1), grouped by `patch` (ceil)."""
+    return torch.div(torch.div(lengths, hop, rounding_mode="floor") + 1 + patch - 1, patch, rounding_mode="floor")

@@ -1,0 +1,629 @@
+"""Tests for musicssl.audio.io: decoding, partial reads, resampling, bad files, file discovery."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import types
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from musicssl.audio import io as aio
+from musicssl.audio.io import (
+    AUDIO_EXTENSIONS,
+    AudioInfo,
+    audio_info,
+    check_finite,
+    find_audio_files,
+    load_audio,
+    resample,
+    to_mono,
+)
+from musicssl.errors import AudioDecodeError, AudioInputError
+
+DATA = Path(__file__).parent / "data"
+CLIP = DATA / "soundtrack_cut.flac"  # 3 s, 16 kHz mono
+HAVE_FFMPEG = shutil.which("ffmpeg") is not None
+needs_ffmpeg = pytest.mark.skipif(not HAVE_FFMPEG, reason="needs an ffmpeg binary on the PATH")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def clip() -> np.ndarray:
+    """The reference samples of the soundtrack cut, (S,) float32 at 16 kHz."""
+    x, sr = sf.read(CLIP, dtype="float32")
+    assert sr == 16000
+    return x
+
+
+@pytest.fixture(scope="session")
+def encoded(tmp_path_factory: pytest.TempPathFactory, clip: np.ndarray) -> dict[str, Path]:
+    """The soundtrack cut in every libsndfile format, written here rather than committed."""
+    folder = tmp_path_factory.mktemp("encoded")
+    formats = {
+        "flac": {},
+        "wav": {"subtype": "PCM_16"},
+        "ogg": {"format": "OGG", "subtype": "VORBIS"},
+        "opus": {"format": "OGG", "subtype": "OPUS"},
+        "mp3": {"format": "MP3"},
+    }
+    paths = {}
+    for ext, kwargs in formats.items():
+        paths[ext] = folder / f"clip.{ext}"
+        sf.write(paths[ext], clip, 16000, **kwargs)
+    return paths
+
+
+@pytest.fixture()
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither torchcodec nor ffmpeg/ffprobe can be found."""
+    monkeypatch.setattr(aio.shutil, "which", lambda name, *a, **k: None)
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+
+
+def write_wav_bytes(path: Path, raw: np.ndarray, width: int, sr: int = 8000, channels: int = 1) -> None:
+    """Write integer PCM with the stdlib, so the expected scaling does not depend on soundfile."""
+    with wave.open(os.fspath(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(sr)
+        w.writeframes(raw.tobytes())
+
+
+def snr_db(x: np.ndarray, ref: np.ndarray) -> float:
+    n = min(len(x), len(ref))
+    return float(10 * np.log10(np.sum(ref[:n] ** 2) / np.sum((x[:n] - ref[:n]) ** 2)))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize(
+    ("ext", "min_corr", "min_snr"),
+    [("flac", 1.0, np.inf), ("wav", 1.0, np.inf), ("ogg", 0.99, 15), ("opus", 0.98, 10), ("mp3", 0.99, 15)],
+)
+def test_decode_formats(encoded, clip, ext, min_corr, min_snr):
+    x, sr = load_audio(encoded[ext])
+    assert sr == 16000 and x.dtype == np.float32 and x.shape == clip.shape
+    assert x.flags.c_contiguous
+    # lossy decoders overshoot a little on a clip that peaks at full scale
+    assert np.abs(x).max() <= (1.0 if min_snr == np.inf else 1.3)
+    if min_snr == np.inf:
+        np.testing.assert_array_equal(x, clip)
+    else:
+        assert np.corrcoef(x, clip)[0, 1] >= min_corr
+        assert snr_db(x, clip) >= min_snr
+    info = audio_info(encoded[ext])
+    assert info == AudioInfo(16000, len(clip), 1, len(clip) / 16000, "soundfile")
+
+
+@pytest.mark.parametrize(
+    ("name", "seconds", "f0"),
+    [("piano_note.flac", 4.0, 440 * 2 ** (1 / 12)), ("snare_hit.flac", 2.0, None)],
+)
+def test_real_clips(name, seconds, f0):
+    x, sr = load_audio(DATA / name)
+    assert sr == 16000 and x.shape == (round(seconds * sr),) and np.isfinite(x).all()
+    assert 0.05 < np.abs(x).max() <= 1.0
+    if f0 is not None:  # the piano note is MIDI 70: its spectral peak sits at its fundamental
+        spectrum = np.abs(np.fft.rfft(x[: 2 * sr]))
+        assert abs(np.fft.rfftfreq(2 * sr, 1 / sr)[np.argmax(spectrum)] - f0) < 2
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac"])
+@pytest.mark.parametrize(("offset", "duration"), [(0.0, 1.0), (0.5, 0.25), (1.2345, None), (2.9, 5.0)])
+def test_partial_read_equals_slice(encoded, clip, ext, offset, duration):
+    x, _ = load_audio(encoded[ext], offset=offset, duration=duration)
+    start = round(offset * 16000)
+    stop = None if duration is None else start + round(duration * 16000)
+    np.testing.assert_array_equal(x, clip[start:stop])
+
+
+def test_partial_read_of_lossy_format_matches(encoded):
+    full, _ = load_audio(encoded["ogg"])
+    part, _ = load_audio(encoded["ogg"], offset=1.0, duration=0.5)
+    assert part.shape == (8000,)
+    np.testing.assert_allclose(part, full[16000:24000], atol=1e-3)
+
+
+def test_partial_read_seeks(tmp_path, monkeypatch):
+    sr, seconds = 8000, 120
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, sr * seconds).astype(np.float32)
+    path = tmp_path / "long.flac"
+    sf.write(path, noise, sr, subtype="PCM_24")
+    ref, _ = sf.read(path, dtype="float32")
+    read_sizes, seeks = [], []
+    real_read, real_seek = sf.SoundFile.read, sf.SoundFile.seek
+
+    def spy_read(self, *args, **kwargs):
+        out = real_read(self, *args, **kwargs)
+        read_sizes.append(len(out))
+        return out
+
+    def spy_seek(self, frames, whence=os.SEEK_SET):
+        if whence == os.SEEK_SET:  # tell() is seek(0, SEEK_CUR): not a jump
+            seeks.append(frames)
+        return real_seek(self, frames, whence)
+
+    monkeypatch.setattr(sf.SoundFile, "read", spy_read)
+    monkeypatch.setattr(sf.SoundFile, "seek", spy_seek)
+    x, _ = load_audio(path, offset=119.0, duration=0.5)
+    np.testing.assert_array_equal(x, ref[119 * sr : 119 * sr + sr // 2])
+    assert seeks[0] == 119 * sr  # soundfile itself re-seeks after each read: only the first is ours
+    assert sum(read_sizes) == sr // 2  # only the span was decoded, not the 2 minutes before it
+
+
+def test_tiny_duration_reads_one_sample(encoded, clip):
+    x, _ = load_audio(encoded["wav"], offset=1.0, duration=1e-6)
+    np.testing.assert_array_equal(x, clip[16000:16001])
+
+
+def test_offset_past_end_is_a_clear_error(encoded):
+    with pytest.raises(AudioDecodeError, match="past its end") as err:
+        load_audio(encoded["flac"], offset=3.0)
+    assert "clip.flac" in str(err.value) and "3.000 s" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"offset": -1.0}, {"offset": float("nan")}, {"duration": 0.0}, {"duration": -2.0}, {"sr": 0}, {"sr": 22050.5}],
+)
+def test_bad_arguments(encoded, kwargs):
+    with pytest.raises(AudioInputError):
+        load_audio(encoded["flac"], **kwargs)
+
+
+# --------------------------------------------------------------------------- resampling and channels
+
+
+def test_resample_keeps_frequency_and_length():
+    sr_in, sr_out, f0 = 44100, 16000, 1000.0
+    t = np.arange(sr_in * 2) / sr_in
+    x = (0.5 * np.sin(2 * np.pi * f0 * t)).astype(np.float32)
+    y = resample(x, sr_in, sr_out)
+    assert y.dtype == np.float32 and abs(len(y) - 2 * sr_out) <= 1
+    freqs = np.fft.rfftfreq(len(y), 1 / sr_out)
+    assert abs(freqs[np.argmax(np.abs(np.fft.rfft(y)))] - f0) <= sr_out / len(y)
+    core = slice(1000, -1000)  # away from the filter's edges
+    assert np.abs(y[core]).max() == pytest.approx(0.5, abs=0.01)
+
+
+def test_resample_multichannel_and_identity():
+    x = np.random.default_rng(1).standard_normal((3, 4410)).astype(np.float64)
+    y = resample(x, 44100, 16000)
+    assert y.shape == (3, 1600) and y.dtype == np.float32 and y.flags.c_contiguous
+    np.testing.assert_allclose(y[1], resample(x[1], 44100, 16000), atol=1e-6)
+    same = resample(x, 16000, 16000)
+    assert same.dtype == np.float32
+    np.testing.assert_array_equal(same, x.astype(np.float32))
+
+
+@pytest.mark.parametrize("rate", [0, -16000, 1.5, "16000", None, True, float("inf")])
+def test_resample_rejects_bad_rates(rate):
+    with pytest.raises(AudioInputError, match="positive integer"):
+        resample(np.zeros(10, np.float32), rate, 16000)
+    with pytest.raises(AudioInputError, match="positive integer"):
+        resample(np.zeros(10, np.float32), 16000, rate)
+
+
+def test_load_with_resampling(tmp_path):
+    t = np.arange(44100) / 44100
+    stereo = np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 880 * t)], axis=1) * 0.3
+    path = tmp_path / "stereo44k.wav"
+    sf.write(path, stereo, 44100, subtype="FLOAT")
+    x, sr = load_audio(path, sr=16000, mono=False)
+    assert sr == 16000 and x.shape == (2, 16000) and x.dtype == np.float32
+    peaks = [np.argmax(np.abs(np.fft.rfft(ch))) for ch in x]  # 1 Hz bins
+    assert peaks == [440, 880]
+
+
+def test_mono_averages_channels(tmp_path):
+    rng = np.random.default_rng(2)
+    stereo = rng.uniform(-0.5, 0.5, (1000, 2)).astype(np.float32)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 16000, subtype="FLOAT")
+    mono, _ = load_audio(path)
+    both, _ = load_audio(path, mono=False)
+    np.testing.assert_allclose(mono, stereo.mean(axis=1), atol=1e-7)
+    np.testing.assert_array_equal(both, stereo.T)
+    np.testing.assert_allclose(to_mono(both), mono, atol=1e-7)
+
+
+def test_mono_file_with_mono_false_is_one_channel(encoded, clip):
+    x, _ = load_audio(encoded["flac"], mono=False)
+    assert x.shape == (1, len(clip))
+
+
+def test_eight_channels(tmp_path):
+    frames = np.stack([np.full(500, (c + 1) / 10) for c in range(8)], axis=1).astype(np.float32)
+    path = tmp_path / "octo.wav"
+    sf.write(path, frames, 48000, subtype="FLOAT")
+    x, sr = load_audio(path, mono=False)
+    assert sr == 48000 and x.shape == (8, 500)
+    np.testing.assert_allclose(x[:, 0], np.arange(1, 9) / 10, rtol=1e-6)
+    mono, _ = load_audio(path, sr=16000)
+    assert abs(len(mono) - 500 / 3) <= 1
+    np.testing.assert_allclose(load_audio(path)[0], np.full(500, 0.45), rtol=1e-6)
+    assert audio_info(path).channels == 8
+
+
+def test_to_mono_shapes():
+    x = np.arange(6, dtype=np.float32)
+    assert to_mono(x) is x
+    np.testing.assert_array_equal(to_mono(np.array([[0.0, 2.0], [1.0, 4.0]])), [0.5, 3.0])
+    assert to_mono(np.zeros((2, 5), np.float32)).dtype == np.float32
+    with pytest.raises(AudioInputError, match="shape"):
+        to_mono(np.zeros((2, 2, 2)))
+
+
+@pytest.mark.parametrize("rate", [8000, 192000])
+def test_extreme_sample_rates(tmp_path, rate):
+    t = np.arange(rate // 2) / rate
+    path = tmp_path / f"tone{rate}.flac"
+    sf.write(path, 0.5 * np.sin(2 * np.pi * 1000 * t), rate, subtype="PCM_24")
+    x, sr = load_audio(path)
+    assert sr == rate and x.shape == (rate // 2,)
+    y, sr16 = load_audio(path, sr=16000)
+    assert sr16 == 16000 and abs(len(y) - 8000) <= 1
+    assert np.argmax(np.abs(np.fft.rfft(y))) == 500  # 2 Hz bins: 1 kHz survives either way
+
+
+# --------------------------------------------------------------------------- integer PCM, edge content
+
+
+@pytest.mark.parametrize(
+    ("width", "raw", "expected"),
+    [
+        (1, np.array([0, 64, 128, 192, 255], "u1"), [-1.0, -0.5, 0.0, 0.5, 127 / 128]),
+        (2, np.array([-32768, -16384, 0, 16384, 32767], "<i2"), [-1.0, -0.5, 0.0, 0.5, 32767 / 32768]),
+        (4, np.array([-(2**31), -(2**30), 0, 2**30, 2**31 - 1], "<i4"), [-1.0, -0.5, 0.0, 0.5, 1.0]),
+    ],
+    ids=["uint8", "int16", "int32"],
+)
+def test_integer_pcm_is_scaled(tmp_path, width, raw, expected):
+    path = tmp_path / f"pcm{8 * width}.wav"
+    write_wav_bytes(path, raw, width)
+    x, sr = load_audio(path)
+    assert sr == 8000 and x.dtype == np.float32
+    np.testing.assert_allclose(x, expected, atol=1e-7)
+    assert np.abs(x).max() <= 1.0
+
+
+def test_int24_pcm_is_scaled(tmp_path):
+    values = np.array([-(2**23), -(2**22), 0, 2**22, 2**23 - 1])
+    raw = np.frombuffer(b"".join(int(v).to_bytes(3, "little", signed=True) for v in values), "u1")
+    path = tmp_path / "pcm24.wav"
+    write_wav_bytes(path, raw, 3)
+    np.testing.assert_allclose(load_audio(path)[0], [-1.0, -0.5, 0.0, 0.5, 1.0], atol=1e-6)
+
+
+def test_silence(tmp_path):
+    path = tmp_path / "silence.flac"
+    sf.write(path, np.zeros(16000, np.int16), 16000)
+    x, _ = load_audio(path, sr=22050)
+    assert x.shape == (22050,) and not x.any()
+
+
+def test_one_sample(tmp_path):
+    path = tmp_path / "one.wav"
+    write_wav_bytes(path, np.array([16384], "<i2"), 2, sr=16000)
+    x, sr = load_audio(path)
+    assert sr == 16000 and x.shape == (1,) and x[0] == 0.5
+    assert load_audio(path, mono=False)[0].shape == (1, 1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_file(tmp_path, bad):
+    data = np.zeros(100, np.float32)
+    data[37] = bad
+    path = tmp_path / "broken float.wav"
+    sf.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="NaN or Inf") as err:
+        load_audio(path)
+    assert "broken float.wav" in str(err.value)
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.wav"
+    path.touch()
+    with pytest.raises(AudioDecodeError, match="empty") as err:
+        load_audio(path)
+    assert "empty.wav" in str(err.value)
+    with pytest.raises(AudioDecodeError, match="empty.wav"):
+        audio_info(path)
+
+
+def test_header_only_wav(tmp_path):
+    path = tmp_path / "header_only.wav"
+    sf.write(path, np.zeros(0, np.float32), 16000)
+    assert path.stat().st_size > 0 and audio_info(path).frames == 0
+    with pytest.raises(AudioDecodeError, match="contains no audio samples") as err:
+        load_audio(path)
+    assert "header_only.wav" in str(err.value)
+
+
+def truncate(src: Path, dst: Path, fraction: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+@pytest.mark.parametrize("ext", ["wav", "flac"])
+def test_truncated_file_decodes_the_prefix_and_warns(encoded, clip, tmp_path, caplog, ext):
+    path = truncate(encoded[ext], tmp_path / f"cut.{ext}", 0.5)
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(path)
+    assert 0 < len(x) < len(clip)
+    np.testing.assert_array_equal(x, clip[: len(x)])
+    assert "truncated" in caplog.text and f"cut.{ext}" in caplog.text
+
+
+def test_flac_cut_inside_its_header(encoded, tmp_path):
+    path = truncate(encoded["flac"], tmp_path / "stub.flac", 0.0005)  # ~40 bytes
+    with pytest.raises(AudioDecodeError) as err:
+        load_audio(path)
+    assert "stub.flac" in str(err.value)
+    assert err.value.__cause__ is not None  # the backend's error is chained, not lost
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("notes.wav", b"this is a text file, not audio\n" * 20),
+        ("picture.flac", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+    ],
+    ids=["text", "png"],
+)
+def test_non_audio_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(AudioDecodeError) as err:
+        load_audio(path)
+    message = str(err.value)
+    assert name in message and "not audio" in message and "libsndfile" in message
+    assert not isinstance(err.value.__cause__, AudioDecodeError)
+    with pytest.raises(AudioDecodeError, match=name):
+        audio_info(path)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "ghost.flac"
+    with pytest.raises(AudioDecodeError, match="no such file") as err:
+        load_audio(path)
+    assert "ghost.flac" in str(err.value)
+    with pytest.raises(AudioDecodeError, match="ghost.flac"):
+        audio_info(path)
+
+
+def test_directory(tmp_path):
+    folder = tmp_path / "album.flac"
+    folder.mkdir()
+    with pytest.raises(AudioDecodeError, match="folder") as err:
+        load_audio(folder)
+    assert "album.flac" in str(err.value) and "find_audio_files" in str(err.value)
+
+
+def test_permission_denied(encoded, tmp_path, monkeypatch):
+    path = tmp_path / "locked.flac"
+    shutil.copy(encoded["flac"], path)
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: simulate the refusal
+        monkeypatch.setattr(aio.os, "access", lambda *a, **k: False)
+    with pytest.raises(AudioDecodeError, match="permission denied") as err:
+        load_audio(path)
+    assert "locked.flac" in str(err.value) and "chmod" in str(err.value)
+
+
+def test_unicode_path_with_spaces(encoded, clip, tmp_path):
+    folder = tmp_path / "my music" / "Ибица"
+    folder.mkdir(parents=True)
+    path = folder / "Café del Mar – 01.flac"
+    shutil.copy(encoded["flac"], path)
+    x, _ = load_audio(path, offset=1.0, duration=1.0)
+    np.testing.assert_array_equal(x, clip[16000:32000])
+    assert audio_info(path).frames == len(clip)
+    assert find_audio_files(tmp_path) == [path]
+
+
+# --------------------------------------------------------------------------- fallback decoders
+
+
+def test_no_fallback_for_m4a_names_both_options(encoded, tmp_path, no_fallback):
+    path = tmp_path / "Track 01.m4a"
+    shutil.copy(encoded["flac"], path)  # never opened: libsndfile does not read .m4a
+    for call in (load_audio, audio_info):
+        with pytest.raises(AudioDecodeError) as err:
+            call(path)
+        message = str(err.value)
+        assert "Track 01.m4a" in message and "no fallback decoder" in message
+        assert "pip install torchcodec" in message and "apt-get install ffmpeg" in message
+
+
+def test_no_fallback_for_unreadable_wav_names_both_options(tmp_path, no_fallback):
+    path = tmp_path / "odd.wav"
+    path.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 8)
+    with pytest.raises(AudioDecodeError) as err:
+        load_audio(path)
+    message = str(err.value)
+    assert "odd.wav" in message and "libsndfile could not read it" in message
+    assert "pip install torchcodec" in message and "ffmpeg" in message
+    assert err.value.__cause__ is not None
+
+
+class FakeAudioDecoder:
+    """Stands in for torchcodec.decoders.AudioDecoder (same calls, decoded by soundfile)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        info = sf.info(source)  # raises a RuntimeError subclass on bad files, as torchcodec does
+        self.metadata = types.SimpleNamespace(
+            sample_rate=info.samplerate, num_channels=info.channels, duration_seconds_from_header=info.duration
+        )
+
+    def get_samples_played_in_range(self, start_seconds: float = 0.0, stop_seconds: float | None = None):
+        x, sr = sf.read(self.source, dtype="float32", always_2d=True)
+        stop = None if stop_seconds is None else round(stop_seconds * sr)
+        data = torch.from_numpy(np.ascontiguousarray(x[round(start_seconds * sr) : stop].T))
+        return types.SimpleNamespace(data=data, sample_rate=sr)
+
+
+@pytest.fixture()
+def fake_torchcodec(monkeypatch: pytest.MonkeyPatch) -> None:
+    package, decoders = types.ModuleType("torchcodec"), types.ModuleType("torchcodec.decoders")
+    decoders.AudioDecoder = FakeAudioDecoder
+    package.decoders = decoders
+    monkeypatch.setitem(sys.modules, "torchcodec", package)
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", decoders)
+    monkeypatch.setattr(aio.shutil, "which", lambda name, *a, **k: None)
+
+
+def test_torchcodec_fallback(encoded, clip, tmp_path, fake_torchcodec):
+    path = tmp_path / "song.m4a"
+    shutil.copy(encoded["flac"], path)
+    x, sr = load_audio(path)
+    assert sr == 16000 and x.shape == clip.shape
+    np.testing.assert_array_equal(x, clip)
+    part, _ = load_audio(path, sr=8000, offset=1.0, duration=0.5, mono=False)
+    assert part.shape == (1, 4000) and part.flags.c_contiguous
+    assert audio_info(path) == AudioInfo(16000, len(clip), 1, 3.0, "torchcodec")
+    with pytest.raises(AudioDecodeError, match="past its end") as err:
+        load_audio(path, offset=10.0)
+    assert "song.m4a" in str(err.value)
+
+
+def test_torchcodec_failure_is_reported(tmp_path, fake_torchcodec):
+    path = tmp_path / "junk.webm"
+    path.write_bytes(b"not a webm" * 50)
+    with pytest.raises(AudioDecodeError, match="every decoder failed") as err:
+        load_audio(path)
+    assert "junk.webm" in str(err.value) and "torchcodec:" in str(err.value)
+
+
+@pytest.fixture(scope="session")
+def m4a(encoded, tmp_path_factory) -> Path:
+    """An AAC file made by ffmpeg, at a path that needs quoting and contains a colon."""
+    path = tmp_path_factory.mktemp("m4a") / "Café del Mar – 01: live.m4a"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", encoded["wav"], "-c:a", "aac", "-b:a", "96k",
+         "file:" + os.fspath(path)],
+        check=True,
+    )
+    return path
+
+
+@needs_ffmpeg
+def test_ffmpeg_fallback_decodes_m4a(m4a, clip, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    x, sr = load_audio(m4a)
+    assert sr == 16000 and x.dtype == np.float32
+    assert len(clip) <= len(x) <= len(clip) + 2048  # AAC pads to whole 1024-sample frames
+    assert np.corrcoef(x[: len(clip)], clip)[0, 1] > 0.98
+    part, sr = load_audio(m4a, sr=22050, offset=1.0, duration=1.0, mono=False)
+    assert sr == 22050 and part.shape[0] == 1 and abs(part.shape[1] - 22050) <= 2
+    ref = resample(clip[16000:32000], 16000, 22050)
+    assert np.corrcoef(part[0, 500:-500], ref[500:-500])[0, 1] > 0.95
+    with pytest.raises(AudioDecodeError, match="past its end") as err:
+        load_audio(m4a, offset=60.0)
+    assert m4a.name in str(err.value)
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("with_ffprobe", [True, False])
+def test_ffmpeg_fallback_info(m4a, monkeypatch, with_ffprobe):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    which = shutil.which
+    if not with_ffprobe:
+        monkeypatch.setattr(aio.shutil, "which", lambda name, *a, **k: None if name == "ffprobe" else which(name))
+    elif which("ffprobe") is None:
+        pytest.skip("needs ffprobe")
+    info = audio_info(m4a)
+    assert info.backend == ("ffprobe" if with_ffprobe else "ffmpeg")
+    assert info.sample_rate == 16000 and info.channels == 1
+    assert abs(info.frames - 48000) <= 2048 and info.duration == pytest.approx(3.0, abs=0.15)
+
+
+@needs_ffmpeg
+def test_ffmpeg_rejects_non_audio(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    path = tmp_path / "fake.m4a"
+    path.write_bytes(b"hello" * 100)
+    with pytest.raises(AudioDecodeError, match="every decoder failed") as err:
+        load_audio(path)
+    assert "fake.m4a" in str(err.value) and "ffmpeg:" in str(err.value)
+
+
+# --------------------------------------------------------------------------- check_finite
+
+
+def test_check_finite():
+    check_finite(np.zeros(4, np.float32), "clip")
+    check_finite(np.arange(4), "ints")
+    check_finite(torch.zeros(2, 3), "tensor")
+    with pytest.raises(AudioInputError, match=r"audio\[2\] contains 1 NaN and 0 Inf"):
+        check_finite(np.array([0.0, np.nan, 1.0]), "audio[2]")
+    with pytest.raises(AudioInputError, match="my tensor contains 0 NaN and 2 Inf"):
+        check_finite(torch.tensor([[0.0, float("inf")], [-float("inf"), 1.0]]), "my tensor")
+
+
+# --------------------------------------------------------------------------- find_audio_files
+
+
+def test_find_audio_files(tmp_path):
+    root = tmp_path / "library"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / ".hidden_dir").mkdir()
+    for rel in ["a.wav", "b/Song.FLAC", "b/deep/c.mp3", "b/notes.txt", ".secret.wav",
+                ".hidden_dir/x.wav", "b/cover.png", "z.M4a"]:
+        (root / rel).write_bytes(b"x")
+    (root / "b" / "link_to_a.wav").symlink_to(root / "a.wav")  # the same real file again
+    (root / "b" / "deep" / "loop").symlink_to(root / "b", target_is_directory=True)  # a cycle
+    (root / "dangling.ogg").symlink_to(root / "missing.ogg")
+    found = find_audio_files(root)
+    assert found == [root / "a.wav", root / "b/Song.FLAC", root / "b/deep/c.mp3", root / "z.M4a"]
+    assert find_audio_files(root, extensions=["WAV", ".mp3"]) == [root / "a.wav", root / "b/deep/c.mp3"]
+    assert find_audio_files(root / "b" / "notes.txt") == [root / "b" / "notes.txt"]  # a file is taken as given
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        find_audio_files(root / "nothing-here")
+
+
+def test_audio_extensions():
+    assert {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".webm", ".mka"} <= AUDIO_EXTENSIONS
+    assert all(e == e.lower() and e.startswith(".") for e in AUDIO_EXTENSIONS)
+
+
+# --------------------------------------------------------------------------- property
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    frames=st.integers(1, 3000),
+    channels=st.integers(1, 3),
+    rate=st.sampled_from([8000, 11025, 16000, 22050, 44100, 48000]),
+    subtype=st.sampled_from(["PCM_16", "PCM_U8", "FLOAT"]),
+    mono=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_any_wav_loads_at_16k(tmp_path_factory, frames, channels, rate, subtype, mono, seed):
+    data = np.random.default_rng(seed).uniform(-1, 1, (frames, channels))
+    path = tmp_path_factory.mktemp("prop") / "x.wav"
+    sf.write(path, data, rate, subtype=subtype)
+    x, sr = load_audio(path, sr=16000, mono=mono)
+    assert sr == 16000 and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.ndim == (1 if mono else 2) and (mono or x.shape[0] == channels)
+    assert abs(x.shape[-1] - frames * 16000 / rate) <= 1

@@ -1,0 +1,81 @@
+"""The CLI, called in process through main(argv) and once as a real command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from musicssl.cli import main
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "audio"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_list_and_info(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "logmel" in out and "jepa-base" not in out
+    assert main(["list", "--all", "jepa-*"]) == 0
+    assert "no weights yet" in capsys.readouterr().out
+    assert main(["info", "mfcc"]) == 0
+    assert json.loads(capsys.readouterr().out)["embed_dim"] == 60
+    assert main(["info", "mfc"]) == 2
+    assert "Did you mean 'mfcc'" in capsys.readouterr().err
+
+
+def test_readme_model_table_is_generated_from_the_registry(capsys):
+    assert main(["list", "--all", "--markdown"]) == 0
+    table = capsys.readouterr().out.strip()
+    text = README.read_text()
+    assert table == text.split("<!-- models:start -->\n")[1].split("\n<!-- models:end -->")[0].strip()
+
+
+def test_embed_mirrors_the_tree_skips_done_and_reports_bad_files(tmp_path, capsys):
+    src = tmp_path / "in put"
+    shutil.copytree(EXAMPLES, src, ignore=shutil.ignore_patterns("licenses", "*.md"))
+    (src / "notes" / "broken.wav").write_bytes(b"RIFF....WAVEnot really")
+    out = tmp_path / "out"
+    assert main(["embed", str(src), "-o", str(out), "--model", "mfcc", "--layers", "all"]) == 1
+    captured = capsys.readouterr()
+    assert "broken.wav" in captured.err and "3 embedded, 0 skipped (already done), 1 failed" in captured.out
+    made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz"))
+    assert made == ["drums/snare.ogg.npz", "notes/piano-midi46.flac.npz", "soundtrack/wesnoth-battle-epic.flac.npz"]
+    with np.load(out / "soundtrack/wesnoth-battle-epic.flac.npz") as z:
+        meta = json.loads(str(z["metadata"]))
+        assert z["frames"].shape == (1, 501, 60) and z["clip"].shape == (1, 60)
+        assert z["timestamps"].shape == (501,) and z["timestamps"][1] == pytest.approx(0.02)
+    assert meta["model"] == "mfcc" and meta["sample_rate"] == 16000 and meta["duration"] == pytest.approx(10.0)
+    assert "musicssl_version" in meta and not list(out.rglob("*.part"))
+    # A second run skips finished outputs and still reports the broken file.
+    (src / "notes" / "broken.wav").unlink()
+    assert main(["embed", str(src), "-o", str(out), "--model", "mfcc"]) == 0
+    assert "0 embedded, 3 skipped" in capsys.readouterr().out
+
+
+def test_embed_pool_and_single_file(tmp_path):
+    f = EXAMPLES / "notes" / "piano-midi46.flac"
+    assert main(["embed", str(f), "-o", str(tmp_path), "--pool", "mean", "--batch-size", "2"]) == 0
+    with np.load(tmp_path / "piano-midi46.flac.npz") as z:
+        assert set(z.files) == {"clip", "metadata"} and z["clip"].shape == (128,)
+
+
+def test_embed_user_errors_exit_cleanly(tmp_path, capsys):
+    assert main(["embed", str(tmp_path / "missing.wav"), "-o", str(tmp_path / "o")]) == 2
+    assert "missing.wav" in capsys.readouterr().err
+    assert main(["embed", str(EXAMPLES), "-o", str(tmp_path / "o"), "--model", "jepa-base"]) == 2
+    assert "pretrained=False" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
+
+
+def test_console_entry_points(tmp_path):
+    for cmd in ([sys.executable, "-m", "musicssl", "--help"], [shutil.which("musicssl") or "musicssl", "--version"]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert "musicssl" in res.stdout

@@ -1,0 +1,207 @@
+"""The embed() contract for every registered architecture: shapes, timestamps, batch invariance,
+chunking, layers, pooling, dtypes and the inputs it accepts or refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import musicssl
+from musicssl.errors import AudioInputError
+
+SR = 16000
+ARCHS = musicssl.list_models(pretrained=False)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "audio"
+
+
+def small(name: str) -> musicssl.Encoder:
+    """The registered architecture, shrunk in depth where that keeps the suite fast."""
+    if name.startswith("jepa"):
+        return musicssl.load(name, pretrained=False, depth=2)
+    return musicssl.load(name, pretrained=False)
+
+
+def music(seconds: float, seed: int = 0, sr: int = SR) -> np.ndarray:
+    """A chord of harmonics with a little noise: (S,) float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = rng.uniform(100, 400)
+    x = sum(np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6)) / k for k in range(1, 6))
+    return (0.2 * x + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def enc(request):
+    torch.manual_seed(0)
+    return small(request.param)
+
+
+def test_shapes_timestamps_and_clip(enc):
+    x = music(12.3)
+    out = enc.embed(x, sr=SR)
+    T = int(enc.frame_lengths(torch.tensor([len(x)]))[0])
+    assert out.frames.shape == (1, T, enc.embed_dim) and out.frames.dtype == torch.float32
+    assert out.clip.shape == (1, enc.embed_dim)
+    assert out.lengths.tolist() == [T]
+    assert torch.isfinite(out.frames).all()
+    # Timestamps are frame centres: evenly spaced at 1 / frame_rate, within the audio.
+    steps = torch.diff(out.timestamps.double())
+    assert torch.allclose(steps, torch.full_like(steps, 1 / enc.frame_rate), atol=1e-6)
+    assert 0 <= out.timestamps[0] < 1 / enc.frame_rate and out.timestamps[-1] <= len(x) / SR + 1 / enc.frame_rate
+    torch.testing.assert_close(out.clip[0], out.frames[0].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_invariance_and_padding(enc):
+    a, b, c = music(14.0, 1), music(2.5, 2), music(0.7, 3)
+    together = enc.embed([a, b, c], sr=SR)
+    for i, x in enumerate([a, b, c]):
+        alone = enc.embed(x, sr=SR)
+        n = int(alone.lengths[0])
+        assert together.lengths[i] == n
+        torch.testing.assert_close(together.frames[i, :n], alone.frames[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(together.clip[i], alone.clip[0], rtol=1e-4, atol=1e-4)
+        assert (together.frames[i, n:] == 0).all()
+
+
+def test_batch_size_does_not_change_results(enc):
+    x = music(25.0, 4)
+    torch.testing.assert_close(enc.embed(x, sr=SR, batch_size=1).frames, enc.embed(x, sr=SR, batch_size=5).frames,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_long_audio_is_chunked_consistently(enc):
+    """The frames of the first window's kept region equal the first window embedded alone; for
+    frame-local models the stitched result equals one pass over the whole signal."""
+    x = music(3 * enc.context_seconds + 1.7, 5)
+    out = enc.embed(x, sr=SR, batch_size=2)
+    W, step, trim = enc._window_plan()
+    first = enc.embed(x[:W], sr=SR)
+    keep = trim + step // enc.hop_length
+    torch.testing.assert_close(out.frames[0, :keep], first.frames[0, :keep], rtol=1e-4, atol=1e-4)
+    if enc.family in ("logmel", "mfcc"):
+        with torch.inference_mode():
+            whole = enc.forward_features(torch.from_numpy(x)[None], torch.tensor([len(x)]))[-1]
+        torch.testing.assert_close(out.frames, whole, rtol=1e-4, atol=1e-3)
+
+
+def test_layers_and_pooling(enc):
+    x = music(3.0, 6)
+    L = enc.num_layers
+    every = enc.embed(x, sr=SR, layers="all")
+    assert every.frames.shape[:2] == (1, L) and every.clip.shape == (1, L, enc.embed_dim)
+    pick = enc.embed(x, sr=SR, layers=[0, -1])
+    torch.testing.assert_close(pick.frames[:, 1], enc.embed(x, sr=SR).frames)
+    assert pick.layers == [0, L - 1]
+    pooled = enc.embed(x, sr=SR, pool="max")
+    assert pooled.frames is None
+    torch.testing.assert_close(pooled.clip[0], every.frames[0, -1].amax(0))
+    with pytest.raises(ValueError, match="out of range"):
+        enc.embed(x, sr=SR, layers=[L])
+    with pytest.raises(ValueError, match="pool"):
+        enc.embed(x, sr=SR, pool="median")
+
+
+def test_output_dtype_and_backbone_dtype(enc):
+    x = music(4.0, 7)
+    ref = enc.embed(x, sr=SR)
+    assert enc.embed(x, sr=SR, dtype=torch.float16).frames.dtype == torch.float16
+    half = musicssl.load(enc.spec.name, pretrained=False, dtype=torch.bfloat16, **enc.args)
+    half.load_state_dict(enc.state_dict())
+    out = half.embed(x, sr=SR)
+    assert out.frames.dtype == torch.float32  # float32 out unless asked
+    rel = (out.frames - ref.frames).norm() / ref.frames.norm()
+    assert rel < 0.05, f"bf16 backbone drifts {rel:.3f} from float32"
+
+
+def test_input_forms_agree():
+    enc = musicssl.load("logmel")
+    a, b = music(3.0, 8), music(3.0, 9)
+    batch = enc.embed(np.stack([a, b]), sr=SR).frames
+    torch.testing.assert_close(enc.embed([a, b], sr=SR).frames, batch)
+    torch.testing.assert_close(enc.embed(torch.from_numpy(np.stack([a, b])), sr=SR).frames, batch)
+    stereo = np.stack([a, b])  # (C, S) in a list, or (B, C, S): channels are averaged
+    mono = enc.embed((a + b) / 2, sr=SR).frames
+    torch.testing.assert_close(enc.embed([stereo], sr=SR).frames, mono)
+    torch.testing.assert_close(enc.embed(stereo[None], sr=SR).frames, mono)
+    pcm = (np.clip(a, -1, 1) * 32767).astype(np.int16)
+    torch.testing.assert_close(enc.embed(pcm, sr=SR).frames, enc.embed(pcm / 32768.0, sr=SR).frames,
+                               rtol=1e-4, atol=1e-3)
+
+
+def test_resampled_input_matches():
+    enc = musicssl.load("logmel")
+    t = np.arange(3 * 44100) / 44100
+    x44 = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    x16 = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * SR) / SR)).astype(np.float32)
+    a, b = enc.embed(x44, sr=44100), enc.embed(x16, sr=SR)
+    assert a.lengths == b.lengths
+    # Log-mel of the resampled tone agrees away from the first and last frames.
+    assert (a.frames[0, 5:-5] - b.frames[0, 5:-5]).abs().median() < 0.5
+
+
+def test_paths_are_decoded(tmp_path):
+    enc = musicssl.load("mfcc")
+    x = music(2.0, 10, sr=44100)
+    path = tmp_path / "a clip é.wav"
+    sf.write(path, np.stack([x, x], axis=1), 44100, subtype="PCM_16")
+    out = enc.embed([path, str(path)])
+    assert out.frames.shape[0] == 2
+    torch.testing.assert_close(out.frames[0], out.frames[1])
+    ref = enc.embed(x, sr=44100)
+    assert (out.frames[0] - ref.frames[0]).abs().max() < 1.0  # 16-bit quantisation only
+    real = sorted(EXAMPLES.rglob("*.flac"))
+    assert real and enc.embed(real[0]).frames.shape[1] > 0
+
+
+@pytest.mark.parametrize(
+    "audio, kwargs, match",
+    [
+        (np.zeros(1000, np.float32), {}, "sample rate"),
+        (np.array([0.0, np.nan, 0.0], np.float32), {"sr": SR}, "NaN"),
+        (np.zeros(0, np.float32), {"sr": SR}, "no samples"),
+        (np.zeros((1, 1, 1, 10), np.float32), {"sr": SR}, "shape"),
+        ([], {"sr": SR}, "empty"),
+        ([np.zeros(10, np.float32), 3], {"sr": SR}, "item 1"),
+        (np.zeros(10, np.complex64), {"sr": SR}, "dtype"),
+        ({"not": "audio"}, {"sr": SR}, "dict"),
+    ],
+)
+def test_bad_inputs_are_refused_clearly(audio, kwargs, match):
+    with pytest.raises(AudioInputError, match=match):
+        musicssl.load("logmel").embed(audio, **kwargs)
+
+
+def test_tiny_inputs():
+    enc = small("jepa-tiny")
+    out = enc.embed([np.zeros(1, np.float32), np.full(100, 0.1, np.float32)], sr=SR)
+    assert out.lengths.tolist() == [1, 1] and torch.isfinite(out.frames).all()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lengths=st.lists(st.integers(1, 3 * 44100), min_size=1, max_size=3),
+    channels=st.integers(1, 3),
+    sr=st.sampled_from([8000, 16000, 22050, 44100, 48000]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_lengths_channels_and_rates(lengths, channels, sr, seed):
+    enc = _PROPERTY_MODEL
+    rng = np.random.default_rng(seed)
+    items = [(0.1 * rng.standard_normal((channels, n))).astype(np.float32) for n in lengths]
+    out = enc.embed(items, sr=sr)
+    expected = [int(enc.frame_lengths(torch.tensor([round(n * SR / sr)]))[0]) for n in lengths]
+    assert out.lengths.tolist() == pytest.approx(expected, abs=1)
+    assert out.frames.shape == (len(items), max(out.lengths.tolist()), enc.embed_dim)
+    assert torch.isfinite(out.frames).all() and torch.isfinite(out.clip).all()
+    for i, n in enumerate(out.lengths.tolist()):
+        assert (out.frames[i, n:] == 0).all()
+
+
+torch.manual_seed(0)
+_PROPERTY_MODEL = musicssl.load("jepa-tiny", pretrained=False, depth=1)

@@ -1,0 +1,82 @@
+"""load() / save_pretrained(): release folders round-trip, and every refusal says what to do."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import musicssl
+from musicssl.errors import ReleaseFormatError, UnknownModelError, WeightsUnavailableError
+
+
+def clip(seconds: float = 11.0) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+def test_release_round_trip_gives_identical_embeddings(tmp_path):
+    torch.manual_seed(1)
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=2)
+    folder = musicssl.save_pretrained(enc, tmp_path / "release", provenance={"recipe": "test"})
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["family"] == "spec_vit" and config["args"]["depth"] == 2
+    assert config["spec"]["name"] == "jepa-tiny" and config["provenance"] == {"recipe": "test"}
+    again = musicssl.load(folder)
+    assert not again.training
+    torch.testing.assert_close(again.embed(clip(), sr=16000).frames, enc.embed(clip(), sr=16000).frames)
+    assert again.spec.name == "jepa-tiny" and "# jepa-tiny" in (folder / "README.md").read_text()
+
+
+def test_fp16_release_is_half_size_and_close(tmp_path):
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=2)
+    full = musicssl.save_pretrained(enc, tmp_path / "fp32")
+    half = musicssl.save_pretrained(enc, tmp_path / "fp16", dtype=torch.float16)
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    a, b = musicssl.load(half).embed(clip(), sr=16000).frames, enc.embed(clip(), sr=16000).frames
+    assert (a - b).norm() / b.norm() < 1e-2
+
+
+def test_architecture_without_weights_refuses_with_the_way_out():
+    with pytest.raises(WeightsUnavailableError) as err:
+        musicssl.load("jepa-base")
+    msg = str(err.value)
+    assert "no released weights" in msg and "pretrained=False" in msg and "train" in msg
+
+
+def test_unknown_model_and_overrides():
+    with pytest.raises(UnknownModelError, match="Did you mean 'logmel'"):
+        musicssl.load("logmell")
+    assert musicssl.load("logmel", n_mels=64).embed_dim == 64  # weight-free models take overrides
+
+
+def test_damaged_releases_are_reported(tmp_path):
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=1)
+    folder = musicssl.save_pretrained(enc, tmp_path / "r")
+    state = load_file(folder / "model.safetensors")
+    state["extra.weight"] = torch.zeros(1)
+    del state["norm.weight"]
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ReleaseFormatError) as err:
+        musicssl.load(folder)
+    assert "norm.weight" in str(err.value) and "extra.weight" in str(err.value)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ReleaseFormatError, match="model.safetensors"):
+        musicssl.load(folder)
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(ReleaseFormatError, match="config.json"):
+        musicssl.load(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ReleaseFormatError, match="model.safetensors"):
+        musicssl.load(folder)
+
+
+def test_device_and_dtype_are_honoured():
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=1, device="cpu", dtype=torch.bfloat16)
+    assert enc.patch_embed.weight.dtype == torch.bfloat16 and enc.device.type == "cpu"
+    out = enc.embed(clip(2.0), sr=16000)
+    assert out.frames.dtype == torch.float32 and torch.isfinite(out.frames).all()
