@@ -67,10 +67,13 @@ def is_offline(offline: bool | None = None) -> bool:
 
 
 def _offline_reason(offline: bool | None) -> str:
-    if offline is not None:
+    if offline:
         return "offline=True was passed"
     names = [v for v in ("MUSICSSL_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").strip().lower() in _TRUE]
-    return f"{' and '.join(names)} is set" if names else "offline mode is on"
+    if names:
+        return f"{' and '.join(names)} is set"
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import, and then refuses every request.
+    return "HF_HUB_OFFLINE was set when huggingface_hub was imported"
 
 
 def hf_cache_dir() -> Path:
@@ -277,7 +280,7 @@ def _hf_download(repo_id: str, filename: str, revision: str | None, *, offline: 
             revision=revision,
             cache_dir=hf_cache_dir(),
             endpoint=hf_endpoint(),
-            local_files_only=is_offline(offline),
+            local_files_only=False,  # offline calls were answered above, from the cache alone
             library_name="musicssl",
             library_version=__version__,
         )
@@ -375,6 +378,19 @@ def _fetch_hf_files(
             # still get one consistent snapshot, and cached files cost no request.
             revision = _snapshot_root(paths[filename], filename).name
     return paths
+
+
+def _cached_commit(repo_id: str, revision: str | None, names: Iterable[str]) -> str | None:
+    """The commit whose cached snapshot already holds all `names` (no request), else None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    commits = set()
+    for name in names:
+        cached = try_to_load_from_cache(repo_id, name, cache_dir=hf_cache_dir(), revision=revision)
+        if not isinstance(cached, str):
+            return None
+        commits.add(_snapshot_root(Path(cached), name).name)
+    return commits.pop() if len(commits) == 1 else None
 
 
 def _fetch_optional_hf(repo_id: str, filename: str, commit: str, *, offline: bool | None) -> Path | None:
@@ -584,10 +600,13 @@ def fetch_release(
     if source.startswith("hf-hub:"):
         repo_id, rev = parse_hf_source(source)
         rev = _merge_revision(source, rev, revision)
+        cached_before = _cached_commit(repo_id, rev, pins)
         paths = _fetch_hf_files(repo_id, rev, pins, offline=offline, download_hint=download_hint)
         first = next(iter(paths))
         snapshot = _snapshot_root(paths[first], first)
-        if CARD_FILE not in paths:
+        # Ask for the optional card only along with a download: a release that was already cached
+        # then loads with zero requests, and never waits on retries for a card while the Hub is down.
+        if CARD_FILE not in paths and cached_before != snapshot.name:
             _fetch_optional_hf(repo_id, CARD_FILE, snapshot.name, offline=offline)
         return snapshot
     if source.startswith("bundled:"):

@@ -356,6 +356,16 @@ def test_fetch_release_from_the_hub_then_offline(
         hub.fetch_release(f"hf-hub:{REPO}@main", revision=release.commit)
 
 
+@pytest.mark.parametrize("pinned", [True, False], ids=["commit", "branch"])
+def test_cached_release_loads_while_the_hub_is_down(fake_hub: FakeHub, release: SimpleNamespace, pinned: bool) -> None:
+    spec = _spec(weights=f"hf-hub:{REPO}", revision=release.commit if pinned else None, files=release.sha)
+    paths = hub.fetch_spec_files(spec)  # what `musicssl download` does: the card is never asked for
+    fake_hub.stop()
+    folder = hub.fetch_release(spec.weights, revision=spec.revision, files=spec.files)
+    assert folder == paths[MODEL].parent
+    assert fake_hub.sleeps == []  # nothing waited on the client's retries
+
+
 def test_fetch_release_keeps_one_commit_and_its_card(fake_hub: FakeHub) -> None:
     files = make_release_files(seed=3, card=True)
     commit = fake_hub.add_repo("musicssl-test/carded", files)
@@ -411,11 +421,8 @@ def test_fetch_spec_files_from_the_hub(fake_hub: FakeHub, release: SimpleNamespa
     assert {k: p.read_bytes() for k, p in paths.items()} == release.files
     fake_hub.clear_requests()
     assert hub.download(spec) == paths[MODEL].parent
-    assert fake_hub.requests == []
-    # As a release it also looks for the model card, once: its absence is then cached.
-    assert hub.download(f"hf-hub:{REPO}@{release.commit}") == paths[MODEL].parent
-    assert fake_hub.requests == [("HEAD", f"/{REPO}/resolve/{release.commit}/README.md")]
-    fake_hub.clear_requests()
+    # What `load` then does: the release is cached, so not even its optional card is asked for.
+    assert hub.fetch_release(spec.weights, revision=spec.revision, files=spec.files) == paths[MODEL].parent
     assert hub.download(f"hf-hub:{REPO}@{release.commit}") == paths[MODEL].parent
     assert fake_hub.requests == []
 

@@ -179,7 +179,9 @@ def hz_to_mel(freq: Tensor, htk: bool = False) -> Tensor:
     linear below 1 kHz and logarithmic above (librosa's default)."""
     if htk:
         return 2595.0 * torch.log10(1.0 + freq / 700.0)
-    log_part = _SLANEY_MIN_LOG_MEL + torch.log(freq.clamp(min=_SLANEY_MIN_LOG_HZ) / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOGSTEP
+    # Clamp so the unused branch of `where` never takes log(0).
+    ratio = freq.clamp(min=_SLANEY_MIN_LOG_HZ) / _SLANEY_MIN_LOG_HZ
+    log_part = _SLANEY_MIN_LOG_MEL + torch.log(ratio) / _SLANEY_LOGSTEP
     return torch.where(freq >= _SLANEY_MIN_LOG_HZ, log_part, freq / _SLANEY_F_SP)
 
 
@@ -591,6 +593,10 @@ class KaldiFbank(_Float32Module):
     T = (S + shift // 2) // shift frames centred on ``t * shift + shift // 2`` with the signal
     mirrored at its ends (``x[-1-i] = x[i]``), as Kaldi does.
 
+    Windows (``window``): "povey" (Kaldi's default, hann ** 0.85), "hamming", "hanning" (Kaldi's
+    symmetric hann), "hann" (periodic, as kaldi-native-fbank names it), "blackman" (with
+    ``blackman_coeff``), "sine", "rectangular".
+
     ``use_energy`` prepends the log energy of the frame (after DC removal, before pre-emphasis and
     window when ``raw_energy``; floored at log(energy_floor) when energy_floor > 0) as feature 0.
 
@@ -683,6 +689,8 @@ class KaldiFbank(_Float32Module):
         if self.input_scale != 1.0:
             x = x * self.input_scale
         frames = x[..., self._frame_indices(x.shape[-1], x.device)]  # (..., T, L)
+        if frames.shape[-2] == 0:  # too short for one frame; some FFT backends reject empty input
+            return x.new_zeros(*x.shape[:-1], self.n_mels + int(self.use_energy), 0)
         if self.dither > 0.0:
             frames = frames + self.dither * torch.randn_like(frames)
         if self.remove_dc_offset:
@@ -695,8 +703,6 @@ class KaldiFbank(_Float32Module):
         frames = frames * self.window.to(torch.float32)
         if self.use_energy and not self.raw_energy:
             energy = self._log_energy(frames)
-        if frames.shape[-2] == 0:  # too short for one frame; some FFT backends reject empty input
-            return x.new_zeros(*x.shape[:-1], self.n_mels + int(self.use_energy), 0)
         spec = torch.fft.rfft(frames, n=self.padded_length)
         spec = torch.view_as_real(spec).square().sum(-1)
         if not self.use_power:
