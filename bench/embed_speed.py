@@ -2,7 +2,7 @@
 
     python bench/embed_speed.py [--models logmel jepa-tiny] [--seconds 60] [--repeats 3]
 
-Prints one table: x-realtime (seconds of audio per wall second, median of repeats after a warm-up)
+Prints import times, then one table: x-realtime (seconds of audio per wall second, median of repeats after a warm-up)
 at batch 1 (one window per forward pass) and batched (8 windows), in float32 and bfloat16; then peak
 memory for a 30-second and a 10-minute input, each measured in its own fresh process (peak RSS, and
 the increase over the RSS just before `embed()`).
@@ -56,6 +56,16 @@ def memory(name: str, seconds: float, batch_size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def import_seconds(code: str, repeats: int = 5) -> float:
+    """Median wall time of a fresh interpreter running `code`."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=None)
@@ -68,6 +78,11 @@ def main() -> None:
         memory_child(a.child[0], float(a.child[1]), int(a.child[2]))
         return
     names = a.models or musicssl.list_models(pretrained=False)
+    t_torch = import_seconds("import torch")
+    t_ours = import_seconds("import torch, musicssl")
+    t_load = import_seconds("import torch, musicssl; musicssl.load('logmel')")
+    print(f"import: torch {t_torch:.2f} s; torch + musicssl {t_ours:.2f} s (+{t_ours - t_torch:.2f} s); "
+          f"+ load('logmel') {t_load:.2f} s")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.seconds:g} s of audio per run")
     print(f"{'model':<12} {'dtype':<9} {'batch 1':>9} {'batch ' + str(a.batch):>9} "
           f"{'peak 30s':>9} {'peak 10m':>9} {'ratio':>6} {'+30s':>7} {'+10m':>7} {'ratio':>6}")

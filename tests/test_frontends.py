@@ -352,6 +352,15 @@ def test_kaldi_fbank_matches_kaldi_native_fbank(
     assert float(np.abs(ours - ref)[loud].max()) < 2e-4
 
 
+@pytest.mark.parametrize("num_samples", [100, 250, 1234])
+def test_kaldi_fbank_mirrors_short_signals_like_kaldi(num_samples: int, knf: ModuleType) -> None:
+    # Without snip_edges a 25 ms frame around a 100-sample signal folds it several times.
+    wave = np.random.default_rng(num_samples).standard_normal(num_samples).astype(np.float32)
+    ref = kaldi_reference(knf, wave, 16000, **{"mel_opts.num_bins": 40, "frame_opts.snip_edges": False})
+    ours = KaldiFbank(n_mels=40, snip_edges=False)(torch.from_numpy(wave)).numpy().T
+    assert rel_err(ours, ref) < RTOL
+
+
 def test_kaldi_fbank_without_log(knf: ModuleType) -> None:
     wave = chord(16000, 0.5)
     ref = kaldi_reference(knf, wave, 16000, **{"mel_opts.num_bins": 40, "use_log_fbank": False})
