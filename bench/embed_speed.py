@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,9 +33,14 @@ def x_realtime(enc, audio: np.ndarray, sr: int, batch_size: int, repeats: int) -
     return len(audio) / sr / statistics.median(times)
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+def status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MiB. VmHWM belongs to this process's own
+    memory map, unlike ru_maxrss, which Linux carries over from the parent across fork and exec."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(name: str, seconds: float, batch_size: int) -> None:
@@ -44,9 +48,9 @@ def memory_child(name: str, seconds: float, batch_size: int) -> None:
     enc = musicssl.load(name, pretrained=False)
     sr = enc.sample_rate
     audio = (np.random.default_rng(0).standard_normal(int(seconds * sr)) * 0.1).astype(np.float32)
-    before = rss_mb()
+    before = status_mb("VmRSS")
     enc.embed(audio, sr=sr, batch_size=batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     print(json.dumps({"peak": peak, "increase": peak - before}))
 
 
@@ -71,7 +75,10 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--seconds", type=float, default=60.0, help="audio per timing run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="windows per forward pass for the batched column")
+    p.add_argument("--mem-batch", type=int, default=4,
+                   help="batch for the memory runs: 30 s of audio makes 4 windows of a 10 s model, so at 4 both "
+                        "inputs fill the batch alike and the ratio shows what duration costs (default 4)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -83,11 +90,12 @@ def main() -> None:
     t_load = import_seconds("import torch, musicssl; musicssl.load('logmel')")
     print(f"import: torch {t_torch:.2f} s; torch + musicssl {t_ours:.2f} s (+{t_ours - t_torch:.2f} s); "
           f"+ load('logmel') {t_load:.2f} s")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.seconds:g} s of audio per run")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.seconds:g} s of audio per run; "
+          f"memory at batch {a.mem_batch}: peak RSS and its increase over the RSS before embed()")
     print(f"{'model':<12} {'dtype':<9} {'batch 1':>9} {'batch ' + str(a.batch):>9} "
           f"{'peak 30s':>9} {'peak 10m':>9} {'ratio':>6} {'+30s':>7} {'+10m':>7} {'ratio':>6}")
     for name in names:
-        mem30, mem600 = memory(name, 30, a.batch), memory(name, 600, a.batch)
+        mem30, mem600 = memory(name, 30, a.mem_batch), memory(name, 600, a.mem_batch)
         for dtype in (torch.float32, torch.bfloat16):
             enc = musicssl.load(name, pretrained=False, dtype=dtype)
             sr = enc.sample_rate
