@@ -42,9 +42,8 @@ def load(
     overrides: constructor arguments for registered architectures built with pretrained=False.
     """
     source = os.fspath(name)
-    if source.startswith("hf-hub:"):
-        model = load_release(hub.fetch_release(source, offline=offline))
-    elif Path(source).is_dir():
+    # Registry names never hold a path separator, so anything that does is meant as a folder.
+    if source.startswith("hf-hub:") or Path(source).is_dir() or "/" in source or os.sep in source:
         model = load_release(hub.fetch_release(source, offline=offline))
     else:
         model = _load_registered(source, pretrained, offline, overrides)

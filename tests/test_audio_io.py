@@ -211,6 +211,12 @@ def test_resample_multichannel_and_identity():
     np.testing.assert_array_equal(same, x.astype(np.float32))
 
 
+def test_resample_never_loses_a_short_clip():
+    one = np.array([0.5], dtype=np.float32)
+    assert resample(one, 44100, 16000).tolist() == [0.5]
+    assert resample(np.full((2, 2), 0.25, np.float32), 48000, 8000).shape == (2, 1)
+
+
 @pytest.mark.parametrize("rate", [0, -16000, 1.5, "16000", None, True, float("inf")])
 def test_resample_rejects_bad_rates(rate):
     with pytest.raises(AudioInputError, match="positive integer"):

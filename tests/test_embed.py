@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import musicssl
@@ -190,6 +190,7 @@ def test_tiny_inputs():
     sr=st.sampled_from([8000, 16000, 22050, 44100, 48000]),
     seed=st.integers(0, 2**16),
 )
+@example(lengths=[1], channels=1, sr=44100, seed=0)  # shorter than one sample at 16 kHz
 def test_property_any_lengths_channels_and_rates(lengths, channels, sr, seed):
     enc = _PROPERTY_MODEL
     rng = np.random.default_rng(seed)

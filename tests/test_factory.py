@@ -73,6 +73,8 @@ def test_damaged_releases_are_reported(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ReleaseFormatError, match="model.safetensors"):
         musicssl.load(folder)
+    with pytest.raises(ReleaseFormatError, match="not a folder"):
+        musicssl.load(str(tmp_path / "no" / "such-release"))
 
 
 def test_device_and_dtype_are_honoured():

@@ -159,9 +159,13 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "HQ") -> 
     if sr_in == sr_out:
         return np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
-        return _soxr(x, sr_in, sr_out, quality)
-    # soxr wants frames first: (S, C).
-    return np.ascontiguousarray(_soxr(x.T, sr_in, sr_out, quality).T)
+        y = _soxr(x, sr_in, sr_out, quality)
+    else:  # soxr wants frames first: (S, C).
+        y = np.ascontiguousarray(_soxr(x.T, sr_in, sr_out, quality).T)
+    if y.shape[-1] == 0 and x.shape[-1] > 0:
+        # Shorter than one output sample: keep its mean rather than lose the audio altogether.
+        y = np.asarray(x, dtype=np.float32).mean(axis=-1, keepdims=True)
+    return y
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
