@@ -1,8 +1,8 @@
 """Spectrogram transformer: log-mel patches through ViT blocks (the JEPA and MAE recipes' backbone).
 
-The log-mel front-end lives inside the model, so `model(wav)` needs nothing else. Patches are
-`patch_freq` mel bins x `patch_time` frames; one output frame per time patch (mean over frequency
-patches), i.e. 6.25 frames/s with the defaults (16 kHz, hop 160, 16 frames per patch).
+The log-mel front-end lives inside the model, so `model(wav)` needs nothing else. The defaults are
+the audio-JEPA / MATPAC configuration: 16 kHz, 80 mels over 50-8000 Hz (n_fft 400, hop 160), 16x16
+patches. One output frame per time patch (mean over the frequency patches): 6.25 frames/s.
 Padding is exact: frames past each item's length are zeroed and their patches masked out of
 attention, so an item gives the same frames whatever it is batched with.
 """
@@ -37,8 +37,8 @@ class SpecViT(Encoder):
         sample_rate: int = 16000,
         n_fft: int = 400,
         hop_length: int = 160,
-        n_mels: int = 128,
-        f_min: float = 0.0,
+        n_mels: int = 80,
+        f_min: float = 50.0,
         f_max: float = 8000.0,
         patch_freq: int = 16,
         patch_time: int = 16,
@@ -130,7 +130,7 @@ def _spec(size: str) -> ModelSpec:
         weights=None,
         license="n/a",
         source="musicssl (train with the JEPA recipe)",
-        description=f"Spectrogram ViT-{size} (16x16 log-mel patches), the backbone of the JEPA recipe.",
+        description=f"Spectrogram ViT-{size} (16x16 patches of 80-band log-mel), the backbone of the JEPA recipe.",
         args=dict(s),
     )
 
