@@ -52,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass (default 8)")
     s.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
     s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
+
+    s = sub.add_parser(
+        "train", help="train an encoder with a self-supervised recipe",
+        description="Train with a recipe. Settings come from --preset, then KEY=VALUE overrides (values "
+                    "parsed as JSON: steps=2000 lr=3e-4 'backbone_args={\"depth\": 6}'). Re-running with the "
+                    "same --out resumes from its checkpoint. Under torchrun, one process per device (DDP).",
+    )
+    s.add_argument("recipe", help="simclr | byol | vicreg | mae | jepa | pesto")
+    s.add_argument("--data", default="synthetic", help="audio folder, file list (.txt/.csv), or 'synthetic'")
+    s.add_argument("--preset", default=None, help="named settings, e.g. jepa-tiny (see musicssl train RECIPE --presets)")
+    s.add_argument("--out", required=True, help="run folder (checkpoint.pt, config.json, log.jsonl)")
+    s.add_argument("--presets", action="store_true", help="list the recipe's presets and exit")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+    s = sub.add_parser("export", help="turn a training run into a release folder",
+                       description="Keep only the encoder of a run (for BYOL/JEPA the EMA target) and write "
+                                   "config.json, model.safetensors and a model card that musicssl.load() reads.")
+    s.add_argument("run", help="run folder written by musicssl train")
+    s.add_argument("--out", required=True, help="release folder to write")
+    s.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
+    s.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
     return p
 
 
@@ -158,14 +179,43 @@ def _progress(records, total: int):
             yield rec
 
 
-COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "embed": cmd_embed}
+def cmd_train(args: argparse.Namespace) -> int:
+    from musicssl.recipes.train import parse_overrides, recipe_class, train
+
+    if args.presets:
+        for name, values in recipe_class(args.recipe).PRESETS.items():
+            print(f"{name}: {json.dumps(values)}")
+        return 0
+    run = train(args.recipe, preset=args.preset, data=args.data, out=args.out, **parse_overrides(args.overrides))
+    print(f"trained: {run} (export with: musicssl export {run} --out RELEASE_DIR)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from musicssl.recipes.export import export_run
+
+    folder = export_run(args.run, args.out, name=args.name, dtype=torch.float16 if args.fp16 else None)
+    print(f"exported: {folder} (load with musicssl.load({str(folder)!r}))")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "embed": cmd_embed,
+            "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Errors meant for users print one line, not a traceback."""
     from musicssl.errors import MusicsslError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides of `train` may come after its options, where argparse leaves them over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except (MusicsslError, FileNotFoundError, ValueError) as err:

@@ -18,7 +18,8 @@ from typing import Any, Callable
 from musicssl.errors import UnknownModelError
 
 # Family modules imported the first time the registry is read, so `import musicssl` stays cheap.
-_FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit")
+_FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit", "musicssl.models.samplecnn",
+                   "musicssl.models.pesto")
 
 
 @dataclass(frozen=True)

@@ -719,3 +719,139 @@ class KaldiFbank(_Float32Module):
             f"sample_rate={self.sample_rate}, n_mels={self.n_mels}, frame_length={self.frame_length}, "
             f"frame_shift={self.frame_shift}, padded_length={self.padded_length}, snip_edges={self.snip_edges}"
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Constant-Q and variable-Q transforms
+
+
+def vqt_frequencies(fmin: float, n_bins: int, bins_per_octave: int) -> Tensor:
+    """Centre frequencies in Hz of a CQT/VQT, ``fmin * 2 ** (k / bins_per_octave)``: (n_bins,) float64."""
+    return fmin * 2.0 ** (torch.arange(n_bins, dtype=torch.float64) / bins_per_octave)
+
+
+def vqt_lengths(
+    freqs: Tensor, sample_rate: float, bins_per_octave: int, gamma: float = 0.0, filter_scale: float = 1.0
+) -> Tensor:
+    """Kernel length in samples of each VQT bin: ``ceil(Q * sr / (f + gamma / alpha))``, (n_bins,) float64.
+
+    ``alpha = 2 ** (1 / bins_per_octave) - 1`` is the relative spacing of adjacent bins and
+    ``Q = filter_scale / alpha``, the convention of nnAudio and PESTO; ``gamma`` (Hz) widens the low
+    bins (bandwidth ``alpha * f + gamma``), which shortens their kernels; gamma 0 is the CQT.
+    librosa defines alpha as ``(2 ** (2 / bpo) - 1) / (2 ** (2 / bpo) + 1)``, so its kernels are
+    ~1% longer at 36 bins per octave.
+    """
+    alpha = 2.0 ** (1.0 / bins_per_octave) - 1.0
+    q = filter_scale / alpha
+    return torch.ceil(q * sample_rate / (freqs + gamma / alpha))
+
+
+class VQT(_Float32Module):
+    """Variable-Q transform magnitude (constant-Q with ``gamma=0``) by time-domain complex kernels.
+
+    Bin k is centred on ``fmin * 2 ** (k / (12 * bins_per_semitone))`` Hz. Its kernel is a periodic
+    window of `vqt_lengths` samples (l_k) times a complex exponential at that frequency, normalised
+    to unit L1 norm, and the magnitude is multiplied by ``sqrt(l_k)``: the "librosa" normalisation
+    of nnAudio, which PESTO's preprocessor uses, so a sinusoid of amplitude A at a bin's centre reads
+    about ``A * sqrt(l_k) / 2`` there. Kernels are placed as nnAudio places them (sample offsets
+    ``-ceil(l/2) .. floor(l/2) - 1`` around the frame centre), so magnitudes follow PESTO's `CQT`
+    except at the edges, where the signal is zero-padded rather than reflected.
+
+    Every frame is computed at full rate by ``conv1d`` (no multirate decimation, unlike librosa);
+    bins are convolved one octave at a time so each group's kernels are only as wide as its longest
+    (~l_k), not as wide as the lowest bin's. Compared with ``librosa.vqt`` (same fmin, bins, gamma),
+    peaks fall on the same bins and magnitudes agree within a few percent away from the edges;
+    the difference comes from librosa's bandwidth convention (see `vqt_lengths`), its resampling
+    per octave and its reflect padding.
+
+    Frames are centred (zero padding): frame t is centred on sample ``t * hop_length`` and
+    ``T = S // hop_length + 1``, as in `Spectrogram`, so a signal's frames do not depend on the
+    zeros that follow it in a batch. Computation is float32 with autocast disabled.
+
+    Args:
+        sample_rate: Hz.
+        hop_length: samples between frames.
+        fmin: centre frequency of bin 0, Hz.
+        bins_per_semitone: bins per semitone (12 times that per octave).
+        n_bins: number of bins; the top one must lie below Nyquist.
+        gamma: bandwidth offset in Hz (0 = CQT; PESTO uses 7).
+        filter_scale: scales every kernel length (Q).
+        window: window name (see `get_window`).
+
+    Shapes: waveform (..., S) -> (..., n_bins, T) magnitude, float32.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        hop_length: int,
+        fmin: float = 27.5,
+        bins_per_semitone: int = 3,
+        n_bins: int = 251,
+        gamma: float = 7.0,
+        filter_scale: float = 1.0,
+        window: str = "hann",
+    ) -> None:
+        super().__init__()
+        bpo = 12 * bins_per_semitone
+        freqs = vqt_frequencies(fmin, n_bins, bpo)
+        if float(freqs[-1]) >= sample_rate / 2:
+            raise ValueError(
+                f"the top VQT bin ({float(freqs[-1]):.1f} Hz) is above Nyquist ({sample_rate / 2:g} Hz): "
+                "lower n_bins or fmin"
+            )
+        lengths = vqt_lengths(freqs, sample_rate, bpo, gamma, filter_scale)
+        self.sample_rate, self.hop_length, self.n_bins = sample_rate, hop_length, n_bins
+        self.fmin, self.bins_per_semitone, self.gamma, self.filter_scale = fmin, bins_per_semitone, gamma, filter_scale
+        self.frequencies = freqs.to(torch.float32)
+        self.lengths = lengths.to(torch.int64)
+        self.register_buffer("scale", lengths.sqrt().to(torch.float32)[:, None], persistent=False)
+        self.group_half_widths: list[int] = []
+        for g, start in enumerate(range(0, n_bins, bpo)):
+            kernels, half = _vqt_kernels(freqs[start : start + bpo], lengths[start : start + bpo], sample_rate, window)
+            self.register_buffer(f"kernels_{g}", kernels, persistent=False)
+            self.group_half_widths.append(half)
+
+    @property
+    def max_kernel_length(self) -> int:
+        """Samples the longest kernel spans (the lowest bin's): a frame sees +- half of it."""
+        return int(self.lengths.max())
+
+    def forward(self, waveform: Tensor) -> Tensor:
+        x, lead = _flatten_batch(waveform.to(torch.float32))
+        n_samples, widest = x.shape[-1], max(self.group_half_widths)
+        # One padded copy for all groups; each group takes the slice its kernel width needs.
+        padded = F.pad(x[:, None, :], (widest, widest + 1))
+        mags = []
+        with torch.autocast(x.device.type, enabled=False):
+            for g, half in enumerate(self.group_half_widths):
+                kernels = getattr(self, f"kernels_{g}").to(torch.float32)
+                segment = padded[..., widest - half : widest + half + 1 + n_samples]
+                out = F.conv1d(segment, kernels, stride=self.hop_length)  # (B, 2 n_g, T)
+                re, im = out.chunk(2, dim=1)
+                mags.append(torch.sqrt(re.square() + im.square()))
+        mag = torch.cat(mags, dim=1) * self.scale.to(torch.float32)
+        return mag.reshape(*lead, *mag.shape[-2:])
+
+    def extra_repr(self) -> str:
+        return (
+            f"sample_rate={self.sample_rate}, hop_length={self.hop_length}, fmin={self.fmin:.4g}, "
+            f"bins_per_semitone={self.bins_per_semitone}, n_bins={self.n_bins}, gamma={self.gamma}, "
+            f"max_kernel_length={self.max_kernel_length}"
+        )
+
+
+def _vqt_kernels(freqs: Tensor, lengths: Tensor, sample_rate: float, window: str) -> tuple[Tensor, int]:
+    """Real and imaginary kernels of a group of bins stacked as conv1d weights (2 n, 1, 2 h + 1),
+    float32, with h the group's half width: tap m multiplies the sample at offset ``m - h``."""
+    half = int(torch.ceil(lengths.max() / 2))
+    kernels = torch.zeros(len(freqs), 2 * half + 1, dtype=torch.complex128)
+    for k, (f, n) in enumerate(zip(freqs.tolist(), lengths.to(torch.int64).tolist())):
+        win = get_window(window, n).to(torch.float64)
+        offsets = torch.arange(n, dtype=torch.float64) - (n + 1) // 2
+        # e^{-i w d}: correlation with it is the analysis X = sum x[n] w[n] e^{-i w n}.
+        kernels[k, half - (n + 1) // 2 : half - (n + 1) // 2 + n] = (
+            win / win.sum() * torch.exp(-2j * math.pi * f * offsets / sample_rate)
+        )
+    stacked = torch.cat([kernels.real, kernels.imag], dim=0)[:, None, :]
+    return stacked.to(torch.float32), half

@@ -83,7 +83,19 @@ class SpecViT(Encoder):
         x = self.patch_embed(mel[:, None].to(w.dtype))  # (B, D, F', T')
         n_time = x.shape[-1]
         x = x.permute(0, 3, 2, 1).flatten(1, 2)
-        return x + sincos_2d(n_time, self.n_freq, self.embed_dim).to(x.device, x.dtype)
+        return x + self.positions(n_time).to(x.device, x.dtype)
+
+    def patch_values(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) -> the log-mel values of each patch (B, T' * F', patch_freq * patch_time),
+        in the token order of `patchify` (the reconstruction target of masked modelling)."""
+        B, n_mels, T = mel.shape
+        pf, pt = n_mels // self.n_freq, self.patch_time
+        x = mel.reshape(B, self.n_freq, pf, T // pt, pt)  # (B, F', pf, T', pt)
+        return x.permute(0, 3, 1, 2, 4).reshape(B, (T // pt) * self.n_freq, pf * pt)
+
+    def positions(self, n_time: int) -> torch.Tensor:
+        """Fixed positions of a grid of n_time x F' tokens (N, D), time-major like `patchify`."""
+        return sincos_2d(n_time, self.n_freq, self.embed_dim)
 
     def encode(self, tokens: torch.Tensor, attn_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """tokens (B, N, D) -> the output of every block (B, N, D); the last one normed."""

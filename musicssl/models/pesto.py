@@ -1,0 +1,363 @@
+"""PESTO: frame-wise pitch estimation with a transposition-equivariant network.
+
+Riou, Lattner, Hadjeres and Peeters, "PESTO: Pitch Estimation with Self-supervised
+Transposition-equivariant Objective", ISMIR 2023 (reference code: SonyCSLParis/pesto, LGPL-3.0;
+this file is a re-implementation that keeps its module names, so upstream state dicts load through
+`checkpoint_filter_fn`).
+
+Each 10 ms frame is processed on its own: VQT magnitude in dB (fmin 27.5 Hz, 3 bins per semitone,
+gamma 7) -> the central bins (a margin of `crop_bins` on each side is what the training recipe
+shifts into view) -> LayerNorm over the bins -> 1-D convolutions along frequency (a residual
+"prefilter" stack, then 1x1 channel mixers) -> a Toeplitz fully connected head to `output_dim`
+pitch logits -> softmax. Convolutions and the Toeplitz head commute with shifts along frequency, so
+transposing the input by k bins moves the logits by k bins (away from the edges): pitch is learnt
+up to a constant offset, the `shift` buffer, which `calibrate_shift` sets from synthetic tones.
+A small classifier on the linear power spectrum gives a voicing confidence per frame.
+
+As an `Encoder` the hidden states are [pitch logits, pitch distribution], both (B, T, output_dim),
+at 100 frames/s; `pitch()` returns f0 in Hz and the confidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from musicssl.audio.frontends import VQT, AmplitudeToDB
+from musicssl.models.base import AudioLike, Encoder, conv_frames
+from musicssl.registry import ModelSpec, register_family, register_model
+
+log = logging.getLogger(__name__)
+
+CITATION = (
+    "Riou, A., Lattner, S., Hadjeres, G. and Peeters, G. (2023). PESTO: Pitch Estimation with "
+    "Self-supervised Transposition-equivariant Objective. ISMIR."
+)
+
+# A smaller network than upstream's (130k parameters) for quick CPU training of the recipe; the
+# front-end and output layout are upstream's.
+TINY = dict(n_chan_layers=[16, 16, 8, 2], n_prefilt_layers=2, prefilt_kernel_size=15)
+
+
+class ToeplitzLinear(nn.Conv1d):
+    """A linear map whose weight depends only on the index difference: ``y_j = sum_i w[i - j + out - 1] x_i``.
+
+    Shifting x by k positions shifts y by k (exactly, for content that stays inside both ends):
+    the transposition-equivariant head of PESTO. x (N, in_features) -> (N, out_features).
+    Stored as a 1-channel Conv1d (weight (1, 1, in + out - 1)), as upstream, but applied as the
+    (out, in) matrix it defines: the same numbers, ~40x faster than a 1-channel conv on CPU.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(1, 1, kernel_size=in_features + out_features - 1, padding=out_features - 1, bias=False)
+        self.in_features, self.out_features = in_features, out_features
+
+    def matrix(self) -> torch.Tensor:
+        """The (out_features, in_features) matrix M[j, i] = w[i - j + out_features - 1]."""
+        i = torch.arange(self.in_features, device=self.weight.device)
+        j = torch.arange(self.out_features, device=self.weight.device)
+        return self.weight.view(-1)[i[None, :] - j[:, None] + self.out_features - 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.matrix())
+
+
+def _block(c_in: int, c_out: int, kernel: int, a_lrelu: float, p_dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2), nn.LeakyReLU(a_lrelu), nn.Dropout(p_dropout)
+    )
+
+
+class PitchNet(nn.Module):
+    """The per-frame network (upstream `Resnet1d`): dB bins (N, n_bins_in) -> pitch logits (N, output_dim).
+
+    LayerNorm over the bins; ``conv1`` (1 -> n_chan_layers[0] channels, kernel over frequency) and
+    ``n_prefilt_layers - 1`` more such layers, residual when `residual`; then 1x1 convolutions
+    through ``n_chan_layers[1:]``; every conv followed by LeakyReLU and dropout. The last channel
+    count times n_bins_in, flattened channel-major, feeds the Toeplitz head. Upstream appends a
+    final 1-channel layer when given fewer than 5 channel counts; here the list is used as given.
+    """
+
+    def __init__(
+        self, n_bins_in: int, n_chan_layers: Sequence[int], n_prefilt_layers: int, prefilt_kernel_size: int,
+        residual: bool, output_dim: int, a_lrelu: float, p_dropout: float,
+    ) -> None:
+        super().__init__()
+        ch = list(n_chan_layers)
+        if prefilt_kernel_size % 2 == 0:
+            raise ValueError(f"prefilt_kernel_size must be odd to keep the bins aligned, got {prefilt_kernel_size}")
+        if n_prefilt_layers < 1 or len(ch) < 1:
+            raise ValueError("PitchNet needs at least one prefilter layer and one channel count")
+        self.residual = residual
+        self.layernorm = nn.LayerNorm([1, n_bins_in])
+        self.conv1 = _block(1, ch[0], prefilt_kernel_size, a_lrelu, p_dropout)
+        self.prefilt_layers = nn.ModuleList(
+            _block(ch[0], ch[0], prefilt_kernel_size, a_lrelu, p_dropout) for _ in range(n_prefilt_layers - 1)
+        )
+        mixers: list[nn.Module] = []
+        for c_in, c_out in zip(ch[:-1], ch[1:]):
+            mixers.extend(_block(c_in, c_out, 1, a_lrelu, p_dropout))
+        self.conv_layers = nn.Sequential(*mixers)
+        self.fc = ToeplitzLinear(n_bins_in * ch[-1], output_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, n_bins_in) -> conv features (N, n_chan_layers[-1], n_bins_in), aligned with the bins."""
+        x = self.conv1(self.layernorm(x[:, None, :]))
+        for layer in self.prefilt_layers:
+            x = x + layer(x) if self.residual else layer(x)
+        return self.conv_layers(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+class ConfidenceHead(nn.Module):
+    """Voicing confidence in [0, 1] from the linear power spectrum of a frame (upstream
+    `ConfidenceClassifier`): a strided conv over the bins, plus the spectral flatness, into a
+    logistic unit. power (N, n_bins) -> (N,)."""
+
+    def __init__(self, n_bins: int, kernel: int = 39, stride: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel, stride=stride)
+        self.linear = nn.Linear((n_bins - kernel) // stride + 2, 1)
+
+    def forward(self, power: torch.Tensor) -> torch.Tensor:
+        geometric = power.log().mean(dim=-1, keepdim=True).exp()
+        flatness = geometric / power.mean(dim=-1, keepdim=True).clamp(min=1e-8)
+        x = F.relu(self.conv(power[:, None, :]).squeeze(1))
+        return torch.sigmoid(self.linear(torch.cat([x, flatness], dim=-1))).squeeze(-1)
+
+
+@register_family("pesto")
+class PESTO(Encoder):
+    """PESTO pitch encoder. wav (B, S) at 16 kHz -> [logits, pitch distribution], each (B, T, output_dim).
+
+    Output bin b stands for ``b / bins_per_semitone - shift`` in MIDI semitones once calibrated.
+    The defaults are the architecture of upstream's released `mir-1k_g7` weights.
+
+    Args:
+        sample_rate, hop_length: Hz and samples; 160 at 16 kHz gives 10 ms frames.
+        fmin: Hz of the centre of semitone 0 (A0); with `center_bins` each semitone's middle bin
+            sits on it (bin 1 for 3 bins per semitone), as upstream.
+        bins_per_semitone, n_bins, gamma: the VQT (see `musicssl.audio.frontends.VQT`).
+        crop_bins: bins dropped at each end before the network: it sees n_bins - 2 crop_bins bins.
+        n_chan_layers, n_prefilt_layers, prefilt_kernel_size, residual, a_lrelu, p_dropout: `PitchNet`.
+        output_dim: pitch bins of the output (384 = 128 semitones at 3 per semitone).
+        reduction: how `pitch()` reads a distribution: "alwa" (argmax-local weighted average), "argmax", "mean".
+        context_seconds, overlap_seconds: windows of `embed()`; frames see only +-70 ms of signal.
+    """
+
+    shift: torch.Tensor
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        hop_length: int = 160,
+        fmin: float = 27.5,
+        bins_per_semitone: int = 3,
+        n_bins: int = 251,
+        gamma: float = 7.0,
+        center_bins: bool = True,
+        crop_bins: int = 16,
+        n_chan_layers: Sequence[int] = (40, 30, 30, 10, 3),
+        n_prefilt_layers: int = 3,
+        prefilt_kernel_size: int = 39,
+        residual: bool = True,
+        output_dim: int = 384,
+        a_lrelu: float = 0.3,
+        p_dropout: float = 0.2,
+        reduction: str = "alwa",
+        context_seconds: float = 10.0,
+        overlap_seconds: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if reduction not in ("alwa", "argmax", "mean"):
+            raise ValueError(f"reduction must be 'alwa', 'argmax' or 'mean', not {reduction!r}")
+        if not 0 <= crop_bins < n_bins // 2:
+            raise ValueError(f"crop_bins must be in [0, {n_bins // 2}), got {crop_bins}")
+        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args["n_chan_layers"] = list(n_chan_layers)  # JSON-friendly
+        self.sample_rate, self.hop_length, self.frame_offset = sample_rate, hop_length, 0.0
+        self.context_seconds, self.overlap_seconds = context_seconds, overlap_seconds
+        self.embed_dim, self.num_layers = output_dim, 2
+        self.bins_per_semitone, self.crop_bins, self.reduction = bins_per_semitone, crop_bins, reduction
+        self.n_bins_in = n_bins - 2 * crop_bins
+        # Shift fmin down by (bps - 1) / 2 bins so the middle bin of each semitone is on it.
+        bin0 = fmin / 2 ** ((bins_per_semitone - 1) / (24 * bins_per_semitone)) if center_bins else fmin
+        self.frontend = VQT(sample_rate, hop_length, fmin=bin0, bins_per_semitone=bins_per_semitone,
+                            n_bins=n_bins, gamma=gamma)
+        self.to_db = AmplitudeToDB("magnitude", ref=1.0, amin=torch.finfo(torch.float32).eps, top_db=None)
+        self.encoder = PitchNet(self.n_bins_in, n_chan_layers, n_prefilt_layers, prefilt_kernel_size, residual,
+                                output_dim, a_lrelu, p_dropout)
+        self.confidence = ConfidenceHead(n_bins)
+        # MIDI offset of output bin 0, in semitones (upstream's name and sign: pitch = b / bps - shift).
+        self.register_buffer("shift", torch.zeros(()), persistent=True)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        # `shift` is a pitch offset of ~20 semitones: keep it float32 when the model is cast to bf16.
+        shift = self.shift
+        super()._apply(fn, recurse)
+        if self.shift.dtype != torch.float32:
+            self.shift = shift.to(device=self.shift.device)
+        return self
+
+    # --- the pieces the recipe uses ----------------------------------------------------------
+    def spectrum(self, wav: torch.Tensor) -> torch.Tensor:
+        """wav (..., S) -> VQT magnitude in dB (..., n_bins, T), float32, all bins (uncropped)."""
+        return self.to_db(self.frontend(wav))
+
+    def crop(self, spec: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+        """Bins the network sees, (..., n_bins, T) -> (..., n_bins_in, T), from bin `offset`
+        (default `crop_bins`, the centred crop used at inference)."""
+        offset = self.crop_bins if offset is None else offset
+        return spec[..., offset : offset + self.n_bins_in, :]
+
+    def logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """Cropped dB frames (N, n_bins_in) -> pitch logits (N, output_dim) in the backbone's dtype."""
+        return self.encoder(frames.to(self.encoder.fc.weight.dtype))
+
+    # --- Encoder contract ---------------------------------------------------------------------
+    def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return conv_frames(lengths, self.hop_length)
+
+    def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+        spec = self.crop(self.spectrum(wav))  # (B, n_bins_in, T)
+        B, _, T = spec.shape
+        logits = self.logits(spec.transpose(1, 2).reshape(B * T, -1)).view(B, T, -1)
+        logits = logits.float()
+        return [logits, logits.softmax(dim=-1)]
+
+    # --- pitch --------------------------------------------------------------------------------
+    def frame_pitch(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """wav (S,) -> (MIDI semitones (T,), confidence (T,), distribution (T, output_dim)).
+
+        Runs in chunks of `context_seconds` with a margin of half the longest VQT kernel on each
+        side, so the result equals one pass over the whole signal in bounded memory.
+        """
+        hop, n_frames = self.hop_length, int(self.frame_lengths(torch.tensor(wav.shape[-1])))
+        chunk = max(int(self.context_seconds * self.sample_rate) // hop, 1)
+        margin = -(-(self.frontend.max_kernel_length // 2 + 1) // hop)  # frames, rounded up
+        padded = F.pad(wav.float(), (margin * hop, (margin + chunk) * hop))
+        probs, conf = [], []
+        for t0 in range(0, n_frames, chunk):
+            seg = padded[t0 * hop : (t0 + chunk + 2 * margin) * hop]
+            spec = self.spectrum(seg)[:, margin : margin + min(chunk, n_frames - t0)].T  # (t, n_bins)
+            probs.append(self.logits(spec[:, self.crop_bins : self.crop_bins + self.n_bins_in]).float().softmax(-1))
+            power = spec.mul(math.log(10) / 10).exp()  # dB of magnitude -> |X|^2
+            conf.append(self.confidence(power.to(self.confidence.linear.weight.dtype)).float())
+        p = torch.cat(probs)
+        return reduce_activations(p, self.bins_per_semitone, self.reduction) - self.shift, torch.cat(conf), p
+
+    @torch.inference_mode()
+    def pitch(self, audio: AudioLike | Sequence[AudioLike], sr: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """f0 in Hz and voicing confidence in [0, 1] of every 10 ms frame: (B, T) each.
+
+        audio and sr as for `embed()` (any rate, channels averaged). Frames are centred on
+        ``t * hop_length / sample_rate`` seconds; items shorter than the longest are zero past their
+        ``S // hop_length + 1`` frames. Hz are absolute only once `shift` is calibrated (trained
+        weights, or `calibrate_shift`); the confidence head is not trained by the SSL recipe.
+        """
+        from musicssl.audio.inputs import prepare_items
+
+        items = prepare_items(audio, sr, self.sample_rate)
+        out = [self.frame_pitch(torch.from_numpy(x).to(self.device)) for x in items]
+        n = max(len(m) for m, _, _ in out)
+        f0, conf = torch.zeros(len(out), n), torch.zeros(len(out), n)
+        for i, (midi, c, _) in enumerate(out):
+            f0[i, : len(midi)] = 440.0 * 2 ** ((midi.cpu() - 69) / 12)
+            conf[i, : len(c)] = c.cpu()
+        return f0, conf
+
+    @torch.no_grad()
+    def calibrate_shift(self, midi: Sequence[int] = tuple(range(60, 72)), seconds: float = 1.0, seed: int = 0) -> float:
+        """Set `shift` so harmonic tones at `midi` read back as those pitches; returns it (semitones).
+
+        The network knows pitch only up to a transposition; upstream PESTO calibrates the same way
+        (median over one octave of 5-harmonic tones). Runs in eval mode and restores the mode.
+        """
+        was_training = self.training
+        self.eval()
+        errors = []
+        for i, m in enumerate(midi):
+            tone = harmonic_tone(440.0 * 2 ** ((m - 69) / 12), seconds, self.sample_rate, seed=seed + i)
+            semitones, _, _ = self.frame_pitch(torch.from_numpy(tone).to(self.device))
+            errors.append(semitones + self.shift - m)  # before any shift
+        errors_t = torch.cat(errors)
+        self.shift.fill_(float(errors_t.median()))
+        log.info("PESTO shift %.3f semitones (spread %.3f)", float(self.shift), float(errors_t.std()))
+        self.train(was_training)
+        return float(self.shift)
+
+
+def reduce_activations(probs: torch.Tensor, bins_per_semitone: int, reduction: str = "alwa") -> torch.Tensor:
+    """Pitch distributions (..., n_out) -> position in semitones (bin / bins_per_semitone), (...).
+
+    "argmax": the most likely bin; "mean": the expectation over all bins; "alwa": the weighted
+    average of the bins within bins_per_semitone - 1 of the argmax (as CREPE and PESTO do).
+    """
+    n_out = probs.shape[-1]
+    bins = torch.arange(n_out, dtype=probs.dtype, device=probs.device)
+    if reduction == "argmax":
+        return probs.argmax(dim=-1).to(probs.dtype) / bins_per_semitone
+    if reduction == "mean":
+        return (probs @ bins) / probs.sum(-1).clamp(min=1e-12) / bins_per_semitone
+    if reduction != "alwa":
+        raise ValueError(f"reduction must be 'alwa', 'argmax' or 'mean', not {reduction!r}")
+    window = torch.arange(1 - bins_per_semitone, bins_per_semitone, device=probs.device)
+    index = (probs.argmax(dim=-1, keepdim=True) + window).clamp(0, n_out - 1)
+    weights = probs.gather(-1, index)
+    return (weights * bins[index]).sum(-1) / weights.sum(-1).clamp(min=1e-12) / bins_per_semitone
+
+
+def harmonic_tone(f0: float, seconds: float, sample_rate: int, n_harmonics: int = 5, seed: int = 0) -> np.ndarray:
+    """A steady tone of `n_harmonics` partials at k * f0 Hz (those below Nyquist) with random phases
+    and amplitudes (the fundamental at 1), peak-normalised to 0.5: (S,) float32."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    amps = rng.uniform(0.1, 1.0, n_harmonics)
+    amps[0] = 1.0
+    x = sum(a * np.cos(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi))
+            for k, a in enumerate(amps, start=1) if k * f0 < sample_rate / 2)
+    x = np.asarray(x, dtype=np.float64)
+    return (0.5 * x / max(np.abs(x).max(), 1e-9)).astype(np.float32)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Upstream PESTO state dict (pesto-pitch `PESTO.state_dict()`, or the ``state_dict`` of its
+    checkpoints) -> this class's: the module names are the same; the VQT kernels upstream may hold
+    (``preprocessor.*``) are computed here, not loaded."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("preprocessor.")}
+
+
+def _spec(name: str, args: dict[str, Any], description: str) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        family="pesto",
+        sample_rate=16000,
+        frame_rate=100.0,
+        embed_dim=384,
+        num_layers=2,
+        recommended_layer=-1,
+        context_seconds=10.0,
+        weights=None,
+        license="n/a",
+        source="musicssl (train with the PESTO recipe)",
+        citation=CITATION,
+        description=description,
+        args=dict(args),
+    )
+
+
+@register_model(_spec(
+    "pesto-tiny", TINY,
+    "PESTO pitch estimator, small (6k parameters): VQT (3 bins/semitone) -> 1-D conv stack -> Toeplitz "
+    "transposition-equivariant head; 384-bin pitch distribution every 10 ms.",
+))
+def pesto_tiny(**kwargs: Any) -> PESTO:
+    return PESTO(**{**TINY, **kwargs})

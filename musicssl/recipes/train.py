@@ -1,0 +1,323 @@
+"""The one training loop every recipe runs in (readable top to bottom, nanoGPT style).
+
+AdamW with linear warm-up and cosine decay, bf16/fp16 autocast on GPU, gradient clipping, the
+recipe's EMA hook, self-describing checkpoints with RNG state and exact resume, a progress line with
+loss and throughput, and DDP when launched with `torchrun` (gloo on CPU, NCCL on GPU).
+
+    run_dir = train("jepa", data="path/to/music", out="runs/jepa-tiny", preset="jepa-tiny", steps=2000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from musicssl import __version__
+from musicssl.recipes import RECIPES
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings; the recipe's own settings live in its Config dataclass."""
+
+    recipe: str = "jepa"
+    data: str = "synthetic"  # a folder, a file list (.txt/.csv), or "synthetic"
+    out: str = "runs/run"
+    preset: str | None = None
+    steps: int = 1000
+    batch_size: int = 32  # global: split across DDP ranks
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    clip_grad: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"
+    num_workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    data_length: int = 4096  # items of the synthetic source
+
+
+def recipe_class(name: str) -> type:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    module, cls = RECIPES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_configs(recipe: str, preset: str | None, overrides: dict[str, Any]) -> tuple[TrainConfig, Any]:
+    """(TrainConfig, recipe Config) from a preset plus `key=value` overrides, each key routed to the
+    dataclass that has it."""
+    cls = recipe_class(recipe)
+    if preset is not None and preset not in cls.PRESETS:
+        raise ValueError(f"recipe {recipe!r} has no preset {preset!r}; presets: {sorted(cls.PRESETS)}")
+    values = {**(cls.PRESETS.get(preset, {}) if preset else {}), **overrides}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    recipe_keys = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = sorted(set(values) - train_keys - recipe_keys)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; loop settings: {sorted(train_keys)}; "
+                         f"{recipe} settings: {sorted(recipe_keys)}")
+    tcfg = TrainConfig(recipe=recipe, preset=preset, **{k: v for k, v in values.items() if k in train_keys})
+    rcfg = cls.Config(**{k: v for k, v in values.items() if k in recipe_keys})
+    if "seed" in values:
+        rcfg.seed = tcfg.seed = values["seed"]
+    return tcfg, rcfg
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """["steps=100", "lr=3e-4", "backbone_args={\\"depth\\": 2}"] -> values parsed as JSON where possible."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} is not key=value")
+        key, text = pair.split("=", 1)
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _device(tcfg: TrainConfig, rank: int) -> torch.device:
+    if tcfg.device != "auto":
+        return torch.device(tcfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _autocast_dtype(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    choice = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(tcfg.precision, tcfg.precision)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and other 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
+
+
+def lr_factor(step: int, tcfg: TrainConfig) -> float:
+    """Linear warm-up to 1, then cosine down to min_lr_ratio at the last step."""
+    if step < tcfg.warmup_steps:
+        return (step + 1) / tcfg.warmup_steps
+    progress = (step - tcfg.warmup_steps) / max(tcfg.steps - tcfg.warmup_steps, 1)
+    return tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
+                    tcfg: TrainConfig, rcfg: Any, elapsed: float) -> Path:
+    """Everything needed to resume or export, written atomically: weights, optimiser, configs, RNG."""
+    state = {
+        "step": step,
+        "model": recipe.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "train_config": dataclasses.asdict(tcfg),
+        "recipe_config": dataclasses.asdict(rcfg),
+        "encoder": {"family": recipe.export_encoder().family, "args": recipe.export_encoder().args},
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "elapsed_seconds": elapsed,
+        "musicssl_version": __version__,
+    }
+    tmp = run / (CHECKPOINT + ".part")
+    torch.save(state, tmp)
+    os.replace(tmp, run / CHECKPOINT)
+    return run / CHECKPOINT
+
+
+def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
+    """A run's checkpoint (tensors and plain data only: loaded with weights_only=True)."""
+    path = Path(run) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no {CHECKPOINT} in {run}: train first (musicssl train RECIPE --out {run})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def recipe_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    """Rebuild the recipe a checkpoint describes, with its trained weights."""
+    cls = recipe_class(ckpt["train_config"]["recipe"])
+    recipe = cls(cls.Config(**ckpt["recipe_config"]))
+    recipe.load_state_dict(ckpt["model"], strict=True)
+    return recipe
+
+
+# --------------------------------------------------------------------------- data
+
+
+def make_data(tcfg: TrainConfig, rcfg: Any, sample_rate: int):
+    from musicssl.recipes.data import AudioCrops, SyntheticMusic
+
+    if tcfg.data == "synthetic":
+        return SyntheticMusic(sample_rate=sample_rate, crop_seconds=rcfg.crop_seconds, length=tcfg.data_length,
+                              seed=tcfg.seed)
+    return AudioCrops(tcfg.data, sample_rate, rcfg.crop_seconds, seed=tcfg.seed)
+
+
+class _Step(nn.Module):
+    """Routes forward() to training_step(), so DDP sees the recipe's forward pass."""
+
+    def __init__(self, recipe: nn.Module):
+        super().__init__()
+        self.recipe = recipe
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.recipe.training_step(batch)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(recipe: str, *, preset: str | None = None, progress: bool | None = None, until: int | None = None,
+          **overrides: Any) -> Path:
+    """Train `recipe` and return the run folder (checkpoint.pt, config.json, log.jsonl).
+
+    A run folder that already holds a checkpoint is resumed exactly where it stopped. `until` stops
+    (with a checkpoint) after that step, as if the job had been cut there.
+    """
+    from musicssl.recipes.data import make_loader
+
+    tcfg, rcfg = resolve_configs(recipe, preset, overrides)
+    rank, world = _distributed()
+    if tcfg.batch_size % world:
+        raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
+    run = Path(tcfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    device = _device(tcfg, rank)
+    torch.manual_seed(tcfg.seed)
+    model = recipe_class(recipe)(rcfg).to(device)
+    opt = make_optimizer(model, tcfg)
+    amp = _autocast_dtype(tcfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    start, elapsed = 0, 0.0
+    if (run / CHECKPOINT).exists():
+        ckpt = load_checkpoint(run)
+        model.load_state_dict(ckpt["model"], strict=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start, elapsed = ckpt["step"], ckpt["elapsed_seconds"]
+        log.info("resuming %s at step %d", run, start)
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps(
+            {"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
+             "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2))
+    step_module: nn.Module = _Step(model)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
+    data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)
+    loader = make_loader(data, tcfg.batch_size // world, collate=model.collate, num_workers=tcfg.num_workers,
+                         seed=tcfg.seed, rank=rank, world_size=world, start_step=start)
+    bar = _progress_bar(tcfg, start, rank, progress)
+    model.train()
+    t0 = time.perf_counter()
+    last = tcfg.steps if until is None else min(until, tcfg.steps)
+    for step, batch in zip(range(start, last), loader):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for group in opt.param_groups:
+            group["lr"] = tcfg.lr * lr_factor(step, tcfg)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = step_module(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr or use precision=fp32")
+        opt.zero_grad(set_to_none=True)
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+        scaler.step(opt) if scaler else opt.step()
+        if scaler:
+            scaler.update()
+        model.after_step(step, tcfg.steps)
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            record = _log_record(out, grad_norm, done, tcfg, world, time.perf_counter() - t0, start)
+            if rank == 0:
+                with open(run / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                bar(record)
+        if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
+            save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
+    if world > 1:
+        dist.barrier()
+    return run
+
+
+def _log_record(out: dict[str, torch.Tensor], grad_norm: torch.Tensor, step: int, tcfg: TrainConfig, world: int,
+                seconds: float, start: int) -> dict[str, Any]:
+    values = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+    if world > 1:  # average what each rank saw
+        t = torch.tensor(list(values.values()), dtype=torch.float64)
+        dist.all_reduce(t)
+        values = dict(zip(values, (t / world).tolist()))
+    samples = (step - start) * tcfg.batch_size
+    return {"step": step, **values, "grad_norm": float(grad_norm), "lr": tcfg.lr * lr_factor(step - 1, tcfg),
+            "samples_per_second": samples / max(seconds, 1e-9)}
+
+
+def _progress_bar(tcfg: TrainConfig, start: int, rank: int, progress: bool | None):
+    """A tqdm bar on a terminal, log lines otherwise; returns the per-log-step callback."""
+    import sys
+
+    if rank != 0:
+        return lambda record: None
+    if progress if progress is not None else sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=start, unit="step")
+
+        def update(record: dict[str, Any]) -> None:
+            bar.update(record["step"] - bar.n)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_second']:.1f}")
+        return update
+    return lambda record: log.info("step %d loss %.4f (%.1f samples/s)", record["step"], record["loss"],
+                                   record["samples_per_second"])
+
+
+def hardware() -> str:
+    """One line naming where a run trained (for model cards)."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
