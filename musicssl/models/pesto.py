@@ -62,9 +62,9 @@ class ToeplitzLinear(nn.Conv1d):
 
     def matrix(self) -> torch.Tensor:
         """The (out_features, in_features) matrix M[j, i] = w[i - j + out_features - 1]."""
-        i = torch.arange(self.in_features, device=self.weight.device)
-        j = torch.arange(self.out_features, device=self.weight.device)
-        return self.weight.view(-1)[i[None, :] - j[:, None] + self.out_features - 1]
+        # Row j is the window w[out - 1 - j : out - 1 - j + in]. Windows (unfold) rather than an
+        # index gather: the gather's backward accumulates in a thread-dependent order on CPU.
+        return self.weight.view(-1).unfold(0, self.in_features, 1).flip(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.matrix())
@@ -97,7 +97,9 @@ class PitchNet(nn.Module):
         if n_prefilt_layers < 1 or len(ch) < 1:
             raise ValueError("PitchNet needs at least one prefilter layer and one channel count")
         self.residual = residual
-        self.layernorm = nn.LayerNorm([1, n_bins_in])
+        # Upstream normalises over (1 channel, bins) with a (1, n_bins_in) affine; the same op over the
+        # bins alone keeps the affine 1-D, so optimisers treat it as a norm (no weight decay).
+        self.layernorm = nn.LayerNorm(n_bins_in)
         self.conv1 = _block(1, ch[0], prefilt_kernel_size, a_lrelu, p_dropout)
         self.prefilt_layers = nn.ModuleList(
             _block(ch[0], ch[0], prefilt_kernel_size, a_lrelu, p_dropout) for _ in range(n_prefilt_layers - 1)
@@ -110,7 +112,7 @@ class PitchNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, n_bins_in) -> conv features (N, n_chan_layers[-1], n_bins_in), aligned with the bins."""
-        x = self.conv1(self.layernorm(x[:, None, :]))
+        x = self.conv1(self.layernorm(x)[:, None, :])
         for layer in self.prefilt_layers:
             x = x + layer(x) if self.residual else layer(x)
         return self.conv_layers(x)
@@ -332,9 +334,16 @@ def harmonic_tone(f0: float, seconds: float, sample_rate: int, n_harmonics: int 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Upstream PESTO state dict (pesto-pitch `PESTO.state_dict()`, or the ``state_dict`` of its
-    checkpoints) -> this class's: the module names are the same; the VQT kernels upstream may hold
-    (``preprocessor.*``) are computed here, not loaded."""
-    return {k: v for k, v in state_dict.items() if not k.startswith("preprocessor.")}
+    checkpoints) -> this class's. The module names are the same; the LayerNorm affine (1, n_bins)
+    becomes (n_bins,); the VQT kernels upstream may hold (``preprocessor.*``) are computed here."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("preprocessor."):
+            continue
+        if key in ("encoder.layernorm.weight", "encoder.layernorm.bias"):
+            value = value.reshape(-1)
+        out[key] = value
+    return out
 
 
 def _spec(name: str, args: dict[str, Any], description: str) -> ModelSpec:

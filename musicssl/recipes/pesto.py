@@ -121,7 +121,7 @@ class PESTOConfig(RecipeConfig):
     max_shift: int = 16  # bins (16 = 5 1/3 semitones, pesto-full's); at most the backbone's crop_bins
     gain_db: tuple[float, float] = (-6.0, 6.0)  # nearly a no-op: the LayerNorm over dB bins removes gain
     p_gain: float = 0.7
-    snr_db: tuple[float, float] = (-6.0, 20.0)  # white noise; pesto-full's noise/signal std ratio 0.1..2
+    snr_db: tuple[float, float] = (-6.0, 20.0)  # white noise on the waveform (pesto-full: 0.1-2 x std in dB)
     p_noise: float = 0.7
     w_invariance: float = 1.0
     w_equivariance: float = 1.0
@@ -153,6 +153,9 @@ class PESTO(Recipe):
             raise ValueError(f"crop_seconds={cfg.crop_seconds} leaves no frame clear of the VQT kernel "
                              f"({2 * self.edge + 1} frames needed)")
         self.alpha = 2 ** (1 / (12 * self.backbone.bins_per_semitone))
+        # The voicing-confidence head is not part of the SSL objective (upstream trains it apart):
+        # frozen, it gets no gradient, which DDP would otherwise reject as unused parameters.
+        self.backbone.confidence.requires_grad_(False)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """audio (B, S) crops -> + views (B, 2, S) (gain and noise drawn independently per view) and
