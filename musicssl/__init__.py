@@ -1,6 +1,6 @@
 """musicssl: self-supervised music audio encoders for PyTorch.
 
-    enc = musicssl.load("logmel")
+    enc = musicssl.load()             # the embedded default; or a name, "hf-hub:org/repo", a folder
     out = enc.embed("song.flac")      # out.frames (B, T, D), out.timestamps (T,) s, out.clip (B, D)
 
 The public API is imported lazily so `import musicssl` costs little beyond `import torch`.

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from musicssl import __version__
+from musicssl.registry import DEFAULT_MODEL
 
-DEFAULT_MODEL = "logmel"  # until a trained self-supervised default ships
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -97,7 +97,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for n in names:
         spec = model_info(n)
-        ready = "" if spec.pretrained else "  (no weights yet)"
+        ready = "  (default)" if n == DEFAULT_MODEL else "" if spec.pretrained else "  (no weights yet)"
         print(f"{spec.name:<20} {spec.embed_dim:>5}-d {spec.frame_rate:>7.2f} fps {spec.sample_rate:>6} Hz{ready}")
     return 0
 

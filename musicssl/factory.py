@@ -17,7 +17,7 @@ import torch
 from musicssl import __version__, hub
 from musicssl.errors import ReleaseFormatError, WeightsUnavailableError
 from musicssl.models.base import Encoder
-from musicssl.registry import ModelSpec, builder, family_class, model_info
+from musicssl.registry import DEFAULT_MODEL, ModelSpec, builder, family_class, model_info
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 
 
 def load(
-    name: str | os.PathLike,
+    name: str | os.PathLike = DEFAULT_MODEL,
     *,
     pretrained: bool = True,
     device: str | torch.device | None = None,
@@ -35,7 +35,8 @@ def load(
 ) -> Encoder:
     """A ready encoder in eval mode.
 
-    name: a registry name ("jepa-base"), "hf-hub:org/repo[@revision]", or a release folder.
+    name: a registry name ("jepa-base"), "hf-hub:org/repo[@revision]", or a release folder;
+        default `musicssl.registry.DEFAULT_MODEL`, the embedded default.
     pretrained: False builds a registered architecture with random weights.
     device, dtype: where and in which precision the backbone runs (front-ends stay float32).
     offline: never touch the network (default: MUSICSSL_OFFLINE / HF_HUB_OFFLINE at call time).

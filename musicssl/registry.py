@@ -17,6 +17,9 @@ from typing import Any, Callable
 
 from musicssl.errors import UnknownModelError
 
+# The model `musicssl.load()` and `musicssl embed` use when no name is given.
+DEFAULT_MODEL = "simclr-mini"
+
 # Family modules imported the first time the registry is read, so `import musicssl` stays cheap.
 _FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit", "musicssl.models.samplecnn",
                    "musicssl.models.pesto")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from musicssl.cli import main
+from musicssl.registry import DEFAULT_MODEL, model_info
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "audio"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -21,6 +22,7 @@ def test_list_and_info(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "logmel" in out and "jepa-base" not in out
+    assert [line.split()[0] for line in out.splitlines() if line.endswith("(default)")] == [DEFAULT_MODEL]
     assert main(["list", "--all", "jepa-*"]) == 0
     assert "no weights yet" in capsys.readouterr().out
     assert main(["info", "mfcc"]) == 0
@@ -62,7 +64,7 @@ def test_embed_pool_and_single_file(tmp_path):
     f = EXAMPLES / "notes" / "piano-midi46.flac"
     assert main(["embed", str(f), "-o", str(tmp_path), "--pool", "mean", "--batch-size", "2"]) == 0
     with np.load(tmp_path / "piano-midi46.flac.npz") as z:
-        assert set(z.files) == {"clip", "metadata"} and z["clip"].shape == (128,)
+        assert set(z.files) == {"clip", "metadata"} and z["clip"].shape == (model_info(DEFAULT_MODEL).embed_dim,)
 
 
 def test_embed_user_errors_exit_cleanly(tmp_path, capsys):

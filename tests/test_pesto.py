@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import musicssl
 from musicssl.audio.frontends import VQT, AmplitudeToDB
 from musicssl.models.pesto import PESTO, ToeplitzLinear, checkpoint_filter_fn, reduce_activations
+from musicssl.recipes import losses
 from musicssl.recipes import pesto as recipe_mod
 
 SR = 16000
@@ -215,17 +216,17 @@ def _ce(p: np.ndarray, t: np.ndarray) -> float:
 
 def test_pesto_cross_entropy_is_torch_cross_entropy_on_probabilities():
     pa, pb, _ = _rows(0)
-    torch.testing.assert_close(recipe_mod.pesto_cross_entropy(pa, pb), F.cross_entropy(pa, pb))
+    torch.testing.assert_close(losses.pesto_cross_entropy(pa, pb), F.cross_entropy(pa, pb))
     expected = np.mean([_ce(a, b) for a, b in zip(pa.numpy(), pb.numpy())])
-    assert float(recipe_mod.pesto_cross_entropy(pa, pb)) == pytest.approx(expected, rel=1e-5)
+    assert float(losses.pesto_cross_entropy(pa, pb)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_invariance_loss_formula_and_stop_gradient():
     pa, pb, _ = _rows(1)
     expected = np.mean([(_ce(a, b) + _ce(b, a)) / 2 for a, b in zip(pa.numpy(), pb.numpy())])
-    assert float(recipe_mod.invariance_loss(pa, pb)) == pytest.approx(expected, rel=1e-5)
+    assert float(losses.invariance_loss(pa, pb)) == pytest.approx(expected, rel=1e-5)
     a = pa.clone().requires_grad_()
-    recipe_mod.invariance_loss(a, pb).backward()
+    losses.invariance_loss(a, pb).backward()
     # Only the prediction side carries gradient: d/dp_a of CE(p_a, sg p_b) / 2.
     want = (torch.softmax(pa, -1) - pb) / 2 / len(pa)
     torch.testing.assert_close(a.grad, want, rtol=1e-5, atol=1e-7)
@@ -251,39 +252,39 @@ def test_shifted_cross_entropy_formula():
         wa = np.array([a[n, m - P] if 0 <= m - P < D else 0.0 for m in range(D + 2 * P)])
         wb = np.array([b[n, m - P + k] if 0 <= m - P + k < D else 0.0 for m in range(D + 2 * P)])
         expected.append((_ce(wa, wb) + _ce(wb, wa)) / 2)
-    assert float(recipe_mod.shifted_cross_entropy(pa, pb, shift, P)) == pytest.approx(np.mean(expected), rel=1e-5)
+    assert float(losses.shifted_cross_entropy(pa, pb, shift, P)) == pytest.approx(np.mean(expected), rel=1e-5)
 
 
 def test_huber_and_power_series_and_equivariance_loss():
     x = torch.linspace(-1, 1, 41)
-    torch.testing.assert_close(recipe_mod.huber(x, 0.12), F.huber_loss(x, torch.zeros_like(x), reduction="none", delta=0.12))
+    torch.testing.assert_close(losses.huber(x, 0.12), F.huber_loss(x, torch.zeros_like(x), reduction="none", delta=0.12))
     alpha, tau = 2 ** (1 / 36), 2 ** (1 / 6) - 1
     pa, pb, shift = _rows(3)
     D = pa.shape[1]
-    phi = recipe_mod.power_series(pa, alpha)
+    phi = losses.power_series(pa, alpha)
     want = [sum(alpha ** (i - D + 1) * float(pa[n, i]) for i in range(D)) for n in range(len(pa))]
     assert phi.tolist() == pytest.approx(want, rel=1e-5)
 
     def h(v: float) -> float:
         return v * v / 2 if abs(v) <= tau else tau * abs(v) - tau * tau / 2
 
-    zb = recipe_mod.power_series(pb, alpha).tolist()
+    zb = losses.power_series(pb, alpha).tolist()
     expected = np.mean([(h(zb[n] / want[n] - alpha ** k) + h(want[n] / zb[n] - alpha ** -k)) / 2
                         for n, k in enumerate(shift.tolist())])
-    assert float(recipe_mod.equivariance_loss(pa, pb, shift, alpha, tau)) == pytest.approx(expected, rel=1e-5)
+    assert float(losses.equivariance_loss(pa, pb, shift, alpha, tau)) == pytest.approx(expected, rel=1e-5)
     # Zero when b is exactly a transposed by k (mass kept inside the bins).
     narrow = torch.zeros(3, 80)
     narrow[:, 30:40] = torch.rand(3, 10).softmax(-1)
     k = torch.tensor([-4, 0, 7])
-    assert float(recipe_mod.equivariance_loss(narrow, _transpose(narrow, k), k, alpha, tau)) < 1e-10
+    assert float(losses.equivariance_loss(narrow, _transpose(narrow, k), k, alpha, tau)) < 1e-10
 
 
 def test_losses_check_shapes():
     pa, pb, shift = _rows(4)
     with pytest.raises(ValueError, match="same shape"):
-        recipe_mod.invariance_loss(pa, pb[:, :-1])
+        losses.invariance_loss(pa, pb[:, :-1])
     with pytest.raises(ValueError, match="shift"):
-        recipe_mod.shifted_cross_entropy(pa, pb, shift[:-1], 8)
+        losses.shifted_cross_entropy(pa, pb, shift[:-1], 8)
 
 
 # --------------------------------------------------------------------------------------------------

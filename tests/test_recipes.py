@@ -76,11 +76,27 @@ def test_resume_is_exact_and_export_loads(name, tmp_path):
 
     release = export_run(whole, tmp_path / "release")
     assert {p.name for p in release.iterdir()} == {"config.json", "model.safetensors", "README.md"}
-    assert f"musicssl train {name}" in (release / "README.md").read_text()
+    _card_command_reproduces_the_run(release, a)
     mine = recipe_from_checkpoint(a).export_encoder().eval()
     x = (0.1 * np.random.default_rng(0).standard_normal(3 * mine.sample_rate)).astype(np.float32)
     torch.testing.assert_close(musicssl.load(release).embed(x, sr=mine.sample_rate).frames,
                                mine.embed(x, sr=mine.sample_rate).frames)
+
+
+def _card_command_reproduces_the_run(release: Path, ckpt: dict) -> None:
+    """The card's `musicssl train` line, parsed as the CLI parses it, gives the run's configs."""
+    import dataclasses
+    import shlex
+
+    from musicssl.recipes.train import parse_overrides, resolve_configs
+
+    (line,) = [ln for ln in (release / "README.md").read_text().splitlines() if "musicssl train" in ln]
+    argv = shlex.split(line)
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    tcfg, rcfg = resolve_configs(argv[2], preset, parse_overrides([a for a in argv if "=" in a]))
+    place = {"data": ckpt["train_config"]["data"], "out": ckpt["train_config"]["out"]}
+    assert {**dataclasses.asdict(tcfg), **place} == ckpt["train_config"]
+    assert json.loads(json.dumps(dataclasses.asdict(rcfg))) == ckpt["recipe_config"]
 
 
 def test_presets_and_overrides_are_checked():

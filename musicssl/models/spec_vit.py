@@ -9,6 +9,9 @@ attention, so an item gives the same frames whatever it is batched with.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,6 +21,8 @@ from musicssl.models.layers import Block, sincos_2d
 from musicssl.registry import ModelSpec, register_family, register_model
 
 SIZES = {
+    # mini: the embedded default's size (a few MB in fp16), trained and used on 3.2 s windows.
+    "mini": dict(embed_dim=192, depth=6, num_heads=3, context_seconds=3.2, overlap_seconds=0.64),
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12),
@@ -128,9 +133,9 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _spec(size: str) -> ModelSpec:
+def _spec(size: str, **fields: Any) -> ModelSpec:
     s = SIZES[size]
-    return ModelSpec(
+    base = ModelSpec(
         name=f"jepa-{size}",
         family="spec_vit",
         sample_rate=16000,
@@ -138,13 +143,27 @@ def _spec(size: str) -> ModelSpec:
         embed_dim=s["embed_dim"],
         num_layers=s["depth"],
         recommended_layer=-1,
-        context_seconds=10.0,
+        context_seconds=s.get("context_seconds", 10.0),
         weights=None,
         license="n/a",
         source="musicssl (train with the JEPA recipe)",
         description=f"Spectrogram ViT-{size} (16x16 patches of 80-band log-mel), the backbone of the JEPA recipe.",
         args=dict(s),
     )
+    return dataclasses.replace(base, **fields)
+
+
+# The embedded default (`musicssl.load()`): ViT-mini trained with the SimCLR recipe on ~18 h of
+# music, shipped in fp16 inside the package; weights_cards/simclr-mini.md says how and how well.
+@register_model(_spec(
+    "mini", name="simclr-mini", weights="bundled:simclr-mini",
+    files={"config.json": "9fc28271aa797ad8f272d4d1b486cac499ca819d65057ab0e3bcba677f797018",
+           "model.safetensors": "7e3110b0620a9ce653673cf0f5652541dde2867d707af7d7c603c356a2475d23"},
+    license="Apache-2.0", source="musicssl (SimCLR recipe, weights_cards/simclr-mini.md)",
+    description="Spectrogram ViT-mini (192-d, 6 blocks, 3.2 s windows) trained with SimCLR: the default model.",
+))
+def simclr_mini(**kwargs) -> SpecViT:
+    return SpecViT(**{**SIZES["mini"], **kwargs})
 
 
 @register_model(_spec("tiny"))

@@ -3,14 +3,20 @@ only the encoder is kept -- for BYOL and JEPA the EMA target, as the papers eval
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from musicssl.factory import card_stub, save_pretrained
-from musicssl.recipes.train import hardware, load_checkpoint, recipe_from_checkpoint
+from musicssl.recipes.train import load_checkpoint, recipe_from_checkpoint, resolve_configs
+
+# Loop settings that say where a run lives, not how it trains: left out of the card's command.
+_PLACE = ("recipe", "preset", "data", "out")
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
@@ -23,7 +29,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
     provenance = {
         "recipe": tcfg["recipe"], "preset": tcfg["preset"], "steps": ckpt["step"], "data": tcfg["data"],
         "train_config": tcfg, "recipe_config": rcfg, "train_seconds": round(ckpt["elapsed_seconds"], 1),
-        "hardware": hardware(), "trained_with": ckpt["musicssl_version"],
+        "hardware": ckpt.get("hardware", "not recorded"), "trained_with": ckpt["musicssl_version"],
     }
     folder = save_pretrained(encoder, out, name=release, provenance=provenance, dtype=dtype)
     (folder / "README.md").write_text(_card(encoder, release, provenance))
@@ -35,11 +41,32 @@ def _card(encoder: Any, name: str, prov: dict[str, Any]) -> str:
     from musicssl.factory import _release_spec
 
     card = card_stub(_release_spec(encoder, name))
-    overrides = " ".join(f"{k}={v}" for k, v in prov["train_config"].items()
-                         if k in ("steps", "batch_size", "lr", "seed"))
+    preset = f" --preset {prov['preset']}" if prov["preset"] else ""
     training = (
         f"Recipe `{prov['recipe']}` (preset `{prov['preset']}`), {prov['steps']} steps on `{prov['data']}`, "
         f"{prov['train_seconds']:g} s on {prov['hardware']}.\n\n"
-        f"    musicssl train {prov['recipe']} --data {prov['data']} --preset {prov['preset']} --out RUN {overrides}\n"
+        f"    musicssl train {prov['recipe']} --data {prov['data']}{preset} --out RUN {train_overrides(prov)}\n"
     )
     return card.replace("## Training data\n(to be filled in)", "## Training data\n" + training)
+
+
+def train_overrides(prov: dict[str, Any]) -> str:
+    """The KEY=VALUE arguments that turn the preset into the run's configuration (JSON values,
+    shell-quoted), so the card's command reproduces the run."""
+    tdef, rdef = resolve_configs(prov["recipe"], prov["preset"], {})
+    defaults = {**dataclasses.asdict(rdef), **dataclasses.asdict(tdef)}
+    used = {**prov["recipe_config"], **prov["train_config"]}
+    return " ".join(
+        shlex.quote(f"{k}={_arg_text(v)}") for k, v in used.items()
+        if k not in _PLACE and json.dumps(v) != json.dumps(defaults.get(k))
+    )
+
+
+def _arg_text(value: Any) -> str:
+    """A setting as `parse_overrides` reads it back: JSON, but bare where a string stays a string."""
+    if isinstance(value, str):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return json.dumps(value)

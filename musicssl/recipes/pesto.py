@@ -8,7 +8,7 @@ invariance (x vs x~), equivariance through a power-series projection (x~ vs x~(k
 cross-entropy (x~ vs x~(k)). Shifts (one per frame) and augmentations (gain, white noise) are drawn
 on the data side by `collate`, seeded by the items' indices.
 
-The losses are pure functions at the top of this file: cited, shape-checked, float32. The loss
+The losses are pure functions in `recipes/losses.py` (cited, shape-checked, float32). The loss
 weights are fixed here; pesto-full rebalances them from gradient norms at the last layer.
 """
 
@@ -18,97 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from musicssl.models.pesto import PESTO as PESTOEncoder
 from musicssl.recipes.base import Recipe, RecipeConfig, build_backbone
-
-# --------------------------------------------------------------------------------------------------
-# Losses (Riou et al., ISMIR 2023, sec. 3, as computed by pesto-full). They take the pitch
-# distributions p = softmax(logits), (N, D), N frames over D pitch bins.
-
-
-def _check_pair(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None) -> None:
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"expected two (N, D) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if shift is not None and shift.shape != a.shape[:1]:
-        raise ValueError(f"shift must be (N,) = ({a.shape[0]},), got {tuple(shift.shape)}")
-
-
-def pesto_cross_entropy(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The cross-entropy of pesto-full: ``-sum_j target_j log softmax(probs)_j``, mean over rows.
-
-    pesto-full applies torch's CrossEntropyLoss to the network's softmax output, i.e. it takes the
-    probabilities as logits. Since they lie in [0, 1], this is ``-<target, probs> + log sum_j
-    exp(probs_j)``: it rewards agreement with the target and sharpens the distributions. We keep it
-    because it is what trains: in our runs on synthetic tones the textbook ``-sum target log probs``
-    with detached targets left the distributions nearly flat (entropy ~5.7 of 5.95 nats) and
-    without detaching them they collapsed to a constant; with this one the pitch shifts were
-    learnt within ~50 steps. probs, target (N, D); the target is not detached here.
-    """
-    _check_pair(probs, target)
-    return -(target.float() * F.log_softmax(probs.float(), dim=-1)).sum(-1).mean()
-
-
-def invariance_loss(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
-    """L_inv between two views with the same pitch (x and its augmented copy x~), symmetrised with
-    stop-gradient targets as pesto-full's config does: ``(CE(p_a, sg p_b) + CE(p_b, sg p_a)) / 2``
-    with CE = `pesto_cross_entropy`. (N, D), (N, D) -> ()."""
-    _check_pair(probs_a, probs_b)
-    return (pesto_cross_entropy(probs_a, probs_b.detach()) + pesto_cross_entropy(probs_b, probs_a.detach())) / 2
-
-
-def shifted_cross_entropy(
-    probs_a: torch.Tensor, probs_b: torch.Tensor, shift: torch.Tensor, max_shift: int
-) -> torch.Tensor:
-    """L_SCE: view b is view a transposed up by ``shift`` (N,) bins, |shift| <= max_shift, so p_b
-    should be p_a moved up by shift. As pesto-full's `ShiftCrossEntropy`: both are set in a margin
-    of max_shift empty bins on each side (D + 2 max_shift classes) so no mass falls off an end,
-    ``a[m] = p_a[m - P]`` and ``b[m] = p_b[m - P + k]``, and compared both ways with stop-gradient
-    targets: ``(CE(a, sg b) + CE(b, sg a)) / 2``, CE = `pesto_cross_entropy`.
-    (N, D), (N, D), (N,) -> (). Dropping the mass that leaves [0, D) instead would let a network
-    lower the loss by piling its mass at an end, which is what our runs did.
-    """
-    _check_pair(probs_a, probs_b, shift)
-    P, D = max_shift, probs_a.shape[1]
-    a = F.pad(probs_a, (P, P))
-    index = shift[:, None].to(probs_b.device) + torch.arange(D + 2 * P, device=probs_b.device) + P
-    b = F.pad(probs_b, (2 * P, 2 * P)).gather(1, index)
-    return (pesto_cross_entropy(a, b.detach()) + pesto_cross_entropy(b, a.detach())) / 2
-
-
-def huber(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """Elementwise Huber function h_tau: x^2 / 2 where |x| <= tau, else tau |x| - tau^2 / 2."""
-    a = x.abs()
-    return torch.where(a <= tau, a.square() / 2, tau * a - tau * tau / 2)
-
-
-def power_series(probs: torch.Tensor, alpha: float) -> torch.Tensor:
-    """phi(y) = sum_i alpha^(i - D + 1) y_i, (N, D) -> (N,): a shift of y by k bins multiplies phi by
-    alpha^k (for mass that stays in range). Powers run from -(D - 1) to 0, as in pesto-full, so
-    phi stays within (0, 1] for a distribution."""
-    D = probs.shape[-1]
-    powers = torch.arange(D, device=probs.device, dtype=torch.float64) - (D - 1)
-    return probs.float() @ (alpha ** powers).to(torch.float32)
-
-
-def equivariance_loss(
-    probs_a: torch.Tensor, probs_b: torch.Tensor, shift: torch.Tensor, alpha: float, tau: float
-) -> torch.Tensor:
-    """L_equiv: with b transposed up by k = ``shift`` bins, phi(p_b) / phi(p_a) should be alpha^k,
-    alpha = 2 ** (1 / bins_per_octave) (the frequency ratio of one bin); compared by the Huber
-    function h_tau, symmetrised as in pesto-full's `PowerSeries`:
-    ``mean_n (h(phi_b / phi_a - alpha^k) + h(phi_a / phi_b - alpha^-k)) / 2``.
-    probs_a, probs_b (N, D) distributions (gradients flow through both); shift (N,) bins -> ()."""
-    _check_pair(probs_a, probs_b, shift)
-    za, zb = power_series(probs_a, alpha), power_series(probs_b, alpha)
-    ratio = alpha ** shift.to(torch.float64)
-    ratio = ratio.to(za.device, torch.float32)
-    return ((huber(zb / za - ratio, tau) + huber(za / zb - 1 / ratio, tau)) / 2).mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Recipe
+from musicssl.recipes.losses import equivariance_loss, invariance_loss, shifted_cross_entropy
 
 
 @dataclass

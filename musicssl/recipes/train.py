@@ -158,6 +158,7 @@ def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, sc
         "encoder": {"family": recipe.export_encoder().family, "args": recipe.export_encoder().args},
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "elapsed_seconds": elapsed,
+        "hardware": hardware(),  # where it trained, for the model card (export runs elsewhere)
         "musicssl_version": __version__,
     }
     tmp = run / (CHECKPOINT + ".part")
@@ -318,6 +319,8 @@ def _progress_bar(tcfg: TrainConfig, start: int, rank: int, progress: bool | Non
 
 def hardware() -> str:
     """One line naming where a run trained (for model cards)."""
+    world = f", {dist.get_world_size()} processes" if dist.is_available() and dist.is_initialized() else ""
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}{world}"
+    n = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {n} thread{'s' * (n != 1)}{world})"
