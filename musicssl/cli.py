@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="include architectures without released weights")
     s.add_argument("--json", action="store_true", help="print the model specs as JSON")
     s.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
+    s.add_argument("--verbose", "-v", action="store_true",
+                   help="also show each model's weights licence (non-commercial ones marked) and source")
 
     s = sub.add_parser("info", help="show one model's spec", description="Show a model's spec as JSON.")
     s.add_argument("name")
@@ -98,8 +100,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     for n in names:
         spec = model_info(n)
         ready = "  (default)" if n == DEFAULT_MODEL else "" if spec.pretrained else "  (no weights yet)"
-        print(f"{spec.name:<20} {spec.embed_dim:>5}-d {spec.frame_rate:>7.2f} fps {spec.sample_rate:>6} Hz{ready}")
+        line = f"{spec.name:<20} {spec.embed_dim:>5}-d {spec.frame_rate:>7.2f} fps {spec.sample_rate:>6} Hz"
+        if args.verbose:
+            line += f"  licence: {licence_text(spec)}  source: {spec.source}"
+        print(line + ready)
     return 0
+
+
+def licence_text(spec: Any) -> str:
+    """The weights' licence as the CLI shows it, with non-commercial terms called out."""
+    if not spec.needs_weights:
+        return "none (no weights)"
+    return f"{spec.license} (NON-COMMERCIAL use only)" if spec.noncommercial else spec.license
 
 
 def markdown_table(names: list[str]) -> str:
@@ -112,7 +124,7 @@ def markdown_table(names: list[str]) -> str:
         s = model_info(n)
         weights = "none needed" if not s.needs_weights else (s.weights or "not released yet")
         rows.append(f"| `{s.name}` | {weights} | {s.sample_rate} Hz | {s.frame_rate:g} | {s.embed_dim} | "
-                    f"{s.num_layers} | {s.context_seconds:g} s | {s.license} |")
+                    f"{s.num_layers} | {s.context_seconds:g} s | {licence_text(s)} |")
     return "\n".join(rows)
 
 

@@ -58,10 +58,18 @@ class ModelSpec:
         """True when `load(name)` gives a ready model (weights released, or none needed)."""
         return self.weights is not None or not self.needs_weights
 
+    @property
+    def noncommercial(self) -> bool:
+        """True when the weights' licence forbids commercial use (a Creative Commons NC licence,
+        e.g. "CC-BY-NC-4.0", or any licence string that says non-commercial)."""
+        text = self.license.lower().replace("_", "-").replace(" ", "-")
+        return bool(re.search(r"(^|-)nc(-|$)", text)) or "non-commercial" in text or "noncommercial" in text
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable view, with `pretrained` included."""
+        """JSON-serialisable view, with `pretrained` and `noncommercial` included."""
         d = dataclasses.asdict(self)
         d["pretrained"] = self.pretrained
+        d["noncommercial"] = self.noncommercial
         return d
 
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -29,6 +30,18 @@ def test_list_and_info(capsys):
     assert json.loads(capsys.readouterr().out)["embed_dim"] == 60
     assert main(["info", "mfc"]) == 2
     assert "Did you mean 'mfcc'" in capsys.readouterr().err
+
+
+def test_list_verbose_shows_licences_and_marks_noncommercial(capsys, monkeypatch):
+    from musicssl import registry
+
+    nc = dataclasses.replace(model_info("jepa-tiny"), name="nc-test", license="CC-BY-NC-4.0", weights="hf-hub:org/nc")
+    monkeypatch.setitem(registry._MODELS, "nc-test", (nc, registry.builder("jepa-tiny")))
+    assert main(["list", "--verbose"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "licence: CC-BY-NC-4.0 (NON-COMMERCIAL use only)" in lines["nc-test"]
+    assert "licence: Apache-2.0" in lines[DEFAULT_MODEL] and "NON-COMMERCIAL" not in lines[DEFAULT_MODEL]
+    assert "licence: none (no weights)" in lines["mfcc"]
 
 
 def test_readme_model_table_is_generated_from_the_registry(capsys):

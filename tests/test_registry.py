@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,15 @@ def test_list_models_filters_on_weights_and_pattern():
     assert set(ready) <= set(every)
     assert musicssl.list_models("jepa-*", pretrained=False) == ["jepa-base", "jepa-small", "jepa-tiny"]
     assert musicssl.list_models("JEPA_*", pretrained=False) == ["jepa-base", "jepa-small", "jepa-tiny"]
+
+
+@pytest.mark.parametrize("licence, nc", [
+    ("CC-BY-NC-4.0", True), ("cc-by-nc-sa-4.0", True), ("CC BY-NC-ND 4.0", True), ("research, non-commercial", True),
+    ("Apache-2.0", False), ("CC-BY-4.0", False), ("MIT", False), ("n/a", False), ("CC0-1.0", False),
+])
+def test_noncommercial_licences_are_recognised(licence, nc):
+    spec = dataclasses.replace(model_info("jepa-tiny"), license=licence)
+    assert spec.noncommercial is nc and spec.to_dict()["noncommercial"] is nc
 
 
 @pytest.mark.parametrize("alias", ["jepa-tiny", "JEPA-TINY", "jepa_tiny", " Jepa_Tiny "])
