@@ -177,6 +177,15 @@ def _power(x: Tensor) -> Tensor:
     return x.square().mean(dim=1)
 
 
+def _add_at_ratio(x: Tensor, other: Tensor, ratio_db: Tensor) -> Tensor:
+    """x + other scaled so that power(x) / power(scaled other) = ratio_db (B,) in dB; a silent
+    ``other`` adds nothing. (B, S) work-dtype tensors -> (B, S)."""
+    target = _power(x) / (10.0 ** (ratio_db / 10.0)).to(device=x.device, dtype=x.dtype)
+    p_other = _power(other)
+    scale = torch.where(p_other > 0, (target / p_other.clamp(min=1e-30)).sqrt(), 0.0)
+    return x + other * scale[:, None]
+
+
 def _take(x: Tensor, starts: Tensor, n: int) -> Tensor:
     """Windows ``x[b, starts[b] : starts[b] + n]``; positions outside [0, S) read as zeros."""
     _, s = x.shape
@@ -274,11 +283,7 @@ def add_noise(
         k = torch.arange(spec.shape[-1], device=x.device, dtype=dtype)
         spec = spec * torch.where(k > 0, k.clamp(min=1).rsqrt(), 0.0)
         noise = torch.fft.irfft(spec, n=s)
-    xw = x.to(dtype)
-    p_noise = _power(noise)
-    target = _power(xw) / (10.0 ** (snr / 10.0)).to(device=x.device, dtype=dtype)
-    scale = torch.where(p_noise > 0, (target / p_noise.clamp(min=1e-30)).sqrt(), 0.0)
-    y = (xw + noise * scale[:, None]).to(x.dtype)
+    y = _add_at_ratio(x.to(dtype), noise, snr).to(x.dtype)
     return torch.where(_rows(apply, x.device), y, x), _out(snr, x)
 
 
@@ -305,11 +310,7 @@ def mix(
     apply = _applied(gen, b, p)
     ratio = torch.where(apply, _uniform(gen, b, min_ratio_db, max_ratio_db, "ratio (dB)"), math.inf)
     dtype = _work_dtype(x)
-    xw, ow = x.to(dtype), other.to(device=x.device, dtype=dtype)
-    p_other = _power(ow)
-    target = _power(xw) / (10.0 ** (ratio / 10.0)).to(device=x.device, dtype=dtype)
-    scale = torch.where(p_other > 0, (target / p_other.clamp(min=1e-30)).sqrt(), 0.0)
-    y = (xw + ow * scale[:, None]).to(x.dtype)
+    y = _add_at_ratio(x.to(dtype), other.to(device=x.device, dtype=dtype), ratio).to(x.dtype)
     return torch.where(_rows(apply, x.device), y, x), _out(ratio, x)
 
 
