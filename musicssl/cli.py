@@ -39,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="registry name or hf-hub:org/repo[@rev]")
 
     s = sub.add_parser(
+        "convert", help="convert an upstream checkpoint you hold into a release folder",
+        description="Convert upstream weights files (e.g. MERT's pytorch_model.bin) into a musicssl release "
+                    "folder (config.json, model.safetensors, README.md) that musicssl.load(OUT) reads. No network.",
+    )
+    s.add_argument("model", help="registry name (mert-v1-95m), family (hubert) or name prefix (mert): the fitting size is found")
+    s.add_argument("files", nargs="+", metavar="FILE", help="the upstream file(s), e.g. a checkpoint and its stats json")
+    s.add_argument("--out", required=True, help="release folder to write")
+
+    s = sub.add_parser(
         "embed", help="embed audio files into .npz files",
         description="Embed audio files or folders. Each input gets OUT/<relative path>.npz with "
                     "frames (T, D), timestamps (T,) in seconds, clip (D,) and a JSON metadata string.",
@@ -102,7 +111,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         ready = "  (default)" if n == DEFAULT_MODEL else "" if spec.pretrained else "  (no weights yet)"
         line = f"{spec.name:<20} {spec.embed_dim:>5}-d {spec.frame_rate:>7.2f} fps {spec.sample_rate:>6} Hz"
         if args.verbose:
-            line += f"  licence: {licence_text(spec)}  source: {spec.source}"
+            line += f"  licence: {licence_text(spec)}  source: {spec.source}  weights: {spec.pinning}"
         print(line + ready)
     return 0
 
@@ -123,6 +132,8 @@ def markdown_table(names: list[str]) -> str:
     for n in names:
         s = model_info(n)
         weights = "none needed" if not s.needs_weights else (s.weights or "not released yet")
+        if weights.startswith(("https://", "http://")):  # a long URL: show its file name as the link text
+            weights = f"[{weights.rstrip('/').rsplit('/', 1)[-1]}]({weights})"
         rows.append(f"| `{s.name}` | {weights} | {s.sample_rate} Hz | {s.frame_rate:g} | {s.embed_dim} | "
                     f"{s.num_layers} | {s.context_seconds:g} s | {licence_text(s)} |")
     return "\n".join(rows)
@@ -149,8 +160,22 @@ def cmd_download(args: argparse.Namespace) -> int:
         if spec.weights is None:
             print(f"{spec.name} has no released weights to download", file=sys.stderr)
             return 1
-        path = hub.download(spec, offline=False)
+        if spec.converted:  # upstream files: download, convert once, keep the converted release
+            from musicssl.convert import converted_folder, load_converted
+
+            load_converted(spec, offline=False)
+            path = converted_folder(spec)
+        else:
+            path = hub.download(spec, offline=False)
     print(path)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from musicssl.convert import convert_local
+
+    spec, folder = convert_local(args.model, args.files, args.out)
+    print(f"converted {', '.join(args.files)} as {spec.name}: {folder} (load with musicssl.load({str(folder)!r}))")
     return 0
 
 
@@ -213,8 +238,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "embed": cmd_embed,
-            "train": cmd_train, "export": cmd_export}
+COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "convert": cmd_convert,
+            "embed": cmd_embed, "train": cmd_train, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

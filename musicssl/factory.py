@@ -69,11 +69,10 @@ def _load_registered(name: str, pretrained: bool, offline: bool | None, override
             f"to get weights, train them with a musicssl recipe and load the exported folder "
             f"(musicssl.load('path/to/release')). `musicssl list` shows the models with weights."
         )
-    if spec.weights.startswith(("http://", "https://")):
-        model = builder(spec.name)()
-        model.load_upstream(hub.fetch_spec_files(spec, offline=offline))
-        model.spec = spec
-        return model
+    if spec.converted:
+        from musicssl.convert import load_converted
+
+        return load_converted(spec, offline=offline)
     folder = hub.fetch_release(
         spec.weights, revision=spec.revision, files=spec.files, offline=offline,
         download_hint=f"musicssl download {spec.name}",

@@ -22,7 +22,9 @@ DEFAULT_MODEL = "simclr-mini"
 
 # Family modules imported the first time the registry is read, so `import musicssl` stays cheap.
 _FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit", "musicssl.models.samplecnn",
-                   "musicssl.models.pesto")
+                   "musicssl.models.pesto", "musicssl.models.hubert", "musicssl.models.conformer",
+                   "musicssl.models.omar_rq", "musicssl.models.dasheng", "musicssl.models.music2latent",
+                   "musicssl.models.htsat")
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class ModelSpec:
     ``weights`` is None for models that need none (baselines), ``"hf-hub:org/repo"`` for Hub
     releases, ``"bundled:DIR"`` for a release folder inside the wheel (``musicssl/weights/DIR``),
     or an ``https://`` URL for upstream files hosted elsewhere. ``files`` maps each file to fetch to
-    its sha256; ``revision`` pins a Hub commit.
+    its sha256 (None where upstream publishes none: the sha256 is then recorded on first download);
+    ``revision`` pins a Hub commit. ``upstream`` says the files are in the upstream project's own
+    format, converted by the family's `load_upstream` (URL sources always are).
     """
 
     name: str
@@ -52,6 +56,23 @@ class ModelSpec:
     citation: str = ""
     description: str = ""
     args: dict[str, Any] = field(default_factory=dict)
+    upstream: bool = False
+
+    @property
+    def converted(self) -> bool:
+        """True when loading converts upstream files (then cached as safetensors)."""
+        return self.upstream or (self.weights or "").startswith(("https://", "http://"))
+
+    @property
+    def pinning(self) -> str:
+        """How the weights are pinned, in words (shown by `musicssl info` and `list --verbose`)."""
+        if self.weights is None or self.weights.startswith("bundled:"):
+            return "inside the package" if self.weights else "no weights"
+        shas = list(self.files.values())
+        rev = f"revision {self.revision}, " if self.revision else ""
+        if shas and all(shas):
+            return f"{rev}sha256 pinned"
+        return f"{rev}sha256 recorded on first download (upstream publishes no checksum)"
 
     @property
     def pretrained(self) -> bool:
@@ -70,6 +91,7 @@ class ModelSpec:
         d = dataclasses.asdict(self)
         d["pretrained"] = self.pretrained
         d["noncommercial"] = self.noncommercial
+        d["pinning"] = self.pinning
         return d
 
     @classmethod

@@ -40,8 +40,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".whl")  # what the Hub stores in LFS
+
+
 def is_lfs(filename: str) -> bool:
-    return filename.endswith(".safetensors")
+    return filename.endswith(LFS_SUFFIXES)
 
 
 def lfs_pointer(data: bytes) -> bytes:

@@ -3,25 +3,33 @@
 Riou, Lattner, Hadjeres and Peeters, "PESTO: Pitch Estimation with Self-supervised
 Transposition-equivariant Objective", ISMIR 2023 (reference code: SonyCSLParis/pesto, LGPL-3.0;
 this file is a re-implementation that keeps its module names, so upstream state dicts load through
-`checkpoint_filter_fn`).
+`checkpoint_filter_fn`; `pesto-mir1k` is upstream's released `mir-1k_g7` model, converted from the
+pesto-pitch 2.0.1 wheel and checked against it frame by frame).
 
-Each 10 ms frame is processed on its own: VQT magnitude in dB (fmin 27.5 Hz, 3 bins per semitone,
-gamma 7) -> the central bins (a margin of `crop_bins` on each side is what the training recipe
-shifts into view) -> LayerNorm over the bins -> 1-D convolutions along frequency (a residual
+Each 10 ms frame is processed on its own: VQT log power (fmin 27.5 Hz, 3 bins per semitone, gamma 7;
+the signal reflected at both ends, as upstream) -> the central bins (a margin of `crop_bins` on each
+side is what the training recipe shifts into view) -> LayerNorm over the bins -> 1-D convolutions along frequency (a residual
 "prefilter" stack, then 1x1 channel mixers) -> a Toeplitz fully connected head to `output_dim`
 pitch logits -> softmax. Convolutions and the Toeplitz head commute with shifts along frequency, so
 transposing the input by k bins moves the logits by k bins (away from the edges): pitch is learnt
-up to a constant offset, the `shift` buffer, which `calibrate_shift` sets from synthetic tones.
+up to a constant offset, the `shift` buffer, which `calibrate_shift` sets from synthetic tones;
+as upstream, outputs are rolled by it in whole bins, so output bin b reads MIDI b / bins_per_semitone.
 A small classifier on the linear power spectrum gives a voicing confidence per frame.
 
 As an `Encoder` the hidden states are [pitch logits, pitch distribution], both (B, T, output_dim),
-at 100 frames/s; `pitch()` returns f0 in Hz and the confidence.
+at 100 frames/s of 16 kHz audio; `pitch()` returns f0 in Hz and the confidence, computed at the
+audio's own sample rate as upstream does.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import tempfile
+import typing
+import zipfile
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicssl.audio.frontends import VQT, AmplitudeToDB
+from musicssl.errors import ReleaseFormatError
 from musicssl.models.base import AudioLike, Encoder, conv_frames
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -39,6 +48,9 @@ CITATION = (
     "Riou, A., Lattner, S., Hadjeres, G. and Peeters, G. (2023). PESTO: Pitch Estimation with "
     "Self-supervised Transposition-equivariant Objective. ISMIR."
 )
+
+# dB -> natural log of power (2 ln|X|): upstream feeds its network the dB values scaled by ln(10) / 10.
+DB_TO_LN_POWER = math.log(10) / 10
 
 # A narrower network than upstream's (22k parameters instead of 130k) for quick CPU training; the
 # front-end, depth, kernels and output layout are upstream's. Its three 39-bin convolutions see 115
@@ -142,8 +154,10 @@ class ConfidenceHead(nn.Module):
 class PESTO(Encoder):
     """PESTO pitch encoder. wav (B, S) at 16 kHz -> [logits, pitch distribution], each (B, T, output_dim).
 
-    Output bin b stands for ``b / bins_per_semitone - shift`` in MIDI semitones once calibrated.
-    The defaults are the architecture of upstream's released `mir-1k_g7` weights.
+    The network's bin b stands for ``b / bins_per_semitone - shift`` MIDI semitones once
+    calibrated; the outputs are rolled down by `roll_bins` (`shift` in whole bins), so output bin b
+    reads ``b / bins_per_semitone``, as upstream's activations. The defaults are the architecture of
+    upstream's released `mir-1k_g7` weights (`pesto-mir1k`).
 
     Args:
         sample_rate, hop_length: Hz and samples; 160 at 16 kHz gives 10 ms frames.
@@ -200,7 +214,7 @@ class PESTO(Encoder):
         self.encoder = PitchNet(self.n_bins_in, n_chan_layers, n_prefilt_layers, prefilt_kernel_size, residual,
                                 output_dim, a_lrelu, p_dropout)
         self.confidence = ConfidenceHead(n_bins)
-        # MIDI offset of output bin 0, in semitones (upstream's name and sign: pitch = b / bps - shift).
+        # MIDI offset of the network's bin 0, in semitones (upstream's name and sign: pitch = b / bps - shift).
         self.register_buffer("shift", torch.zeros(()), persistent=True)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
@@ -213,7 +227,10 @@ class PESTO(Encoder):
 
     # --- the pieces the recipe uses ----------------------------------------------------------
     def spectrum(self, wav: torch.Tensor) -> torch.Tensor:
-        """wav (..., S) -> VQT magnitude in dB (..., n_bins, T), float32, all bins (uncropped)."""
+        """wav (..., S) -> VQT magnitude in dB (..., n_bins, T), float32, all bins (uncropped).
+
+        The signal is zero-padded here, so the frames within `_edge_frames` of either end see the
+        padding: the recipe drops them; inference reflects the signal first (`_reflected`)."""
         return self.to_db(self.frontend(wav))
 
     def crop(self, spec: torch.Tensor, offset: int | None = None) -> torch.Tensor:
@@ -223,54 +240,85 @@ class PESTO(Encoder):
         return spec[..., offset : offset + self.n_bins_in, :]
 
     def logits(self, frames: torch.Tensor) -> torch.Tensor:
-        """Cropped dB frames (N, n_bins_in) -> pitch logits (N, output_dim) in the backbone's dtype."""
-        return self.encoder(frames.to(self.encoder.fc.weight.dtype))
+        """Cropped dB frames (N, n_bins_in) -> pitch logits (N, output_dim) in the backbone's dtype.
+
+        The network reads the natural log of the power (dB times ln(10) / 10), as upstream's does."""
+        return self.encoder(frames.mul(DB_TO_LN_POWER).to(self.encoder.fc.weight.dtype))
+
+    @property
+    def roll_bins(self) -> int:
+        """Whole bins the outputs are rolled down by: `shift` rounded to a bin (half to even), as upstream."""
+        return round(float(self.shift) * self.bins_per_semitone)
 
     # --- Encoder contract ---------------------------------------------------------------------
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return conv_frames(lengths, self.hop_length)
 
     def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
-        spec = self.crop(self.spectrum(wav))  # (B, n_bins_in, T)
+        """wav (B, S) at `sample_rate` -> [logits, distribution] (B, T, output_dim), rolled so that
+        bin b is MIDI b / bins_per_semitone. Each item is reflected at its own end (`lengths`)."""
+        edge = _edge_frames(self.frontend)
+        spec = self.spectrum(_reflected(wav, lengths, edge * self.hop_length))
+        spec = self.crop(spec[..., edge : spec.shape[-1] - edge])  # (B, n_bins_in, T)
         B, _, T = spec.shape
         logits = self.logits(spec.transpose(1, 2).reshape(B * T, -1)).view(B, T, -1)
-        logits = logits.float()
+        logits = logits.float().roll(-self.roll_bins, dims=-1)
         return [logits, logits.softmax(dim=-1)]
 
     # --- pitch --------------------------------------------------------------------------------
-    def frame_pitch(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """wav (S,) -> (MIDI semitones (T,), confidence (T,), distribution (T, output_dim)).
+    def frame_pitch(
+        self, wav: torch.Tensor, sr: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """wav (S,) at `sr` Hz (default `sample_rate`) -> (MIDI semitones (T,), confidence (T,),
+        distribution (T, output_dim), rolled as in `forward_features`).
 
-        Runs in chunks of `context_seconds` with a margin of half the longest VQT kernel on each
-        side, so the result equals one pass over the whole signal in bounded memory.
+        At another rate the VQT is built for that rate with a hop of the same duration (rounded to
+        a sample), so T = S // hop + 1, as upstream (which never resamples). Runs in chunks of
+        `context_seconds`, each with `edge_frames` of signal around it, so the result equals one pass
+        over the whole signal in bounded memory.
         """
-        hop, n_frames = self.hop_length, int(self.frame_lengths(torch.tensor(wav.shape[-1])))
-        chunk = max(int(self.context_seconds * self.sample_rate) // hop, 1)
-        margin = -(-(self.frontend.max_kernel_length // 2 + 1) // hop)  # frames, rounded up
-        padded = F.pad(wav.float(), (margin * hop, (margin + chunk) * hop))
+        frontend, hop = self._frontend_at(sr or self.sample_rate, wav.device)
+        n_frames = wav.shape[-1] // hop + 1
+        chunk = max(int(self.context_seconds * frontend.sample_rate) // hop, 1)
+        edge = _edge_frames(frontend)
+        padded = _reflected(wav.float()[None], torch.tensor([wav.shape[-1]], device=wav.device), edge * hop)[0]
         probs, conf = [], []
         for t0 in range(0, n_frames, chunk):
-            seg = padded[t0 * hop : (t0 + chunk + 2 * margin) * hop]
-            spec = self.spectrum(seg)[:, margin : margin + min(chunk, n_frames - t0)].T  # (t, n_bins)
+            n = min(chunk, n_frames - t0)
+            spec = self.to_db(frontend(padded[t0 * hop : (t0 + n + 2 * edge) * hop]))[:, edge : edge + n].T
             probs.append(self.logits(spec[:, self.crop_bins : self.crop_bins + self.n_bins_in]).float().softmax(-1))
-            power = spec.mul(math.log(10) / 10).exp()  # dB of magnitude -> |X|^2
+            power = spec.mul(DB_TO_LN_POWER).exp()  # dB of magnitude -> |X|^2
             conf.append(self.confidence(power.to(self.confidence.linear.weight.dtype)).float())
-        p = torch.cat(probs)
-        return reduce_activations(p, self.bins_per_semitone, self.reduction) - self.shift, torch.cat(conf), p
+        p = torch.cat(probs).roll(-self.roll_bins, dims=-1)
+        return reduce_activations(p, self.bins_per_semitone, self.reduction), torch.cat(conf), p
+
+    def _frontend_at(self, sr: int, device: torch.device) -> tuple[VQT, int]:
+        """The VQT for audio at `sr` Hz and its hop (10 ms at the defaults), built once per rate."""
+        if sr == self.sample_rate:
+            return self.frontend, self.hop_length
+        cache = self.__dict__.setdefault("_native_frontends", {})
+        if sr not in cache:
+            hop = int(self.hop_length * sr / self.sample_rate + 0.5)  # upstream's rounding of the step
+            f = self.frontend
+            with torch.inference_mode(False):  # plain buffers, usable in and out of inference mode
+                cache[sr] = VQT(sr, hop, fmin=f.fmin, bins_per_semitone=f.bins_per_semitone, n_bins=f.n_bins,
+                                gamma=f.gamma)
+        cache[sr] = cache[sr].to(device)
+        return cache[sr], cache[sr].hop_length
 
     @torch.inference_mode()
     def pitch(self, audio: AudioLike | Sequence[AudioLike], sr: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """f0 in Hz and voicing confidence in [0, 1] of every 10 ms frame: (B, T) each.
 
-        audio and sr as for `embed()` (any rate, channels averaged). Frames are centred on
-        ``t * hop_length / sample_rate`` seconds; items shorter than the longest are zero past their
-        ``S // hop_length + 1`` frames. Hz are absolute only once `shift` is calibrated (trained
-        weights, or `calibrate_shift`); the confidence head is not trained by the SSL recipe.
+        audio and sr as for `embed()` (channels averaged), but nothing is resampled: as upstream,
+        the VQT runs at the audio's own rate (`frame_pitch`), so frame t is centred on
+        ``t * hop / sr`` seconds with ``hop = round(hop_length * sr / sample_rate)`` (221 samples at
+        22.05 kHz); items shorter than the longest are zero past their ``S // hop + 1`` frames.
+        Hz are absolute only once `shift` is calibrated (released weights, or `calibrate_shift`);
+        the confidence head is not trained by the SSL recipe.
         """
-        from musicssl.audio.inputs import prepare_items
-
-        items = prepare_items(audio, sr, self.sample_rate)
-        out = [self.frame_pitch(torch.from_numpy(x).to(self.device)) for x in items]
+        items = _native_items(audio, sr, self.sample_rate)
+        out = [self.frame_pitch(torch.from_numpy(x).to(self.device), rate) for x, rate in items]
         n = max(len(m) for m, _, _ in out)
         f0, conf = torch.zeros(len(out), n), torch.zeros(len(out), n)
         for i, (midi, c, _) in enumerate(out):
@@ -283,20 +331,75 @@ class PESTO(Encoder):
         """Set `shift` so harmonic tones at `midi` read back as those pitches; returns it (semitones).
 
         The network knows pitch only up to a transposition; upstream PESTO calibrates the same way
-        (median over one octave of 5-harmonic tones). Runs in eval mode and restores the mode.
+        (median over one octave of 5-harmonic tones). The value is kept as measured; outputs apply it
+        rounded to a whole bin (`roll_bins`). Runs in eval mode and restores the mode.
         """
         was_training = self.training
         self.eval()
+        self.shift.zero_()
         errors = []
         for i, m in enumerate(midi):
             tone = harmonic_tone(440.0 * 2 ** ((m - 69) / 12), seconds, self.sample_rate, seed=seed + i)
             semitones, _, _ = self.frame_pitch(torch.from_numpy(tone).to(self.device))
-            errors.append(semitones + self.shift - m)  # before any shift
+            errors.append(semitones - m)  # read with no shift
         errors_t = torch.cat(errors)
         self.shift.fill_(float(errors_t.median()))
         log.info("PESTO shift %.3f semitones (spread %.3f)", float(self.shift), float(errors_t.std()))
         self.train(was_training)
         return float(self.shift)
+
+    # --- upstream weights ---------------------------------------------------------------------
+    def load_upstream(self, files: dict[str, Any]) -> None:
+        """Load upstream's checkpoint: the pesto-pitch wheel (its `pesto/weights/mir-1k_g7.ckpt`) or
+        a bare Lightning checkpoint of that format. Its hparams and VQT settings must be this
+        model's architecture; the state dict is mapped by `checkpoint_filter_fn` and loaded strictly."""
+        from musicssl.convert import pick_file
+        from musicssl.factory import load_state_strict
+
+        path = pick_file(files, (".whl", ".ckpt"), "PESTO wheel or checkpoint")
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt_path, where = _checkpoint_in(path, Path(tmp))
+            ckpt = read_upstream_checkpoint(ckpt_path, where)
+        check_upstream_config(self, ckpt, where)
+        load_state_strict(self, checkpoint_filter_fn(ckpt["state_dict"]), where=where)
+
+
+def _edge_frames(frontend: VQT) -> int:
+    """Frames at each end whose kernels reach past the signal: ceil((longest kernel / 2 + 1) / hop)."""
+    return -(-(frontend.max_kernel_length // 2 + 1) // frontend.hop_length)
+
+
+def _reflected(wav: torch.Tensor, lengths: torch.Tensor, pad: int) -> torch.Tensor:
+    """(B, S) -> (B, pad + S + pad), each item mirrored about its first and last valid sample
+    (``lengths``), as ``F.pad(mode="reflect")`` on the item alone; an item shorter than `pad` + 1
+    is mirrored once and then zero-padded (upstream fails there). Samples past an item's end,
+    beyond its reflection, are zero."""
+    n = lengths.to(wav.device)[:, None]
+    j = torch.arange(-pad, wav.shape[-1] + pad, device=wav.device)[None]  # position in the item
+    src = torch.where(j < 0, -j, j)
+    src = torch.where(j >= n, 2 * (n - 1) - j, src)
+    ok = (src >= 0) & (src < n)
+    return wav.gather(1, src.clamp(0, wav.shape[-1] - 1).expand(wav.shape[0], -1)) * ok
+
+
+def _native_items(audio: Any, sr: int | None, default_sr: int) -> list[tuple[np.ndarray, int]]:
+    """Items as `embed()` takes them -> [(mono float32 (S,), its own sample rate)], not resampled."""
+    from musicssl.audio.inputs import is_path, prepare_items
+    from musicssl.audio.io import load_audio
+
+    if not is_path(audio) and (not isinstance(audio, Sequence) or isinstance(audio, (bytes, bytearray))):
+        return [(x, int(sr)) for x in prepare_items(audio, sr, sr or default_sr)]
+    items = [audio] if is_path(audio) else list(audio)
+    if not items:
+        prepare_items(items, sr, default_sr)  # raises its error for an empty list
+    out = []
+    for x in items:
+        if is_path(x):
+            y, rate = load_audio(x, mono=True)
+            out.append((np.ascontiguousarray(y, dtype=np.float32), int(rate)))
+        else:
+            out.extend((y, int(sr)) for y in prepare_items([x], sr, sr or default_sr))
+    return out
 
 
 def reduce_activations(probs: torch.Tensor, bins_per_semitone: int, reduction: str = "alwa") -> torch.Tensor:
@@ -346,23 +449,126 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def _spec(name: str, args: dict[str, Any], description: str) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        family="pesto",
-        sample_rate=16000,
-        frame_rate=100.0,
-        embed_dim=384,
-        num_layers=2,
-        recommended_layer=-1,
-        context_seconds=10.0,
-        weights=None,
-        license="n/a",
-        source="musicssl (train with the PESTO recipe)",
-        citation=CITATION,
-        description=description,
-        args=dict(args),
-    )
+# --- upstream's checkpoint -------------------------------------------------------------------
+# The released model ships inside the pesto-pitch wheel on PyPI (LGPL-3.0).
+WHEEL_URL = (
+    "https://files.pythonhosted.org/packages/55/85/46cc8ad5bf44a8f8626336ad3ffcd171c60002189b8b6dd0fdb80a7d444d/"
+    "pesto_pitch-2.0.1-py3-none-any.whl"
+)
+WHEEL_SHA256 = "2eb1e5ac1c2f78f7563f4800cccd73daf04d52717ff0d95ea30257a56f3f9d37"
+WHEEL_MEMBER = "pesto/weights/mir-1k_g7.ckpt"  # sha256 16c32e06ddd950e3e4866dfa3c7f8a87c4988f8adf43e57977b189f031f26f3e
+# Its hparams are omegaconf containers: they unpickle as inert stand-ins (omegaconf is never imported).
+OMEGACONF_CLASSES = (
+    "omegaconf.listconfig.ListConfig", "omegaconf.dictconfig.DictConfig", "omegaconf.nodes.AnyNode",
+    "omegaconf.base.Metadata", "omegaconf.base.ContainerMetadata",
+)
+
+
+def _checkpoint_in(path: Path, tmp: Path) -> tuple[Path, str]:
+    """(the checkpoint file, how to name it in errors) for a wheel (its member extracted to `tmp`)
+    or a bare checkpoint."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as wheel:
+            names = wheel.namelist()
+            if WHEEL_MEMBER in names:
+                target = tmp / Path(WHEEL_MEMBER).name
+                target.write_bytes(wheel.read(WHEEL_MEMBER))
+                return target, f"{path}!{WHEEL_MEMBER}"
+            if any(n.endswith(".dist-info/WHEEL") for n in names):
+                raise ReleaseFormatError(f"{path} is a wheel without {WHEEL_MEMBER}: is it pesto-pitch 2.0.1?")
+    return path, str(path)
+
+
+def read_upstream_checkpoint(path: Path, where: str | None = None) -> dict[str, Any]:
+    """A pesto-pitch Lightning checkpoint -> {"state_dict", "hparams", "hcqt_params", ...}, with the
+    omegaconf containers of its hparams turned into plain dicts and lists. Reads with
+    ``weights_only=True`` (`musicssl.convert.read_checkpoint`)."""
+    from musicssl.convert import read_checkpoint
+
+    where = where or str(path)
+    try:
+        ckpt = read_checkpoint(path, allow=[typing.Any, collections.defaultdict, dict, list, int],
+                               stand_ins=OMEGACONF_CLASSES)
+    except ReleaseFormatError as err:
+        raise ReleaseFormatError(f"{where}: {err}") from err
+    missing = [k for k in ("state_dict", "hparams", "hcqt_params") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ReleaseFormatError(f"{where} is not a PESTO checkpoint: it has no {missing} (keys: {_keys(ckpt)})")
+    return {k: (v if k == "state_dict" else _plain(v)) for k, v in ckpt.items()}
+
+
+def _keys(obj: Any) -> list[str]:
+    return sorted(map(str, obj)) if isinstance(obj, dict) else [type(obj).__name__]
+
+
+def _plain(obj: Any) -> Any:
+    """omegaconf stand-ins (their pickled state: containers hold ``_content``, nodes ``_val``) and
+    containers of them -> plain dicts, lists and values."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    state = obj.__dict__.get("state") if type(obj).__module__.startswith("omegaconf.") else None
+    if isinstance(state, dict) and "_content" in state:
+        return _plain(state["_content"])
+    if isinstance(state, dict) and "_val" in state:
+        return _plain(state["_val"])
+    return obj
+
+
+def check_upstream_config(model: PESTO, ckpt: dict[str, Any], where: str) -> None:
+    """Raise ReleaseFormatError unless the checkpoint's network (hparams) and VQT (hcqt_params) are
+    `model`'s. Settings upstream ignores at inference (dropout, reduction) are not compared."""
+    a = model.args
+    enc, crop, hcqt = ckpt["hparams"].get("encoder", {}), ckpt["hparams"].get("pitch_shift", {}), ckpt["hcqt_params"]
+    channels = list(enc.get("n_chan_layers", []))
+    channels += [1] * (len(channels) < 5)  # upstream's Resnet1d appends a 1-channel layer to short lists
+    expected = {
+        "encoder.n_chan_input": (enc.get("n_chan_input"), 1),
+        "encoder.n_chan_layers": (channels, list(a["n_chan_layers"])),
+        "encoder.n_prefilt_layers": (enc.get("n_prefilt_layers"), a["n_prefilt_layers"]),
+        "encoder.prefilt_kernel_size": (enc.get("prefilt_kernel_size"), a["prefilt_kernel_size"]),
+        "encoder.residual": (enc.get("residual"), a["residual"]),
+        "encoder.n_bins_in": (enc.get("n_bins_in"), model.n_bins_in),
+        "encoder.output_dim": (enc.get("output_dim"), a["output_dim"]),
+        "encoder.activation_fn": (enc.get("activation_fn", "leaky"), "leaky"),
+        "encoder.a_lrelu": (enc.get("a_lrelu"), a["a_lrelu"]),
+        "pitch_shift.max_steps": (crop.get("max_steps"), a["crop_bins"]),
+        "pitch_shift.min_steps": (crop.get("min_steps"), -a["crop_bins"]),
+        "hcqt_params.harmonics": (list(hcqt.get("harmonics", [])), [1]),
+        "hcqt_params.fmin": (hcqt.get("fmin"), a["fmin"]),
+        "hcqt_params.fmax": (hcqt.get("fmax"), None),
+        "hcqt_params.bins_per_semitone": (hcqt.get("bins_per_semitone"), a["bins_per_semitone"]),
+        "hcqt_params.n_bins": (hcqt.get("n_bins"), a["n_bins"]),
+        "hcqt_params.center_bins": (hcqt.get("center_bins"), a["center_bins"]),
+        "hcqt_params.gamma": (hcqt.get("gamma", 0), a["gamma"]),
+        "hcqt_params.center": (hcqt.get("center", True), True),
+    }
+    wrong = [f"{k}: checkpoint {got!r} vs model {want!r}" for k, (got, want) in expected.items() if got != want]
+    if wrong:
+        raise ReleaseFormatError(
+            f"{where} is a PESTO checkpoint of another architecture than this model's: " + "; ".join(wrong)
+        )
+
+
+def _spec(name: str, args: dict[str, Any], description: str, **upstream: Any) -> ModelSpec:
+    return ModelSpec(**{
+        "name": name,
+        "family": "pesto",
+        "sample_rate": 16000,
+        "frame_rate": 100.0,
+        "embed_dim": 384,
+        "num_layers": 2,
+        "recommended_layer": -1,
+        "context_seconds": 10.0,
+        "weights": None,
+        "license": "n/a",
+        "source": "musicssl (train with the PESTO recipe)",
+        "citation": CITATION,
+        "description": description,
+        "args": dict(args),
+        **upstream,
+    })
 
 
 @register_model(_spec(
@@ -372,3 +578,21 @@ def _spec(name: str, args: dict[str, Any], description: str) -> ModelSpec:
 ))
 def pesto_tiny(**kwargs: Any) -> PESTO:
     return PESTO(**{**TINY, **kwargs})
+
+
+# The released upstream model: its architecture is PESTO's defaults, spelt out.
+MIR1K_G7 = dict(
+    fmin=27.5, bins_per_semitone=3, n_bins=251, gamma=7.0, crop_bins=16, n_chan_layers=[40, 30, 30, 10, 3],
+    n_prefilt_layers=3, prefilt_kernel_size=39, residual=True, output_dim=384,
+)
+
+
+@register_model(_spec(
+    "pesto-mir1k", MIR1K_G7,
+    "PESTO pitch estimator as released (mir-1k_g7, 130k parameters, self-supervised on MIR-1K): 384-bin "
+    "pitch distribution every 10 ms (bin b = MIDI b/3) and, with pitch(), f0 in Hz and voicing confidence.",
+    weights=WHEEL_URL, upstream=True, files={WHEEL_URL.rsplit("/", 1)[1]: WHEEL_SHA256}, license="LGPL-3.0",
+    source="https://github.com/SonyCSLParis/pesto (PyPI pesto-pitch 2.0.1, pesto/weights/mir-1k_g7.ckpt)",
+))
+def pesto_mir1k(**kwargs: Any) -> PESTO:
+    return PESTO(**{**MIR1K_G7, **kwargs})

@@ -1,0 +1,144 @@
+"""musicssl.convert: safe checkpoint reading, key helpers, cache keys, `convert` argument handling."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from musicssl import convert
+from musicssl.errors import ReleaseFormatError, UnknownModelError
+from musicssl.registry import ModelSpec
+
+
+class Meta:
+    """A metadata object as upstream checkpoints pickle them (Lightning hparams, omegaconf)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _save(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+def test_read_checkpoint_plain_state_dict(tmp_path):
+    state = {"w": torch.randn(3, 2), "b": torch.zeros(3)}
+    out = convert.read_checkpoint(_save(state, tmp_path / "m.bin"))
+    torch.testing.assert_close(out, state)
+
+
+def test_read_checkpoint_needs_allow_list_for_builtins_beyond_torch(tmp_path):
+    path = _save({"state_dict": {"w": torch.ones(2)}, "tags": frozenset({"a"})}, tmp_path / "c.pt")
+    with pytest.raises(ReleaseFormatError, match="c.pt"):
+        convert.read_checkpoint(path)
+    assert convert.read_checkpoint(path, allow=[frozenset])["tags"] == frozenset({"a"})
+
+
+def test_stand_ins_replace_metadata_classes_without_importing_them(tmp_path, monkeypatch):
+    module = types.ModuleType("upstream_meta")
+    Meta.__module__ = "upstream_meta"
+    module.Meta = Meta
+    monkeypatch.setitem(sys.modules, "upstream_meta", module)
+    path = _save({"hparams": Meta({"lr": 0.1}), "state_dict": {"w": torch.ones(2)}}, tmp_path / "l.ckpt")
+    monkeypatch.delitem(sys.modules, "upstream_meta")  # the package that defined it is not installed
+    ckpt = convert.read_checkpoint(path, stand_ins=["upstream_meta.Meta"])
+    assert ckpt["hparams"].state == {"value": {"lr": 0.1}}
+    torch.testing.assert_close(ckpt["state_dict"]["w"], torch.ones(2))
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_code_in_a_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ReleaseFormatError, match="evil.pt"):
+        convert.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", pickle.dumps([1, 2])[:-3]])
+def test_broken_files_name_the_file(tmp_path, content):
+    path = tmp_path / "broken.bin"
+    path.write_bytes(content)
+    with pytest.raises(ReleaseFormatError, match="broken.bin"):
+        convert.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("style", ["weight_norm", "parametrize"])
+def test_fold_weight_norm_matches_torch(style):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 8, 5, groups=2)
+    if style == "weight_norm":
+        conv = nn.utils.weight_norm(conv, dim=2)
+    else:
+        conv = nn.utils.parametrizations.weight_norm(conv, dim=2)
+    with torch.no_grad():  # make g differ from ||v|| so folding is really exercised
+        for name, p in conv.named_parameters():
+            if name.endswith(("weight_g", "original0")):
+                p.mul_(torch.rand_like(p) + 0.5)
+    conv(torch.zeros(1, 8, 5))  # the old-style hook recomputes `weight` from g and v on forward
+    state = {"pos." + k: v.detach().clone() for k, v in conv.state_dict().items() if k != "weight"}
+    folded = convert.fold_weight_norm(state, "pos.", dim=2)
+    assert set(folded) == {"pos.weight", "pos.bias"}
+    torch.testing.assert_close(folded["pos.weight"], conv.weight.detach())
+
+
+def test_fold_weight_norm_missing_keys():
+    with pytest.raises(ReleaseFormatError, match="pos."):
+        convert.fold_weight_norm({"pos.weight": torch.ones(1)}, "pos.", dim=2)
+
+
+def test_take_strips_the_prefix():
+    state = {"model.a": torch.ones(1), "model.b.c": torch.ones(2), "other": torch.ones(3)}
+    assert set(convert.take(state, "model.")) == {"a", "b.c"}
+
+
+def _spec(**kw):
+    base = ModelSpec(name="x", family="f", sample_rate=16000, frame_rate=50.0, embed_dim=8, num_layers=1,
+                     recommended_layer=-1, context_seconds=1.0, weights="hf-hub:o/r", upstream=True,
+                     files={"m.bin": None}, args={"dim": 8})
+    return dataclasses.replace(base, **kw)
+
+
+def test_source_key_follows_pins_and_architecture():
+    keys = {convert.source_key(_spec()), convert.source_key(_spec(revision="a" * 40)),
+            convert.source_key(_spec(files={"m.bin": "0" * 64})), convert.source_key(_spec(args={"dim": 16}))}
+    assert len(keys) == 4
+    assert convert.source_key(_spec()) == convert.source_key(_spec(description="other text"))
+
+
+def test_pinning_is_described():
+    assert "recorded on first download" in _spec().pinning
+    assert _spec(files={"m.bin": "0" * 64}, revision="a" * 40).pinning == f"revision {'a' * 40}, sha256 pinned"
+    assert _spec().converted and not _spec(upstream=False).converted
+    assert _spec(upstream=False, weights="https://example.org/w").converted
+
+
+def test_files_are_matched_by_name_then_order(tmp_path):
+    spec = _spec(files={"ckpt.pt": None, "stats.json": None})
+    a, b = tmp_path / "stats.json", tmp_path / "my_download.pt"
+    assert convert._match_files(spec, [a, b]) == {"stats.json": a, "ckpt.pt": b}
+    with pytest.raises(ValueError, match="extra files"):
+        convert._match_files(spec, [a, b, tmp_path / "third"])
+
+
+def test_convert_unknown_family(tmp_path):
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(UnknownModelError, match="families"):
+        convert.convert_local("no-such-family", [f], tmp_path / "out")
+
+
+def test_convert_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        convert.convert_local("pesto", [tmp_path / "nope.bin"], tmp_path / "out")
