@@ -8,7 +8,7 @@ of `embed()` on a long track.
 Speed: each family's parity test module (tests/test_parity_FAMILY.py) provides
 `make_pair(full=True) -> (ours, reference, input)`, both at the released size with the same random
 weights. The two forwards run alternately in one process (these machines are noisy), after one
-warm-up each; the table gives the median time and the ratio ours / reference (< 1: ours is faster).
+warm-up each, alternating which goes first; the table gives the median time and the ratio ours / reference (< 1: ours is faster).
 Memory: each registered port is built at its released size with random weights in a fresh process,
 which embeds `--seconds` of noise through `enc.embed()` (windows of the model's context, batch 1);
 the table gives the peak resident memory of that process and the part added by embed().
@@ -54,9 +54,13 @@ def time_family(family: str, repeats: int) -> dict | None:
         return None
     _timed(ours, x), _timed(ref, x)
     t_ours, t_ref = [], []
-    for _ in range(repeats):
-        t_ours.append(_timed(ours, x))
-        t_ref.append(_timed(ref, x))
+    for i in range(repeats):  # alternate which goes first, so neither always runs on a warmer cache
+        if i % 2:
+            t_ref.append(_timed(ref, x))
+            t_ours.append(_timed(ours, x))
+        else:
+            t_ours.append(_timed(ours, x))
+            t_ref.append(_timed(ref, x))
     return {"family": family, "ours": statistics.median(t_ours), "ref": statistics.median(t_ref),
             "input": "x".join(str(s) for s in getattr(x, "shape", ()))}
 
