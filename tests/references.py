@@ -83,8 +83,9 @@ def randomize_(module: Any, seed: int = 0, scale: float = 0.05) -> Any:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         stats = [(n, b) for n, b in module.named_buffers() if n.endswith(("running_mean", "running_var"))]
-        for name, t in list(module.named_parameters()) + stats:
-            if not t.is_floating_point() or not t.requires_grad and name not in dict(stats):
+        trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # frozen = deterministic
+        for name, t in trained + stats:
+            if not t.is_floating_point():
                 continue
             noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype)
             if name.endswith("running_var"):
