@@ -21,6 +21,8 @@ _API = {
     "ModelSpec": "musicssl.registry",
     "Embeddings": "musicssl.models.base",
     "Encoder": "musicssl.models.base",
+    "extract": "musicssl.bulk",
+    "ExtractResult": "musicssl.bulk",
     "errors": "musicssl.errors",
 }
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from musicssl import __version__
@@ -48,21 +49,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="release folder to write")
 
     s = sub.add_parser(
-        "embed", help="embed audio files into .npz files",
-        description="Embed audio files or folders. Each input gets OUT/<relative path>.npz with "
-                    "frames (T, D), timestamps (T,) in seconds, clip (D,) and a JSON metadata string.",
+        "embed", help="embed audio files or whole collections",
+        description="Embed audio files, folders (recursive) and lists of files into OUT, mirroring their tree: "
+                    "IN/a/x.wav -> OUT/a/x.wav.npz with frames (T, D), timestamps (T,) s, clip (D,) and metadata. "
+                    "Finished outputs are skipped, so a killed run resumes where it stopped; OUT/manifest.jsonl "
+                    "gets a line per input and OUT/run.json says how the outputs were made. Bad files are "
+                    "listed in OUT/failed.txt and the exit code is 1 if any failed. "
+                    "Many jobs: --shard K/N, or torchrun --nproc-per-node G -m musicssl embed ... (one per GPU).",
     )
-    s.add_argument("inputs", nargs="+", metavar="INPUT", help="audio files or folders (searched recursively)")
+    s.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders (searched recursively)")
     s.add_argument("-o", "--out", required=True, help="output folder (mirrors the input tree)")
+    s.add_argument("--files-from", metavar="LIST", help="also embed the paths in LIST, one per line ('-' reads stdin)")
+    s.add_argument("--root", help="outputs mirror paths relative to this folder (default: the deepest folder "
+                                  "holding every input)")
+    s.add_argument("--ext", help="extensions searched in folders, comma-separated (default: every audio "
+                                 "extension musicssl decodes)")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"name, hf-hub:org/repo or folder (default {DEFAULT_MODEL})")
     s.add_argument("--layers", default="last", help="'last', 'all', or indices like '4,8,-1' (default last)")
     s.add_argument("--pool", choices=["none", "mean", "max"], default="none",
                    help="'mean'/'max' store only the pooled clip embedding (default none: frames too)")
-    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision")
-    s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass (default 8)")
+    s.add_argument("--format", choices=["npz", "npy", "safetensors"], default="npz",
+                   help="npz (default: frames, timestamps, clip, metadata), npy (one array: frames, or the clip "
+                        "with --pool), safetensors (the npz arrays, metadata in the header)")
+    s.add_argument("--table", action="store_true",
+                   help="also write the clip embeddings of every input as one table: OUT/clips.parquet "
+                        "(with pyarrow) or OUT/clips.npy + OUT/clips.index.tsv")
+    s.add_argument("--device", default=None, help="torch device: cpu, cuda, cuda:1 (default: cuda if available)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision (default float32)")
+    s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass, packed across files (default 8)")
+    s.add_argument("--num-workers", type=int, default=None,
+                   help="decoding processes (default 1 on CPU, up to 8 on a GPU; 0 decodes in the main process)")
+    s.add_argument("--shard", metavar="K/N", help="embed only shard K of N (K from 0), split deterministically "
+                                                  "by relative path: N jobs cover every file exactly once")
     s.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
+    s.add_argument("--fail-fast", action="store_true", help="stop at the first input that fails")
     s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal; otherwise a log line every --log-every s)")
+    s.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS", help="seconds between log lines (default 30)")
 
     s = sub.add_parser(
         "train", help="train an encoder with a self-supervised recipe",
@@ -182,38 +206,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from musicssl.extract import embed_jobs, plan_jobs
-    from musicssl.factory import load
+    from musicssl.bulk import extract
 
+    if not args.inputs and args.files_from is None:
+        raise SystemExit("musicssl embed: give audio files or folders, or --files-from LIST")
     if args.batch_size < 1:
         raise SystemExit("musicssl embed: --batch-size must be at least 1")
-    layers = parse_layers(args.layers)
-    jobs = plan_jobs(args.inputs, args.out)
-    if not jobs:
-        print(f"no audio files found in {', '.join(args.inputs)}", file=sys.stderr)
-        return 1
-    dtype = getattr(torch, DTYPES[args.dtype])
-    encoder = load(args.model, device=args.device, dtype=dtype, offline=args.offline or None)
-    counts = {"ok": 0, "skipped": 0, "error": 0}
-    records = embed_jobs(encoder, jobs, layers=layers, pool=None if args.pool == "none" else args.pool,
-                         batch_size=args.batch_size, overwrite=args.overwrite, model_name=args.model)
-    for rec in _progress(records, total=len(jobs)):
-        counts[rec["status"]] += 1
-        if rec["status"] == "error":
-            print(f"error: {rec['input']}: {rec['reason']}", file=sys.stderr)
-    print(f"{counts['ok']} embedded, {counts['skipped']} skipped (already done), {counts['error']} failed -> {args.out}")
-    return 1 if counts["error"] else 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = extract(
+        args.inputs, args.out, args.model, files_from=args.files_from, root=args.root,
+        extensions=args.ext.split(",") if args.ext else None, layers=parse_layers(args.layers),
+        pool=None if args.pool == "none" else args.pool, format=args.format, table=args.table,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite, shard=args.shard,
+        fail_fast=args.fail_fast, offline=args.offline or None, progress=args.progress, log_every=args.log_every,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print_summary(result, args)
+    return 1 if result.total == 0 else result.exit_code
 
 
-def _progress(records, total: int):
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        yield from tqdm(records, total=total, unit="file")
-    else:
-        for i, rec in enumerate(records, 1):
-            log.info("%d/%d %s %s", i, total, rec["status"], rec["input"])
-            yield rec
+def print_summary(r: Any, args: argparse.Namespace) -> None:
+    """The last lines of `musicssl embed`: counts, speed, and where the failures are listed."""
+    if r.total == 0:
+        print(f"no audio files found in {', '.join(args.inputs) or args.files_from}", file=sys.stderr)
+        return
+    for path, reason in r.errors[:10]:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    if len(r.errors) > 10:
+        print(f"... and {len(r.errors) - 10} more errors", file=sys.stderr)
+    speed = f", {r.audio_seconds / r.wall_seconds:.1f}x realtime" if r.audio_seconds else ""
+    stop = " (stopped at the first failure: --fail-fast)" if r.stopped_early else ""
+    print(f"{r.ok} embedded, {r.skipped} skipped, {r.failed} failed of {r.total} inputs{stop} "
+          f"in {r.wall_seconds:.1f} s{speed} -> {r.out_dir}")
+    for t in r.tables:
+        print(f"clip table: {t}")
+    if r.failed_list:
+        print(f"failed inputs: {r.failed_list} (reasons in {r.manifest}); retry them with "
+              f"musicssl embed --files-from {shlex.quote(str(r.failed_list))} --root {shlex.quote(str(r.root))} "
+              f"-o {shlex.quote(str(r.out_dir))} --model {shlex.quote(args.model)}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ def test_embed_mirrors_the_tree_skips_done_and_reports_bad_files(tmp_path, capsy
     out = tmp_path / "out"
     assert main(["embed", str(src), "-o", str(out), "--model", "mfcc", "--layers", "all"]) == 1
     captured = capsys.readouterr()
-    assert "broken.wav" in captured.err and "3 embedded, 0 skipped (already done), 1 failed" in captured.out
+    assert "broken.wav" in captured.err and "3 embedded, 0 skipped, 1 failed of 4 inputs" in captured.out
     made = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz"))
     assert made == ["drums/snare.ogg.npz", "notes/piano-midi46.flac.npz", "soundtrack/wesnoth-battle-epic.flac.npz"]
     with np.load(out / "soundtrack/wesnoth-battle-epic.flac.npz") as z:
@@ -70,7 +70,7 @@ def test_embed_mirrors_the_tree_skips_done_and_reports_bad_files(tmp_path, capsy
     # A second run skips finished outputs and still reports the broken file.
     (src / "notes" / "broken.wav").unlink()
     assert main(["embed", str(src), "-o", str(out), "--model", "mfcc"]) == 0
-    assert "0 embedded, 3 skipped" in capsys.readouterr().out
+    assert "0 embedded, 3 skipped, 0 failed of 3 inputs" in capsys.readouterr().out
 
 
 def test_embed_pool_and_single_file(tmp_path):

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from musicssl.errors import AudioInputError
 from musicssl.registry import ModelSpec
 
 AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
@@ -179,31 +178,41 @@ class Encoder(nn.Module):
 
     def _embed_items(self, items: list[np.ndarray], keep: list[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run all windows of all items, longest first, stitched in place -> frames (B, T, L, D), lengths (B,)."""
-        W, step, trim = self._window_plan()
-        frames_step = step // self.hop_length
         lengths = self.frame_lengths(torch.tensor([len(x) for x in items]))
         frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
         windows = self._windows([len(x) for x in items])
         last_window = {w.item: w.index for w in windows}
         # Longest first: batches then hold windows of similar length and pad little.
         order = sorted(windows, key=lambda w: -w.length)
-        device = self.device
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             wav = torch.zeros(len(batch), max(w.length for w in batch))
             for j, w in enumerate(batch):
                 wav[j, : w.length] = torch.from_numpy(items[w.item][w.start : w.start + w.length])
-            n_samples = torch.tensor([w.length for w in batch])
-            hidden = self.forward_features(wav.to(device), n_samples.to(device))
-            stacked = torch.stack([hidden[i] for i in keep], dim=2).float().cpu()  # (b, T, L, D)
-            n_valid = self.frame_lengths(n_samples).tolist()
+            stacked, n_valid = self._run_windows(wav, [w.length for w in batch], keep)
             for j, w in enumerate(batch):
-                # Keep the middle of each window; the first and last keep their outer edges too.
-                lo = 0 if w.index == 0 else trim
-                hi = n_valid[j] if w.index == last_window[w.item] else min(trim + frames_step, n_valid[j])
-                g0 = w.index * frames_step
-                frames[w.item, g0 + lo : g0 + hi] = stacked[j, lo:hi]
+                self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j])
         return frames, lengths
+
+    def _run_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Padded windows wav (b, S) on any device -> hidden states of `keep` (b, T, L, D) float32 on the
+        CPU, and the valid frames of each window."""
+        device = self.device
+        n = torch.tensor(n_samples)
+        non_blocking = wav.is_pinned()  # pinned host memory: the copy overlaps with what runs before it
+        hidden = self.forward_features(wav.to(device, non_blocking=non_blocking), n.to(device))
+        stacked = torch.stack([hidden[i] for i in keep], dim=2).float().cpu()
+        return stacked, self.frame_lengths(n).tolist()
+
+    def _place(self, frames: torch.Tensor, w: _Window, last: bool, window: torch.Tensor, n_valid: int) -> None:
+        """Stitch one window's frames (T_w, L, D) into its item's frames (T, L, D) in place."""
+        _, step, trim = self._window_plan()
+        frames_step = step // self.hop_length
+        # Keep the middle of each window; the first and last keep their outer edges too.
+        lo = 0 if w.index == 0 else trim
+        hi = n_valid if last else min(trim + frames_step, n_valid)
+        g0 = w.index * frames_step
+        frames[g0 + lo : g0 + hi] = window[lo:hi]
 
     def _assemble(
         self, frames: torch.Tensor, lengths: torch.Tensor, keep: list[int], pool: str | None,

@@ -1,0 +1,138 @@
+"""End-to-end extraction vs the model alone, on real compressed music.
+
+    python bench/extract_speed.py                                    # default model, soundtrack FLACs
+    python bench/extract_speed.py --model mert-v1-95m --minutes 5    # a large port (random weights if none cached)
+    python bench/extract_speed.py --codec mp3                        # transcode to 44.1 kHz stereo MP3 first (ffmpeg)
+
+Model only: every file decoded beforehand (not timed), then `enc.embed(all clips, batch_size=B)`.
+End to end: `musicssl.extract(folder, OUT, enc, batch_size=B)` -- what `musicssl embed` runs once the
+model is loaded: decoding in worker processes, windows packed across files, outputs and manifest
+written. Both run alternately `--repeats` times in one process (medians; these machines are noisy),
+and the table gives x-realtime (seconds of audio per second) and their ratio (the target: >= 0.8).
+On a GPU, the mean GPU utilisation during the end-to-end runs is sampled too (needs pynvml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import musicssl
+from musicssl.audio.io import audio_info, load_audio
+from musicssl.bulk import extract
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dev" / "audio" / "soundtrack"
+
+
+def pick_files(folder: Path, minutes: float) -> list[Path]:
+    files, total = [], 0.0
+    for f in sorted(folder.rglob("*.flac")):
+        if total >= minutes * 60:
+            break
+        files.append(f)
+        total += audio_info(f).duration
+    return files
+
+
+def stage(files: list[Path], dest: Path, codec: str) -> None:
+    """Copy (flac) or transcode (mp3/opus, 44.1 kHz stereo like ripped music) the files into `dest`."""
+    dest.mkdir(parents=True)
+    for f in files:
+        if codec == "flac":
+            shutil.copy(f, dest / f.name)
+            continue
+        out = dest / f"{f.stem}.{codec}"
+        args = ["-c:a", "libmp3lame", "-b:a", "192k"] if codec == "mp3" else ["-c:a", "libopus", "-b:a", "96k"]
+        subprocess.run(["ffmpeg", "-v", "error", "-i", str(f), "-ac", "2", "-ar", "44100" if codec == "mp3" else "48000",
+                        *args, str(out)], check=True)
+
+
+def encoder(name: str, device: str, dtype: torch.dtype) -> tuple[musicssl.Encoder, str]:
+    try:
+        enc, weights = musicssl.load(name, offline=True), "released"
+    except musicssl.errors.MusicsslError:  # weights not cached here: the same network, random weights
+        enc, weights = musicssl.load(name, pretrained=False), "random (same compute)"
+    return enc.to(device=device, dtype=dtype).eval(), weights
+
+
+class GpuSampler:
+    """Mean GPU utilisation (%) over a block, sampled every 0.2 s; None without CUDA or pynvml."""
+
+    def __enter__(self) -> "GpuSampler":
+        self.samples: list[int] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        if torch.cuda.is_available():
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                self.samples.append(torch.cuda.utilization())
+            except Exception:  # noqa: BLE001 -- pynvml missing: no figure
+                return
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=musicssl.registry.DEFAULT_MODEL)
+    p.add_argument("--data", type=Path, default=DATA, help="folder of music (default: the dev soundtrack clips)")
+    p.add_argument("--minutes", type=float, default=20.0, help="audio to use (default 20 min)")
+    p.add_argument("--codec", choices=["flac", "mp3", "opus"], default="flac")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: extract's default)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+
+    enc, weights = encoder(args.model, args.device, getattr(torch, args.dtype))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "music"
+        stage(pick_files(args.data, args.minutes), folder, args.codec)
+        files = sorted(folder.iterdir())
+        clips = [load_audio(f, sr=enc.sample_rate)[0] for f in files]
+        seconds = sum(len(c) for c in clips) / enc.sample_rate
+        enc.embed(clips[:2], sr=enc.sample_rate, batch_size=args.batch_size)  # warm-up
+        model_t, e2e_t, util = [], [], []
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            enc.embed(clips, sr=enc.sample_rate, batch_size=args.batch_size)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            model_t.append(time.perf_counter() - start)
+            out = Path(tmp) / f"out{i}"
+            with GpuSampler() as gpu:
+                start = time.perf_counter()
+                res = extract([folder], out, enc, batch_size=args.batch_size, num_workers=args.num_workers,
+                              progress=False)
+                e2e_t.append(time.perf_counter() - start)
+            util.append(gpu.mean)
+            assert res.ok == len(files), f"{res.failed} files failed"
+            shutil.rmtree(out)
+    m, e = seconds / statistics.median(model_t), seconds / statistics.median(e2e_t)
+    print(f"{args.model} ({weights} weights), {args.device} {args.dtype}, batch {args.batch_size}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{len(files)} {args.codec} files, {seconds / 60:.1f} min of audio; median of {args.repeats} alternated runs")
+    print(f"{'model only x-realtime':>24} {'end to end x-realtime':>22} {'ratio':>6}" + ("  GPU util %" if util[0] else ""))
+    print(f"{m:>24.1f} {e:>22.1f} {e / m:>6.2f}" + (f"  {statistics.mean(util):.0f}" if util[0] else ""))
+
+
+if __name__ == "__main__":
+    main()

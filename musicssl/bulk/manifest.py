@@ -1,0 +1,160 @@
+"""What a run leaves beside its outputs: `manifest.jsonl` (one line per input per run), `run.json`
+(how the outputs were made), the list of failed inputs, and claims that keep two runs on one OUT
+from embedding the same file at once.
+
+Appends to the manifest hold an exclusive lock on it, so concurrent runs on one machine (or on a
+filesystem with working locks) interleave whole lines; a line cut short by a kill is skipped on read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.jsonl"
+RUN_INFO = "run.json"
+# Keys of run.json that must agree for a new run to add to (and skip on) existing outputs.
+SAME_RUN_KEYS = ("model_sha256", "layers", "pool", "format", "dtype")
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append JSON lines under an exclusive lock, starting on a fresh line if a killed run left half a line."""
+    if not records:
+        return
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        os.write(fd, data)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The manifest's records in order; lines cut short by a killed run are skipped."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def latest_status(path: Path) -> dict[str, dict[str, Any]]:
+    """input path -> its latest manifest record."""
+    return {r["input"]: r for r in read_records(path) if "input" in r}
+
+
+def check_compatible(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix outputs of different models or settings in one OUT (unless `overwrite`)."""
+    path = out_dir / RUN_INFO
+    if overwrite or not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # unreadable: written by something else; the outputs themselves carry metadata
+    diff = [k for k in SAME_RUN_KEYS if k in old and old[k] != info.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {old[k]!r} there, {info.get(k)!r} now" for k in diff)
+        raise ValueError(
+            f"{out_dir} holds embeddings made with other settings ({shown}); existing outputs would be "
+            f"skipped and mixed with new ones. Use another -o, or --overwrite to redo every file."
+        )
+
+
+def write_run_info(out_dir: Path, info: dict[str, Any]) -> None:
+    from musicssl.bulk.outputs import atomic_write
+
+    atomic_write(out_dir / RUN_INFO, lambda fh: fh.write(json.dumps(info, indent=2) + "\n"), mode="w")
+
+
+def write_failed(path: Path, inputs: list[str]) -> None:
+    """One failed input per line: a list file that `--files-from` takes to retry them."""
+    from musicssl.bulk.outputs import atomic_write
+
+    atomic_write(path, lambda fh: fh.write("".join(p + "\n" for p in inputs)), mode="w")
+
+
+class Claim:
+    """An exclusive, non-blocking lock on `.NAME.lock` beside an output, held while it is made.
+
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.path = output.parent / f".{output.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class RecordSink:
+    """Where a process writes its records: the shared manifest (locked per append), or, under
+    torchrun, a part file this process holds locked until the run ends (then merged by rank 0)."""
+
+    def __init__(self, path: Path, hold: bool = False) -> None:
+        self.path, self.fd = path, None
+        if hold:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        if self.fd is None:
+            append_records(self.path, records)
+        elif records:
+            os.write(self.fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def merge_parts(out_dir: Path) -> int:
+    """Append every finished part file (`.manifest.*.part.jsonl` that no live process holds) to the
+    manifest and delete it; returns how many were merged."""
+    merged = 0
+    for part in sorted(out_dir.glob(".manifest.*.part.jsonl")):
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # still being written by a live run
+            append_records(out_dir / MANIFEST, list(read_records(part)))
+            part.unlink()
+            merged += 1
+        finally:
+            os.close(fd)
+    return merged

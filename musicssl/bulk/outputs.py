@@ -1,0 +1,117 @@
+"""Per-file outputs (npz, npy, safetensors) written atomically, and the run's table of clip embeddings.
+
+Shapes: frames (T, D), or (L, T, D) for several layers; timestamps (T,) in seconds (frame centres);
+clip (D,) or (L, D). Every file is written to a hidden temporary name in its final folder and
+renamed, so a reader (or a killed run) never sees a partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+FORMATS = {"npz": ".npz", "npy": ".npy", "safetensors": ".safetensors"}
+TEMP_SUFFIX = ".part"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The host and pid in the name say who owns it; the rename is atomic on one filesystem.
+    prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporary files a killed run left for `path` (call only while holding its claim)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def write_output(fmt: str, path: Path, frames: np.ndarray | None, timestamps: np.ndarray | None,
+                 clip: np.ndarray, meta: dict[str, Any]) -> None:
+    """One file's embeddings -> `path` in `fmt`. npy holds one array: the frames, or the clip when
+    frames were not kept (pooled runs); the metadata then lives in the manifest and run.json."""
+    arrays = {"clip": clip}
+    if frames is not None:
+        arrays |= {"frames": frames, "timestamps": timestamps}
+    if fmt == "npz":
+        atomic_write(path, lambda fh: np.savez(fh, metadata=np.array(json.dumps(meta)), **arrays))
+    elif fmt == "npy":
+        atomic_write(path, lambda fh: np.save(fh, frames if frames is not None else clip))
+    elif fmt == "safetensors":
+        from safetensors.numpy import save
+
+        blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"metadata": json.dumps(meta)})
+        atomic_write(path, lambda fh: fh.write(blob))
+    else:
+        raise ValueError(f"unknown output format {fmt!r}; choose one of {sorted(FORMATS)}")
+
+
+def read_clip(fmt: str, path: Path, pooled: bool) -> np.ndarray:
+    """The clip embedding (D,) or (L, D) stored in an output file. An npy holds the clip when the run
+    was `pooled`, else the frames, whose mean over time is the clip of a run without --pool."""
+    if fmt == "npz":
+        with np.load(path) as z:
+            return z["clip"]
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(str(path))["clip"]
+    arr = np.load(path)
+    return arr if pooled else arr.mean(axis=-2)
+
+
+def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]], layers: list[int]) -> list[Path]:
+    """The clip embeddings of every row (input path, output rel path, clip (D,) or (L, D)) as one
+    table: `name.parquet` (columns path, output, clip or clip_layer{i}) when pyarrow is installed,
+    else `name.npy` (N, D) or (N, L, D) with `name.index.tsv` (path and output per row, in order)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return _write_table_npy(out_dir, name, rows)
+    columns: dict[str, Any] = {"path": [r[0] for r in rows], "output": [r[1] for r in rows]}
+    clips = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    if clips.ndim == 2:
+        columns["clip"] = _fixed_lists(pa, clips)
+    else:
+        for j, layer in enumerate(layers):
+            columns[f"clip_layer{layer}"] = _fixed_lists(pa, clips[:, j])
+    table = pa.table(columns)
+    path = out_dir / f"{name}.parquet"
+    atomic_write(path, lambda fh: pq.write_table(table, fh))
+    return [path]
+
+
+def _fixed_lists(pa: Any, matrix: np.ndarray) -> Any:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]]) -> list[Path]:
+    matrix = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    index = "".join(f"{json.dumps(r[0])[1:-1]}\t{json.dumps(r[1])[1:-1]}\n" for r in rows)
+    npy, tsv = out_dir / f"{name}.npy", out_dir / f"{name}.index.tsv"
+    atomic_write(npy, lambda fh: np.save(fh, matrix))
+    atomic_write(tsv, lambda fh: fh.write("path\toutput\n" + index), mode="w")
+    return [npy, tsv]

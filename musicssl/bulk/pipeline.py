@@ -1,0 +1,161 @@
+"""The moving parts of a run: files decoded in worker processes, their windows packed into batches
+across files, batches run with a fallback to smaller batches, and frames stitched back per file.
+
+Sizes: audio (S,) float32 at the model's rate; a window is at most `context_seconds` of it; a batch
+is (b, S_max) zero-padded; a file's frames buffer is (T, L, D) with L the kept layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from musicssl.models.base import Encoder, _Window
+
+
+class DecodeFiles(Dataset):
+    """Item i -> {"index", "audio" (S,) float32 mono at `sample_rate`, "error" ("" if none), "seconds"}.
+    Runs in DataLoader workers; a file that cannot be decoded becomes an error, never an exception."""
+
+    def __init__(self, paths: list[str], sample_rate: int) -> None:
+        self.paths, self.sample_rate = paths, sample_rate
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from musicssl.audio.io import load_audio
+
+        start = time.perf_counter()
+        try:
+            audio, _ = load_audio(self.paths[i], sr=self.sample_rate, mono=True)
+            audio, error = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), ""
+        # A worker isolates one file: whatever a decoder raises for it is that file's error.
+        except Exception as err:  # noqa: BLE001
+            audio, error = torch.empty(0), describe(err)
+        return {"index": i, "audio": audio, "error": error, "seconds": time.perf_counter() - start}
+
+
+def describe(err: BaseException) -> str:
+    """One line for the manifest: our own errors already name the file, cause and fix."""
+    from musicssl.errors import MusicsslError
+
+    text = " ".join(str(err).split()) or repr(err)
+    return text if isinstance(err, MusicsslError) else f"{type(err).__name__}: {text}"
+
+
+def decoded_stream(paths: list[str], sample_rate: int, num_workers: int) -> DataLoader:
+    """Decoded files in order, `num_workers` processes ahead of the model (0: decode in this process)."""
+    return DataLoader(
+        DecodeFiles(paths, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+    )
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """A decoded file whose windows are being embedded."""
+
+    index: int  # into the run's job list
+    seq: int  # arrival order
+    audio: torch.Tensor  # (S,)
+    frames: torch.Tensor  # (T, L, D), filled window by window
+    windows_left: int
+    last_window: int
+    seconds: float  # time spent on it so far (decode + its share of batches)
+    error: str = ""
+
+
+@dataclass
+class WindowPacker:
+    """Pools the windows of open files and hands out batches of `batch_size`.
+
+    Longest windows first, so a batch is mostly full-context windows and the short last windows of
+    many files are batched with each other (little padding). When more than `max_open` files wait
+    on windows, the oldest files' windows go first so their frames buffers are freed.
+    """
+
+    batch_size: int
+    max_open: int
+    pool: list[tuple[OpenFile, _Window]] = field(default_factory=list)
+
+    def add(self, f: OpenFile, windows: list[_Window]) -> None:
+        self.pool.extend((f, w) for w in windows)
+
+    def open_files(self) -> int:
+        return len({id(f) for f, _ in self.pool})
+
+    def ready(self) -> bool:
+        return len(self.pool) >= self.batch_size or self.open_files() > self.max_open
+
+    def take(self) -> list[tuple[OpenFile, _Window]]:
+        self.pool = [(f, w) for f, w in self.pool if not f.error]
+        if self.open_files() > self.max_open:
+            self.pool.sort(key=lambda p: (p[0].seq, p[1].index))
+        else:
+            self.pool.sort(key=lambda p: (-p[1].length, p[0].seq, p[1].index))
+        batch, self.pool = self.pool[: self.batch_size], self.pool[self.batch_size :]
+        return batch
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@dataclass
+class BatchRunner:
+    """Runs packed windows through the encoder and stitches their frames into their files.
+
+    A batch that fails (out of memory, or an error from one file's audio) is split in halves and
+    retried; a single window that still fails marks its file as failed.
+    """
+
+    encoder: Encoder
+    keep: list[int]
+    on_split: Callable[[int, BaseException], None] = lambda n, err: None
+
+    def run(self, batch: list[tuple[OpenFile, _Window]]) -> None:
+        batch = [(f, w) for f, w in batch if not f.error]
+        if not batch:
+            return
+        start = time.perf_counter()
+        try:
+            stacked, n_valid = self.encoder._run_windows(self._stack(batch), [w.length for _, w in batch], self.keep)
+        except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
+            self._recover(batch, err)
+            return
+        share = (time.perf_counter() - start) / len(batch)
+        for j, (f, w) in enumerate(batch):
+            self.encoder._place(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j])
+            f.windows_left -= 1
+            f.seconds += share
+
+    def _stack(self, batch: list[tuple[OpenFile, _Window]]) -> torch.Tensor:
+        """The windows zero-padded into (b, S_max); in pinned memory when the model is on a GPU."""
+        pin = self.encoder.device.type == "cuda"
+        wav = torch.zeros(len(batch), max(w.length for _, w in batch), pin_memory=pin)
+        for j, (f, w) in enumerate(batch):
+            wav[j, : w.length] = f.audio[w.start : w.start + w.length]
+        return wav
+
+    def _recover(self, batch: list[tuple[OpenFile, _Window]], err: Exception) -> None:
+        oom = is_out_of_memory(err)
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            f = batch[0][0]
+            f.error = ("out of memory even for one window: use a smaller model, --dtype bf16 or another device"
+                       if oom else f"embedding failed: {describe(err)}")
+            return
+        self.on_split(len(batch), err)
+        half = len(batch) // 2
+        self.run(batch[:half])
+        self.run(batch[half:])

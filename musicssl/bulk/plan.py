@@ -1,0 +1,126 @@
+"""Which files a run embeds and where each output goes.
+
+Inputs are files, folders (searched recursively, filtered by extension) and list files (one path per
+line, "-" for stdin). Each input file gets a relative path `rel` under a root folder (default: the
+deepest folder holding every input), and its output is `OUT/rel + suffix`: the tree is mirrored and
+the source extension stays in the name, so `a/x.wav`, `b/x.wav` and `a/x.mp3` all survive. `rel`
+also picks the shard, so N jobs over the same inputs split them the same way on any machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path  # the input file, absolute, as named (symlinks not resolved)
+    rel: str  # POSIX path relative to the root: names the output and picks the shard
+    output: Path  # the output file inside OUT
+
+
+def read_list(list_file: str | os.PathLike) -> list[str]:
+    """Paths from a list file (one per line, blank lines ignored; "-" reads stdin). Relative paths
+    are relative to the current folder, as with `tar -T`."""
+    if os.fspath(list_file) == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(list_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise FileNotFoundError(f"cannot read the list of inputs {list_file}: {err}") from err
+    # Only line ends are stripped: a path may begin or end with spaces.
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extensions: Iterable[str] | None) -> tuple[list[Path], list[Path]]:
+    """(audio files, folders searched): files and folders given, folders expanded, all absolute.
+    Listed paths are kept even when missing (they become per-file errors); a missing input given
+    on the command line is an error at once."""
+    from musicssl.audio.io import AUDIO_EXTENSIONS, find_audio_files
+
+    files, folders = [], []
+    for given in inputs:
+        path = Path(os.path.abspath(Path(given).expanduser()))
+        if path.is_dir():
+            folders.append(path)
+            files.extend(Path(os.path.abspath(f)) for f in find_audio_files(path, extensions or AUDIO_EXTENSIONS))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {given} does not exist (give audio files, folders, or --files-from LIST)")
+    files.extend(Path(os.path.abspath(Path(p).expanduser())) for p in listed)
+    return files, folders
+
+
+def default_root(files: Sequence[Path], folders: Sequence[Path]) -> Path:
+    """The deepest folder holding every input: a folder given counts itself, a file its parent."""
+    anchors = [str(f) for f in folders] + [str(f.parent) for f in files]
+    return Path(os.path.commonpath(anchors)) if anchors else Path.cwd()
+
+
+def plan_jobs(
+    inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, suffix: str, *,
+    files_from: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
+    extensions: Iterable[str] | None = None,
+) -> tuple[list[Job], Path]:
+    """One job per distinct input file (by real path; the first name wins), sorted by `rel`, and the root used."""
+    listed = read_list(files_from) if files_from is not None else []
+    files, folders = gather(inputs, listed, extensions)
+    base = Path(os.path.abspath(root)) if root is not None else default_root(files, folders)
+    out_dir = Path(os.path.abspath(out_dir))
+    jobs: dict[str, Job] = {}
+    seen: set[str] = set()
+    for f in files:
+        real = os.path.realpath(f)
+        if real in seen:
+            continue
+        seen.add(real)
+        rel = relative_name(f, base)
+        jobs.setdefault(rel, Job(f, rel, output_path(out_dir, rel, suffix)))
+    return [jobs[k] for k in sorted(jobs)], base
+
+
+def relative_name(path: Path, root: Path) -> str:
+    """`path` relative to `root` as a POSIX string with no "..": the name its output mirrors."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise ValueError(f"input {path} is not inside the root folder {root}; pass a --root that holds every input") from None
+    if not rel.parts:
+        raise ValueError(f"input {path} is the root folder itself, not a file")
+    return rel.as_posix()
+
+
+def output_path(out_dir: Path, rel: str, suffix: str) -> Path:
+    """OUT/rel + suffix, refusing anything that would land outside OUT."""
+    target = Path(os.path.normpath(out_dir / (rel + suffix)))
+    if os.path.commonpath([out_dir, target]) != str(out_dir) or target == out_dir:
+        raise ValueError(f"refusing to write {target}: it is outside the output folder {out_dir}")
+    return target
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"K/N" -> (K, N) with 0 <= K < N: this job takes shard K of N (K counts from 0, as SLURM array ids do)."""
+    try:
+        k, n = (int(t) for t in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes K/N, e.g. 0/4 for the first of four shards, not {text!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {text}: K must be in 0..N-1 (shards count from 0), e.g. 0/{max(n, 1)}")
+    return k, n
+
+
+def shard_of(rel: str, n: int) -> int:
+    """Stable shard of a relative path: a file keeps its shard when others are added or removed."""
+    digest = hashlib.sha1(rel.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def take_shard(jobs: list[Job], k: int, n: int) -> list[Job]:
+    return [j for j in jobs if shard_of(j.rel, n) == k]

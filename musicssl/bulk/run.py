@@ -1,0 +1,398 @@
+"""`musicssl.extract()`: embed a whole collection into a folder of outputs, resumably.
+
+    result = musicssl.extract(["music/"], "feats/", model="mert-v1-95m", layers="all", num_workers=4)
+    result.failed, result.manifest            # how many inputs failed, and where each is described
+
+One run: plan the jobs (plan.py), skip finished outputs, decode the rest in worker processes, embed
+their windows in batches packed across files (pipeline.py), write each output atomically
+(outputs.py) and a manifest line per input (manifest.py). Under torchrun each process takes its
+share and rank 0 merges the records (distributed.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from musicssl import __version__
+from musicssl.bulk import distributed
+from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
+                                    write_failed, write_run_info)
+from musicssl.bulk.outputs import FORMATS, read_clip, remove_stale_temps, write_output, write_table
+from musicssl.bulk.pipeline import BatchRunner, OpenFile, WindowPacker, decoded_stream
+from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
+from musicssl.models.base import Encoder, LayersArg, _single_layer
+from musicssl.registry import DEFAULT_MODEL
+
+log = logging.getLogger("musicssl")
+
+
+@dataclass
+class ExtractResult:
+    """Counts over this run's inputs (all ranks under torchrun) and where to look next."""
+
+    ok: int
+    skipped: int
+    failed: int
+    out_dir: Path
+    root: Path
+    manifest: Path
+    failed_list: Path | None  # the failed inputs, one per line (a --files-from list); None if none failed
+    tables: list[Path] = field(default_factory=list)
+    audio_seconds: float = 0.0  # audio embedded by this run
+    wall_seconds: float = 0.0
+    stopped_early: bool = False  # --fail-fast stopped at the first failure
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) seen by this process
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.skipped + self.failed
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+class _Stop(Exception):
+    """--fail-fast: the first failure ends the run."""
+
+
+def extract(
+    inputs: Sequence[str | os.PathLike] = (),
+    out: str | os.PathLike = "embeddings",
+    model: str | os.PathLike | Encoder = DEFAULT_MODEL,
+    *,
+    files_from: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    extensions: Iterable[str] | None = None,
+    layers: LayersArg = "last",
+    pool: str | None = None,
+    format: str = "npz",
+    table: bool = False,
+    batch_size: int = 8,
+    num_workers: int | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    shard: str | None = None,
+    fail_fast: bool = False,
+    offline: bool | None = None,
+    progress: bool | None = None,
+    log_every: float = 30.0,
+) -> ExtractResult:
+    """Embed every audio file of `inputs` (files and folders) and `files_from` (a list file, "-" for
+    stdin) into `out`, mirroring their tree under `root` (default: the deepest folder holding them).
+
+    model: a registry name, "hf-hub:org/repo", a release folder, or a loaded Encoder.
+    layers, pool: as in `Encoder.embed`; format: "npz", "npy" or "safetensors"; table: also write
+        the clip embeddings of every input as one table (Parquet, or .npy plus an index).
+    batch_size: windows per forward pass, packed across files; num_workers: decoding processes
+        (default 1 on CPU, up to 8 with a GPU; 0 decodes in this process).
+    shard: "K/N" takes the K-th of N deterministic parts (K from 0); under torchrun each process
+        then takes its share of that.
+    progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, not {format!r}")
+    if pool not in (None, "mean", "max"):
+        raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
+    ranks = distributed.from_env()
+    if ranks:
+        distributed.start(ranks)
+    try:
+        run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
+        return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
+                           num_workers=num_workers, device=device, dtype=dtype, fail_fast=fail_fast,
+                           offline=offline, progress=progress, log_every=log_every)
+    finally:
+        if ranks:
+            distributed.stop()
+
+
+class _Run:
+    """The state of one extraction run in one process."""
+
+    def __init__(self, inputs: Sequence[Any], out: Any, files_from: Any, root: Any, extensions: Any,
+                 shard: str | None, ranks: distributed.Ranks | None, fmt: str, overwrite: bool) -> None:
+        self.out_dir = Path(os.path.abspath(out))
+        self.format, self.overwrite, self.ranks, self.shard = fmt, overwrite, ranks, shard
+        jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
+                                    extensions=extensions)
+        if shard:
+            jobs = take_shard(jobs, *parse_shard(shard))
+        self.jobs = jobs  # this shard's jobs: the scope of the failed list and the table
+        self.mine = jobs[ranks.rank :: ranks.world] if ranks else jobs
+        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.errors: list[tuple[str, str]] = []
+        self.audio_seconds = 0.0
+        self.started = time.perf_counter()
+
+    # --- the run ------------------------------------------------------------------------------
+    def execute(self, model: Any, *, layers: LayersArg, pool: str | None, table: bool, batch_size: int,
+                num_workers: int | None, device: str | None, dtype: torch.dtype | None, fail_fast: bool,
+                offline: bool | None, progress: bool | None, log_every: float) -> ExtractResult:
+        self.pool, self.fail_fast = pool, fail_fast
+        self.encoder, info = self._load(model, layers, pool, device, dtype, offline)
+        self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
+        check_compatible(self.out_dir, info, self.overwrite)
+        if not self.ranks or self.ranks.rank == 0:
+            write_run_info(self.out_dir, info)
+        self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
+        self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
+        stopped = False
+        try:
+            todo = self._skip_finished()
+            self._embed(todo, batch_size, self._workers(num_workers))
+        except _Stop:
+            stopped = True
+        finally:
+            self.sink.close()
+            self.progress.close()
+        return self._finish(table, stopped)
+
+    def _load(self, model: Any, layers: LayersArg, pool: str | None, device: str | None, dtype: torch.dtype | None,
+              offline: bool | None) -> tuple[Encoder, dict[str, Any]]:
+        from musicssl.factory import load
+
+        enc = model if isinstance(model, Encoder) else load(model, offline=offline)
+        enc.eval()
+        self.model_name = os.fspath(model) if not isinstance(model, Encoder) else enc.spec.name if enc.spec else enc.family
+        info = run_info(enc, self.model_name, layers, pool, self.format, dtype, self)
+        enc.to(device=distributed.device_for(device, self.ranks), dtype=dtype)
+        return enc, info
+
+    def _records_path(self) -> Path:
+        if self.ranks:
+            return self.out_dir / f".manifest.{self.ranks.run_id}.rank{self.ranks.rank}.part.jsonl"
+        return self.out_dir / MANIFEST
+
+    def _workers(self, num_workers: int | None) -> int:
+        if num_workers is not None:
+            return max(0, num_workers)
+        # On CPU the model needs the cores; a GPU needs more decoders to stay fed.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+        if self.encoder.device.type == "cuda":
+            return max(1, min(8, cores // (self.ranks.world if self.ranks else 1) - 1))
+        return 1
+
+    def _skip_finished(self) -> list[Job]:
+        """Record inputs whose output exists as skipped; return the rest."""
+        if self.overwrite:
+            return list(self.mine)
+        todo, done = [], []
+        for job in self.mine:
+            (done if job.output.exists() else todo).append(job)
+        for job in done:
+            self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
+        return todo
+
+    def _embed(self, todo: list[Job], batch_size: int, workers: int) -> None:
+        packer = WindowPacker(batch_size, max_open=max(batch_size, 8))
+        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split)
+        self.open: list[tuple[OpenFile, Claim]] = []
+        with torch.inference_mode():
+            stream = decoded_stream([str(j.source) for j in todo], self.encoder.sample_rate, workers)
+            for seq, item in enumerate(stream):
+                self._admit(todo, item, seq, packer)
+                while packer.ready():
+                    runner.run(packer.take())
+                    self._finish_files(todo)
+            while packer.pool:
+                runner.run(packer.take())
+                self._finish_files(todo)
+
+    def _admit(self, todo: list[Job], item: dict[str, Any], seq: int, packer: WindowPacker) -> None:
+        """A decoded file: claim its output, then queue its windows (or record why not)."""
+        job, seconds = todo[int(item["index"])], float(item["seconds"])
+        if item["error"]:
+            return self._record(job, "error", reason=item["error"], seconds=seconds)
+        claim = Claim(job.output)
+        if not claim.acquire():
+            return self._record(job, "skipped", reason="another run is embedding it")
+        if job.output.exists() and not self.overwrite:  # finished by another run since we planned
+            claim.release()
+            return self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
+        remove_stale_temps(job.output)
+        audio = item["audio"]
+        n_frames = int(self.encoder.frame_lengths(torch.tensor([len(audio)]))[0])
+        if n_frames == 0:
+            claim.release()
+            return self._record(job, "error", seconds=seconds, reason=(
+                f"{job.source}: {len(audio) / self.encoder.sample_rate:.4f} s of audio is too short for one "
+                f"frame of this model ({1 / self.encoder.frame_rate:.3f} s per frame)"))
+        windows = self.encoder._windows([len(audio)])
+        frames = torch.zeros(n_frames, len(self.keep), self.encoder.embed_dim)
+        f = OpenFile(int(item["index"]), seq, audio, frames, len(windows), windows[-1].index, seconds)
+        packer.add(f, windows)
+        self.open.append((f, claim))
+
+    def _finish_files(self, todo: list[Job]) -> None:
+        """Write the outputs of files whose windows are all done; record failed ones."""
+        still = []
+        for f, claim in self.open:
+            if f.windows_left and not f.error:
+                still.append((f, claim))
+                continue
+            job = todo[f.index]
+            try:
+                if f.error:
+                    self._record(job, "error", reason=f"{job.source}: {f.error}", seconds=f.seconds)
+                else:
+                    self._write(job, f)
+            finally:
+                claim.release()
+        self.open = still
+
+    def _write(self, job: Job, f: OpenFile) -> None:
+        start = time.perf_counter()
+        n = f.frames.shape[0]
+        emb = self.encoder._assemble(f.frames[None], torch.tensor([n]), self.keep, self.pool, torch.float32,
+                                     self.single)
+        frames = None if emb.frames is None else emb.frames[0].numpy()
+        clip = emb.clip[0].numpy()
+        duration = len(f.audio) / self.encoder.sample_rate
+        meta = self._metadata(job, duration, emb.layers)
+        try:
+            write_output(self.format, job.output, frames, emb.timestamps[:n].numpy(), clip, meta)
+        except OSError as err:
+            return self._record(job, "error", reason=f"cannot write {job.output}: {err}", seconds=f.seconds)
+        shapes = {"clip": list(clip.shape)} | ({"frames": list(frames.shape)} if frames is not None else {})
+        self.audio_seconds += duration
+        self._record(job, "ok", duration=round(duration, 3), shapes=shapes,
+                     seconds=f.seconds + time.perf_counter() - start)
+
+    def _metadata(self, job: Job, duration: float, layers: list[int]) -> dict[str, Any]:
+        spec = self.encoder.spec
+        return {
+            "model": self.model_name, "revision": spec.revision if spec else None,
+            "sample_rate": self.encoder.sample_rate, "frame_rate": self.encoder.frame_rate,
+            "layers": layers, "pool": self.pool, "source": str(job.source), "duration": round(duration, 3),
+            "musicssl_version": __version__,
+        }
+
+    def _record(self, job: Job, status: str, reason: str = "", seconds: float = 0.0, **extra: Any) -> None:
+        rec = {"input": str(job.source), "output": job.output.relative_to(self.out_dir).as_posix(),
+               "status": status, "reason": reason, **extra, "seconds": round(seconds, 3), "time": now(),
+               "host": f"{socket.gethostname()}:{os.getpid()}"}
+        self.sink.write([rec])
+        self.counts[status] += 1
+        self.progress.update(status, extra.get("duration", 0.0))
+        if status == "error":
+            self.errors.append((str(job.source), reason))
+            log.info("failed: %s", reason)
+            if self.fail_fast:
+                raise _Stop(reason)
+
+    # --- the end ------------------------------------------------------------------------------
+    def _finish(self, table: bool, stopped: bool) -> ExtractResult:
+        counts = [self.counts["ok"], self.counts["skipped"], self.counts["error"], self.audio_seconds, float(stopped)]
+        lead = not self.ranks or self.ranks.rank == 0
+        if self.ranks:
+            distributed.barrier()  # every rank has closed its part of the manifest
+            counts = distributed.sum_counts(counts)
+        failed_list, tables = None, []
+        if lead:
+            merge_parts(self.out_dir)
+            failed_list = self._failed_list()
+            tables = self._table() if table else []
+        if self.ranks:
+            distributed.barrier()  # nobody exits before rank 0 has merged
+        return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
+                             self.out_dir / MANIFEST, failed_list, tables, counts[3],
+                             time.perf_counter() - self.started, bool(counts[4]), self.errors)
+
+    def _suffix(self) -> str:
+        return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
+
+    def _failed_list(self) -> Path | None:
+        """failed.txt: this shard's inputs whose latest record is an error (None, and no file, if none)."""
+        latest = latest_status(self.out_dir / MANIFEST)
+        failed = [str(j.source) for j in self.jobs if latest.get(str(j.source), {}).get("status") == "error"]
+        path = self.out_dir / f"failed{self._suffix()}.txt"
+        if not failed:
+            path.unlink(missing_ok=True)
+            return None
+        write_failed(path, failed)
+        return path
+
+    def _table(self) -> list[Path]:
+        rows = [(str(j.source), j.output.relative_to(self.out_dir).as_posix(),
+                 read_clip(self.format, j.output, pooled=self.pool is not None))
+                for j in self.jobs if j.output.exists()]
+        return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep)
+
+
+def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: str, dtype: torch.dtype | None,
+             run: _Run) -> dict[str, Any]:
+    """run.json: what made the outputs, enough to redo them."""
+    spec = enc.spec
+    return {
+        "model": name, "family": enc.family, "revision": spec.revision if spec else None,
+        "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
+        "layers": enc._layer_indices(layers), "pool": pool, "format": fmt,
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "sample_rate": enc.sample_rate, "frame_rate": enc.frame_rate, "context_seconds": enc.context_seconds,
+        "root": str(run.root), "shard": run.shard, "processes": run.ranks.world if run.ranks else 1,
+        "inputs": len(run.jobs), "musicssl_version": __version__, "torch_version": torch.__version__,
+        "python": sys.version.split()[0], "started": now(), "command": sys.argv,
+    }
+
+
+def model_sha256(enc: Encoder) -> str:
+    """sha256 over the family, constructor arguments and state (names, dtypes, shapes, bytes): the
+    same model gives the same digest wherever it was loaded from."""
+    h = hashlib.sha256(json.dumps([enc.family, enc.args], sort_keys=True, default=str).encode())
+    for name, t in sorted(enc.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _log_split(n: int, err: BaseException) -> None:
+    log.warning("a batch of %d windows failed (%s); retrying it in halves", n, str(err).splitlines()[0][:200])
+
+
+class _Progress:
+    """A tqdm bar with files/s and x-realtime on a terminal; otherwise a log line every `every` s."""
+
+    def __init__(self, total: int, enabled: bool | None, every: float, ranks: distributed.Ranks | None) -> None:
+        self.total, self.every, self.done, self.failed, self.audio = total, every, 0, 0, 0.0
+        self.start = self.last = time.perf_counter()
+        self.prefix = f"[rank {ranks.rank}] " if ranks else ""
+        show = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = None
+        if show and (not ranks or ranks.rank == 0):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="file", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, status: str, audio_seconds: float) -> None:
+        self.done += 1
+        self.failed += status == "error"
+        self.audio += audio_seconds
+        t = time.perf_counter()
+        rt = self.audio / max(t - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rt:.1f}x realtime, {self.failed} failed", refresh=False)
+            self.bar.update(1)
+        elif t - self.last >= self.every or self.done == self.total:
+            self.last = t
+            log.info("%s%d/%d files, %.2f files/s, %.1fx realtime, %d failed", self.prefix, self.done, self.total,
+                     self.done / max(t - self.start, 1e-9), rt, self.failed)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,297 @@
+"""`musicssl embed` / `musicssl.extract` over collections: tree mirroring, resume, faults, concurrency,
+sharding, torchrun and unsafe names. The CLI runs in process through main(argv), except where a real
+process is needed (SIGKILL, two runs at once, torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import musicssl
+from musicssl.bulk import extract
+from musicssl.bulk.plan import shard_of
+from musicssl.cli import main
+
+SR = 16000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tone(path: Path, seconds: float, seed: int = 0, sr: int = SR) -> Path:
+    """A few harmonics plus noise, written in the format the suffix names."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 800) * t) + 0.01 * rng.standard_normal(len(t))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.astype(np.float32), sr)
+    return path
+
+
+def corpus(folder: Path, n: int, seconds: tuple[float, float] = (0.5, 5.0)) -> list[Path]:
+    rng = np.random.default_rng(1)
+    return [tone(folder / f"d{i % 3}" / f"track {i:02d}.wav", float(rng.uniform(*seconds)), seed=i) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A small random spec-ViT release folder with 2 s windows, so longer files span several."""
+    torch.manual_seed(0)
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=2, embed_dim=48, num_heads=3,
+                        context_seconds=2.0, overlap_seconds=0.5)
+    return str(musicssl.save_pretrained(enc, tmp_path_factory.mktemp("model") / "tiny"))
+
+
+def outputs(out: Path, suffix: str = ".npz") -> dict[str, Path]:
+    return {p.relative_to(out).as_posix(): p for p in sorted(out.rglob(f"*{suffix}"))}
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.rglob(".*") if p.is_file()]
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files if k != "metadata"}
+
+
+# --- inputs and outputs ---------------------------------------------------------------------------
+
+def test_tree_is_mirrored_and_name_collisions_survive(tmp_path, capsys):
+    a, b = tmp_path / "in" / "a", tmp_path / "in" / "b"
+    tone(a / "x.wav", 1.0), tone(b / "x.wav", 1.0, seed=1), tone(a / "x.flac", 1.0, seed=2), tone(a / "x.mp3", 1.0)
+    tone(tmp_path / "in" / "ünï cødé" / "with space.ogg", 1.0)
+    (tmp_path / "in" / "link.wav").symlink_to(a / "x.wav")  # the same file twice: embedded once
+    out = tmp_path / "out"
+    inputs = [a, b, tmp_path / "in" / "ünï cødé", tmp_path / "in" / "link.wav"]
+    assert main(["embed", *map(str, inputs), "-o", str(out), "--model", "mfcc"]) == 0
+    assert sorted(outputs(out)) == ["a/x.flac.npz", "a/x.mp3.npz", "a/x.wav.npz", "b/x.wav.npz",
+                                    "ünï cødé/with space.ogg.npz"]
+    assert "5 embedded, 0 skipped, 0 failed of 5 inputs" in capsys.readouterr().out
+    assert not np.array_equal(arrays(out / "a/x.wav.npz")["clip"], arrays(out / "b/x.wav.npz")["clip"])
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"] == "mfcc" and info["musicssl_version"] == musicssl.__version__ and len(info["model_sha256"]) == 64
+    assert info["torch_version"] == torch.__version__ and info["layers"] == [0]
+
+
+def test_files_from_stdin_root_and_path_traversal(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "data" / "deep"
+    files = [tone(src / "..x.wav", 0.5), tone(src / "-rf.wav", 0.5), tone(tmp_path / "data" / "top.wav", 0.5)]
+    out = tmp_path / "data" / "deep" / "out"  # inside the inputs' tree, and names that look like options
+    listing = "\n".join([str(src / ".." / "deep" / "..x.wav"), "", "data/deep/-rf.wav", str(files[2]), str(files[2])])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO(listing + "\n"))
+    assert main(["embed", "--files-from", "-", "-o", str(out), "--model", "mfcc"]) == 0
+    assert sorted(outputs(out)) == ["deep/-rf.wav.npz", "deep/..x.wav.npz", "top.wav.npz"]
+    # Every output is under OUT whatever the names; an input outside --root is refused by name.
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))
+    assert main(["embed", str(files[2]), "--root", str(src), "-o", str(out), "--model", "mfcc"]) == 2
+    assert "not inside the root folder" in capsys.readouterr().err
+
+
+def test_formats_and_the_clip_table(tmp_path, monkeypatch):
+    files = corpus(tmp_path / "in", 4)
+    runs = {}
+    for fmt in ("npz", "npy", "safetensors"):
+        out = tmp_path / fmt
+        res = extract([tmp_path / "in"], out, "mfcc", format=fmt, table=True, layers=[0, -1], num_workers=0)
+        assert res.ok == 4 and res.tables == [out / "clips.parquet"]
+        runs[fmt] = outputs(out, "." + fmt)
+    z = arrays(runs["npz"]["d0/track 00.wav.npz"])
+    npy = np.load(runs["npy"]["d0/track 00.wav.npy"])
+    from safetensors.numpy import load_file
+
+    st = load_file(str(runs["safetensors"]["d0/track 00.wav.safetensors"]))
+    assert z["frames"].shape[0] == 2 and np.array_equal(npy, z["frames"]) and np.array_equal(st["frames"], z["frames"])
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp_path / "npz" / "clips.parquet").to_pydict()
+    assert t["output"][0] == "d0/track 00.wav.npz" and t["path"][0] == str(files[0])
+    assert np.allclose(t["clip_layer0"][0], z["clip"][0])
+    t_npy = pq.read_table(tmp_path / "npy" / "clips.parquet").to_pydict()  # clip recomputed from the frames
+    assert np.allclose(t_npy["clip_layer0"][0], z["clip"][0], atol=1e-5)
+    # Without pyarrow: a .npy matrix and an index, in the same order.
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    res = extract([tmp_path / "in"], tmp_path / "npz", "mfcc", table=True, layers=[0, -1], num_workers=0)
+    assert res.skipped == 4 and [p.name for p in res.tables] == ["clips.npy", "clips.index.tsv"]
+    matrix = np.load(tmp_path / "npz" / "clips.npy")
+    index = (tmp_path / "npz" / "clips.index.tsv").read_text().splitlines()
+    assert matrix.shape == (4, 2, 60) and index[1].split("\t")[1] == "d0/track 00.wav.npz"
+    assert np.allclose(matrix[0], z["clip"])
+
+
+# --- resume and faults ---------------------------------------------------------------------------
+
+def test_skip_overwrite_and_settings_guard(tmp_path, capsys):
+    corpus(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    assert extract([tmp_path / "in"], out, "mfcc", num_workers=0).ok == 3
+    first = {k: p.stat().st_mtime_ns for k, p in outputs(out).items()}
+    res = extract([tmp_path / "in"], out, "mfcc", num_workers=0)
+    assert (res.ok, res.skipped) == (0, 3) and first == {k: p.stat().st_mtime_ns for k, p in outputs(out).items()}
+    assert extract([tmp_path / "in"], out, "mfcc", overwrite=True, num_workers=0).ok == 3
+    # Another model (or layers, pool, format, dtype) into the same OUT would mix embeddings: refused.
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "logmel"]) == 2
+    assert "holds embeddings made with other settings" in capsys.readouterr().err
+    statuses = [r["status"] for r in manifest(out)]
+    assert statuses == ["ok"] * 3 + ["skipped"] * 3 + ["ok"] * 3
+
+
+def test_corrupt_files_are_listed_and_the_rest_embedded(tmp_path, capsys):
+    files = corpus(tmp_path / "in", 18)
+    bad = tmp_path / "in" / "bad"
+    bad.mkdir()
+    (bad / "empty.wav").write_bytes(b"")
+    (bad / "garbage.flac").write_bytes(os.urandom(3000))
+    good = files[0].read_bytes()
+    (bad / "truncated.mp3").write_bytes(b"ID3" + os.urandom(200))
+    (bad / "header-only.wav").write_bytes(good[:44])
+    (bad / "unreadable.wav").write_bytes(good)
+    (bad / "unreadable.wav").chmod(0)
+    out = tmp_path / "out"
+    code = main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", "2"])
+    text = capsys.readouterr()
+    n_bad = 5 if os.geteuid() != 0 else 4  # root reads a chmod-0 file
+    assert code == 1 and f"{23 - n_bad} embedded, 0 skipped, {n_bad} failed of 23 inputs" in text.out
+    failed = (out / "failed.txt").read_text().splitlines()
+    assert len(failed) == n_bad and all(Path(p).parent == bad for p in failed) and "failed.txt" in text.out
+    reasons = {Path(r["input"]).name: r["reason"] for r in manifest(out) if r["status"] == "error"}
+    assert all(name in reasons[name] for name in reasons)  # every reason names its file
+    assert len(outputs(out)) == 23 - n_bad and not leftovers(out)
+    # Fixed files are retried from the list; the list then disappears.
+    for p in failed:
+        Path(p).chmod(0o644)
+        tone(Path(p).with_suffix(".wav"), 0.5)
+        Path(p).unlink() if Path(p).suffix != ".wav" else None
+    fixed = [str(Path(p).with_suffix(".wav")) for p in failed]
+    (tmp_path / "retry.txt").write_text("\n".join(fixed))
+    assert main(["embed", "--files-from", str(tmp_path / "retry.txt"), "--root", str(tmp_path / "in"),
+                 "-o", str(out), "--model", "mfcc"]) == 0
+    assert all((out / "bad" / (Path(p).name + ".npz")).exists() for p in fixed)
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path, capsys):
+    corpus(tmp_path / "in", 4)
+    (tmp_path / "in" / "d0" / "a-broken.wav").write_bytes(b"RIFF nonsense")
+    res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", fail_fast=True, num_workers=0)
+    assert res.stopped_early and res.failed == 1 and res.ok < 4 and res.exit_code == 1
+
+
+def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monkeypatch):
+    corpus(tmp_path / "in", 5, seconds=(3.0, 6.0))
+    ref = extract([tmp_path / "in"], tmp_path / "ref", tiny_model, batch_size=1, num_workers=0)
+    real = musicssl.Encoder._run_windows
+    seen = []
+
+    def flaky(self, wav, n_samples, keep):
+        seen.append(len(n_samples))
+        if len(n_samples) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, wav, n_samples, keep)
+
+    monkeypatch.setattr(musicssl.Encoder, "_run_windows", flaky)
+    res = extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0)
+    assert res.ok == 5 and ref.ok == 5 and max(seen) == 8 and 2 in seen
+    for rel, p in outputs(tmp_path / "ref").items():
+        for k, v in arrays(p).items():
+            assert np.allclose(arrays(tmp_path / "out" / rel)[k], v, atol=1e-5), (rel, k)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+def cli_process(args: list[str], slow: float = 0.0, **kw) -> subprocess.Popen:
+    """`musicssl embed ARGS` in a fresh interpreter; `slow` adds seconds per forward pass so a test
+    can act while the run is under way."""
+    code = ("import sys, time, musicssl\n"
+            f"slow = {slow}\n"
+            "real = musicssl.Encoder._run_windows\n"
+            "def run(self, *a):\n    time.sleep(slow)\n    return real(self, *a)\n"
+            "musicssl.Encoder._run_windows = run\n"
+            "from musicssl.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, "embed", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killed_run_resumes_to_identical_outputs(tmp_path, tiny_model):
+    files = corpus(tmp_path / "in", 16, seconds=(1.0, 5.0))
+    args = [str(tmp_path / "in"), "--model", tiny_model, "--batch-size", "1", "--num-workers", "1"]
+    assert main(["embed", *args, "-o", str(tmp_path / "clean")]) == 0
+    proc = cli_process([*args, "-o", str(tmp_path / "out")], slow=0.1)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(outputs(tmp_path / "out")) < 4:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(outputs(tmp_path / "out"))
+    assert 4 <= done < len(files), "the run should have been killed halfway"
+    # A temporary file left by a kill mid-write is removed when its input is redone.
+    pending = sorted(set(outputs(tmp_path / "clean")) - set(outputs(tmp_path / "out")))[0]
+    stale = tmp_path / "out" / Path(pending).parent / f".{Path(pending).name}.vm.1.x.part"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
+    assert main(["embed", *args, "-o", str(tmp_path / "out")]) == 0
+    clean, resumed = outputs(tmp_path / "clean"), outputs(tmp_path / "out")
+    assert sorted(clean) == sorted(resumed) and not leftovers(tmp_path / "out")
+    for rel in clean:
+        a, b = arrays(clean[rel]), arrays(resumed[rel])
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), rel
+    statuses = [r["status"] for r in manifest(tmp_path / "out")]
+    assert statuses.count("ok") == len(files) and statuses.count("skipped") == done
+
+
+def test_two_concurrent_runs_share_one_output_folder(tmp_path):
+    files = corpus(tmp_path / "in", 24, seconds=(0.5, 2.0))
+    args = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc", "--num-workers", "0"]
+    procs = [cli_process(args, slow=0.02) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=300)
+        assert p.returncode == 0
+    records = manifest(tmp_path / "out")  # every line whole
+    ok = [r["input"] for r in records if r["status"] == "ok"]
+    assert sorted(ok) == sorted(map(str, files)), "each file embedded exactly once between the two runs"
+    assert len(records) == 2 * len(files) and not leftovers(tmp_path / "out")
+    for p in outputs(tmp_path / "out").values():
+        assert arrays(p)["frames"].shape[-1] == 60
+
+
+def test_shards_cover_every_file_exactly_once(tmp_path):
+    files = corpus(tmp_path / "in", 30, seconds=(0.3, 0.6))
+    out = tmp_path / "out"
+    got = []
+    for k in range(3):
+        res = extract([tmp_path / "in"], out, "mfcc", shard=f"{k}/3", num_workers=0, table=True)
+        got.append(res.ok)
+        assert res.tables[0].name == f"clips.shard-{k}-of-3.parquet"
+    assert sum(got) == len(files) and all(got)  # nobody idle, nothing twice
+    assert len(outputs(out)) == len(files) and len(manifest(out)) == len(files)
+    assert shard_of("d0/track 00.wav", 3) == shard_of("d0/track 00.wav", 3)  # a pure function of the name
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--shard", "3/3"]) == 2
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    files = corpus(tmp_path / "in", 10, seconds=(0.5, 2.0))
+    (tmp_path / "in" / "broken.wav").write_bytes(b"RIFF nonsense")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "musicssl", "embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]  # one input failed: every rank exits non-zero
+    assert "10 embedded, 0 skipped, 1 failed of 11 inputs" in res.stdout
+    records = manifest(out)  # merged by rank 0; no part files left
+    assert sorted(r["input"] for r in records if r["status"] == "ok") == sorted(map(str, files))
+    assert len({r["host"] for r in records}) == 2 and not leftovers(out)
+    assert (out / "failed.txt").read_text().strip().endswith("broken.wav")
