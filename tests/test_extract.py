@@ -237,9 +237,9 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path, tiny_model):
     proc.wait()
     done = len(outputs(tmp_path / "out"))
     assert 4 <= done < len(files), "the run should have been killed halfway"
-    # A temporary file left by a kill mid-write is removed when its input is redone.
+    # A temporary file left by a kill mid-write is replaced when its input is redone.
     pending = sorted(set(outputs(tmp_path / "clean")) - set(outputs(tmp_path / "out")))[0]
-    stale = tmp_path / "out" / Path(pending).parent / f".{Path(pending).name}.vm.1.x.part"
+    stale = tmp_path / "out" / Path(pending).parent / f".{Path(pending).name}.part"
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"partial")
     assert main(["embed", *args, "-o", str(tmp_path / "out")]) == 0

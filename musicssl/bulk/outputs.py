@@ -20,50 +20,53 @@ FORMATS = {"npz": ".npz", "npy": ".npy", "safetensors": ".safetensors"}
 TEMP_SUFFIX = ".part"
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`."""
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", temp: Path | None = None) -> None:
+    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`.
+
+    temp: a fixed temporary name, for writers that hold the output's claim (a killed run's leftover
+    is then simply overwritten); by default a unique name.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The host and pid in the name say who owns it; the rename is atomic on one filesystem.
-    prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
+    if temp is None:
+        # The host and pid in the name say who owns it; the rename is atomic on one filesystem.
+        prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
+    else:
+        fd, tmp = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), str(temp)
     try:
         with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fsync(fh.fileno())  # so a machine crash cannot leave an empty file under the final name
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def remove_stale_temps(path: Path) -> None:
-    """Delete temporary files a killed run left for `path` (call only while holding its claim)."""
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f".{glob_escape(path.name)}.*{TEMP_SUFFIX}"):
-            stale.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+def claimed_temp(path: Path) -> Path:
+    """The temporary name of an output whose claim is held (see manifest.Claim)."""
+    return path.parent / f".{path.name}{TEMP_SUFFIX}"
 
 
 def write_output(fmt: str, path: Path, frames: np.ndarray | None, timestamps: np.ndarray | None,
                  clip: np.ndarray, meta: dict[str, Any]) -> None:
-    """One file's embeddings -> `path` in `fmt`. npy holds one array: the frames, or the clip when
-    frames were not kept (pooled runs); the metadata then lives in the manifest and run.json."""
+    """One file's embeddings -> `path` in `fmt`, through its claimed temporary name (hold the claim).
+    npy holds one array: the frames, or the clip when frames were not kept (pooled runs); the
+    metadata then lives in the manifest and run.json."""
     arrays = {"clip": clip}
     if frames is not None:
         arrays |= {"frames": frames, "timestamps": timestamps}
+    temp = claimed_temp(path)
     if fmt == "npz":
-        atomic_write(path, lambda fh: np.savez(fh, metadata=np.array(json.dumps(meta)), **arrays))
+        atomic_write(path, lambda fh: np.savez(fh, metadata=np.array(json.dumps(meta)), **arrays), temp=temp)
     elif fmt == "npy":
-        atomic_write(path, lambda fh: np.save(fh, frames if frames is not None else clip))
+        atomic_write(path, lambda fh: np.save(fh, frames if frames is not None else clip), temp=temp)
     elif fmt == "safetensors":
         from safetensors.numpy import save
 
         blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata={"metadata": json.dumps(meta)})
-        atomic_write(path, lambda fh: fh.write(blob))
+        atomic_write(path, lambda fh: fh.write(blob), temp=temp)
     else:
         raise ValueError(f"unknown output format {fmt!r}; choose one of {sorted(FORMATS)}")
 

@@ -53,7 +53,7 @@ def decoded_stream(paths: list[str], sample_rate: int, num_workers: int) -> Data
     """Decoded files in order, `num_workers` processes ahead of the model (0: decode in this process)."""
     return DataLoader(
         DecodeFiles(paths, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
+        prefetch_factor=4 if num_workers else None,
     )
 
 

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from musicssl import __version__
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
-from musicssl.bulk.outputs import FORMATS, read_clip, remove_stale_temps, write_output, write_table
+from musicssl.bulk.outputs import FORMATS, read_clip, write_output, write_table
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, WindowPacker, decoded_stream
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
+from musicssl.bulk.writer import BackgroundWriter
 from musicssl.models.base import Encoder, LayersArg, _single_layer
 from musicssl.registry import DEFAULT_MODEL
 
@@ -151,13 +153,16 @@ class _Run:
             write_run_info(self.out_dir, info)
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
         self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
+        self.writer, self.lock = BackgroundWriter(), threading.Lock()
         stopped = False
         try:
             todo = self._skip_finished()
             self._embed(todo, batch_size, self._workers(num_workers))
+            self.writer.close()
         except _Stop:
             stopped = True
         finally:
+            self.writer.close(check=False)
             self.sink.close()
             self.progress.close()
         return self._finish(table, stopped)
@@ -224,7 +229,6 @@ class _Run:
         if job.output.exists() and not self.overwrite:  # finished by another run since we planned
             claim.release()
             return self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
-        remove_stale_temps(job.output)
         audio = item["audio"]
         n_frames = int(self.encoder.frame_lengths(torch.tensor([len(audio)]))[0])
         if n_frames == 0:
@@ -239,39 +243,42 @@ class _Run:
         self.open.append((f, claim))
 
     def _finish_files(self, todo: list[Job]) -> None:
-        """Write the outputs of files whose windows are all done; record failed ones."""
+        """Hand files whose windows are all done to the writer thread; record failed ones."""
         still = []
         for f, claim in self.open:
             if f.windows_left and not f.error:
                 still.append((f, claim))
-                continue
-            job = todo[f.index]
-            try:
-                if f.error:
-                    self._record(job, "error", reason=f"{job.source}: {f.error}", seconds=f.seconds)
-                else:
-                    self._write(job, f)
-            finally:
+            elif f.error:
+                job = todo[f.index]
                 claim.release()
+                self._record(job, "error", reason=f"{job.source}: {f.error}", seconds=f.seconds)
+            else:
+                self.writer.submit(self._store, todo[f.index], self._outputs(f), f.seconds, claim)
         self.open = still
 
-    def _write(self, job: Job, f: OpenFile) -> None:
-        start = time.perf_counter()
+    def _outputs(self, f: OpenFile) -> dict[str, Any]:
+        """A finished file's arrays: frames (T, D) or (L, T, D) (None when pooled), timestamps (T,), clip."""
         n = f.frames.shape[0]
         emb = self.encoder._assemble(f.frames[None], torch.tensor([n]), self.keep, self.pool, torch.float32,
                                      self.single)
-        frames = None if emb.frames is None else emb.frames[0].numpy()
-        clip = emb.clip[0].numpy()
-        duration = len(f.audio) / self.encoder.sample_rate
-        meta = self._metadata(job, duration, emb.layers)
+        return {"frames": None if emb.frames is None else emb.frames[0].numpy(), "timestamps": emb.timestamps.numpy(),
+                "clip": emb.clip[0].numpy(), "layers": emb.layers, "duration": len(f.audio) / self.encoder.sample_rate}
+
+    def _store(self, job: Job, out: dict[str, Any], seconds: float, claim: Claim) -> None:
+        """On the writer thread: write one output, record it, release its claim."""
+        start = time.perf_counter()
         try:
-            write_output(self.format, job.output, frames, emb.timestamps[:n].numpy(), clip, meta)
+            meta = self._metadata(job, out["duration"], out["layers"])
+            write_output(self.format, job.output, out["frames"], out["timestamps"], out["clip"], meta)
         except OSError as err:
-            return self._record(job, "error", reason=f"cannot write {job.output}: {err}", seconds=f.seconds)
-        shapes = {"clip": list(clip.shape)} | ({"frames": list(frames.shape)} if frames is not None else {})
-        self.audio_seconds += duration
-        self._record(job, "ok", duration=round(duration, 3), shapes=shapes,
-                     seconds=f.seconds + time.perf_counter() - start)
+            return self._record(job, "error", reason=f"cannot write {job.output}: {err}", seconds=seconds)
+        finally:
+            claim.release()
+        shapes = {"clip": list(out["clip"].shape)}
+        if out["frames"] is not None:
+            shapes["frames"] = list(out["frames"].shape)
+        self._record(job, "ok", duration=round(out["duration"], 3), shapes=shapes,
+                     seconds=seconds + time.perf_counter() - start)
 
     def _metadata(self, job: Job, duration: float, layers: list[int]) -> dict[str, Any]:
         spec = self.encoder.spec
@@ -286,11 +293,14 @@ class _Run:
         rec = {"input": str(job.source), "output": job.output.relative_to(self.out_dir).as_posix(),
                "status": status, "reason": reason, **extra, "seconds": round(seconds, 3), "time": now(),
                "host": f"{socket.gethostname()}:{os.getpid()}"}
-        self.sink.write([rec])
-        self.counts[status] += 1
-        self.progress.update(status, extra.get("duration", 0.0))
+        with self.lock:  # the main thread and the writer thread both record
+            self.sink.write([rec])
+            self.counts[status] += 1
+            self.audio_seconds += extra.get("duration", 0.0)
+            self.progress.update(status, extra.get("duration", 0.0))
+            if status == "error":
+                self.errors.append((str(job.source), reason))
         if status == "error":
-            self.errors.append((str(job.source), reason))
             log.info("failed: %s", reason)
             if self.fail_fast:
                 raise _Stop(reason)

@@ -1,0 +1,43 @@
+"""Outputs written on a background thread, so file I/O (and its fsync) overlaps the next batches."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+
+class BackgroundWriter:
+    """Runs tasks in order on one thread, with at most `limit` waiting (each holds a file's arrays).
+
+    An exception in a task is re-raised in the caller's thread by the next `submit` or by `close`.
+    """
+
+    def __init__(self, limit: int = 16) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="musicssl-writer")
+        self.slots = threading.BoundedSemaphore(limit)
+        self.failure: BaseException | None = None
+
+    def submit(self, task: Callable[..., None], *args: Any) -> None:
+        self.check()
+        self.slots.acquire()
+        self.pool.submit(self._run, task, args)
+
+    def _run(self, task: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            task(*args)
+        except BaseException as err:  # noqa: BLE001 -- handed to the caller's thread by check()
+            self.failure = self.failure or err
+        finally:
+            self.slots.release()
+
+    def check(self) -> None:
+        if self.failure is not None:
+            err, self.failure = self.failure, None
+            raise err
+
+    def close(self, check: bool = True) -> None:
+        """Wait for every task; then re-raise a task's exception if `check`."""
+        self.pool.shutdown(wait=True)
+        if check:
+            self.check()
