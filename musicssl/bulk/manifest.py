@@ -25,7 +25,7 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
     """Append JSON lines under an exclusive lock, starting on a fresh line if a killed run left half a line."""
     if not records:
         return
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    data = json_lines(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -36,6 +36,10 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def json_lines(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -133,7 +137,7 @@ class RecordSink:
         if self.fd is None:
             append_records(self.path, records)
         elif records:
-            os.write(self.fd, "".join(json.dumps(r) + "\n" for r in records).encode())
+            os.write(self.fd, json_lines(records))
 
     def close(self) -> None:
         if self.fd is not None:

@@ -95,7 +95,7 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
     except ImportError:
         return _write_table_npy(out_dir, name, rows)
     columns: dict[str, Any] = {"path": [r[0] for r in rows], "output": [r[1] for r in rows]}
-    clips = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    clips = _clip_matrix(rows)
     if clips.ndim == 2:
         columns["clip"] = _fixed_lists(pa, clips)
     else:
@@ -107,12 +107,17 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
     return [path]
 
 
+def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]]) -> np.ndarray:
+    """The rows' clips stacked: (N, D) or (N, L, D) float32."""
+    return np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
+
 def _fixed_lists(pa: Any, matrix: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
 def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]]) -> list[Path]:
-    matrix = np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    matrix = _clip_matrix(rows)
     index = "".join(f"{json.dumps(r[0])[1:-1]}\t{json.dumps(r[1])[1:-1]}\n" for r in rows)
     npy, tsv = out_dir / f"{name}.npy", out_dir / f"{name}.index.tsv"
     atomic_write(npy, lambda fh: np.save(fh, matrix))

@@ -122,6 +122,9 @@ class BatchRunner:
     keep: list[int]
     on_split: Callable[[int, BaseException], None] = lambda n, err: None
 
+    def __post_init__(self) -> None:
+        self.plan = self.encoder._window_plan()
+
     def run(self, batch: list[tuple[OpenFile, _Window]]) -> None:
         batch = [(f, w) for f, w in batch if not f.error]
         if not batch:
@@ -134,7 +137,7 @@ class BatchRunner:
             return
         share = (time.perf_counter() - start) / len(batch)
         for j, (f, w) in enumerate(batch):
-            self.encoder._place(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j])
+            self.encoder._place(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
             f.windows_left -= 1
             f.seconds += share
 

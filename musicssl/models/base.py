@@ -184,6 +184,7 @@ class Encoder(nn.Module):
         last_window = {w.item: w.index for w in windows}
         # Longest first: batches then hold windows of similar length and pad little.
         order = sorted(windows, key=lambda w: -w.length)
+        plan = self._window_plan()
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             wav = torch.zeros(len(batch), max(w.length for w in batch))
@@ -191,7 +192,7 @@ class Encoder(nn.Module):
                 wav[j, : w.length] = torch.from_numpy(items[w.item][w.start : w.start + w.length])
             stacked, n_valid = self._run_windows(wav, [w.length for w in batch], keep)
             for j, w in enumerate(batch):
-                self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j])
+                self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
         return frames, lengths
 
     def _run_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -204,9 +205,11 @@ class Encoder(nn.Module):
         stacked = torch.stack([hidden[i] for i in keep], dim=2).float().cpu()
         return stacked, self.frame_lengths(n).tolist()
 
-    def _place(self, frames: torch.Tensor, w: _Window, last: bool, window: torch.Tensor, n_valid: int) -> None:
-        """Stitch one window's frames (T_w, L, D) into its item's frames (T, L, D) in place."""
-        _, step, trim = self._window_plan()
+    def _place(self, frames: torch.Tensor, w: _Window, last: bool, window: torch.Tensor, n_valid: int,
+               plan: tuple[int, int, int]) -> None:
+        """Stitch one window's frames (T_w, L, D) into its item's frames (T, L, D) in place; `plan` is
+        `_window_plan()`, computed once by the caller."""
+        _, step, trim = plan
         frames_step = step // self.hop_length
         # Keep the middle of each window; the first and last keep their outer edges too.
         lo = 0 if w.index == 0 else trim
