@@ -108,16 +108,97 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="release folder to write")
     s.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
     s.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
+    add_eval_parser(sub)
+    add_finetune_parser(sub)
     return p
 
 
-def parse_layers(text: str) -> Any:
-    if text in ("last", "all"):
+def add_eval_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "eval", help="probe frozen embeddings of models on labelled tasks",
+        description="Evaluate models on tasks with probes on frozen clip embeddings (linear, MLP, kNN). A task "
+                    "is a CSV with columns path,label[,split][,group] (labels: a class, classes joined by ';' "
+                    "for multi-label, or a number for regression; an optional TASK.json beside it may say "
+                    "{\"kind\": \"pitch\"}) or a folder with a subfolder per class. Missing splits are made "
+                    "(stratified, seeded; whole groups). Hyper-parameters and the best layer are chosen on "
+                    "valid, metrics reported on test. Embeddings are cached, so re-runs only probe. Writes "
+                    "OUT/<task>.json and OUT/<task>.png (with matplotlib).",
+    )
+    s.add_argument("tasks", nargs="+", metavar="TASK", help="task CSV files or class folders")
+    s.add_argument("--models", default=DEFAULT_MODEL,
+                   help=f"comma-separated names, hf-hub ids, folders or NAME:random (default {DEFAULT_MODEL})")
+    s.add_argument("--layers", default="recommended",
+                   help="'recommended' (default: each model's card), 'last', 'all' or indices like '4,8,-1'")
+    s.add_argument("--probes", default="linear,mlp,knn", help="comma-separated from linear, mlp, knn (default all)")
+    s.add_argument("-o", "--out", default=None, help="folder for the JSON results and plots (default: print only)")
+    add_task_options(s)
+    s.add_argument("--pool", choices=["mean", "max"], default="mean", help="clip pooling of frames (default mean)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the probes and of made splits (default 0)")
+    s.add_argument("--cache", default=None, help="embedding cache folder (default <musicssl cache>/embeddings)")
+    s.add_argument("--device", default=None, help="torch device for embedding (default: cuda if available)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision (default float32)")
+    s.add_argument("--batch-size", type=int, default=8, help="files embedded per batch (default 8)")
+    s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
+
+
+def add_task_options(s: argparse.ArgumentParser) -> None:
+    """How `eval` and `finetune` read a task file."""
+    s.add_argument("--root", default=None, help="folder that relative paths in task CSVs start from "
+                                                "(default: each CSV's folder)")
+    s.add_argument("--kind", choices=["classification", "multilabel", "regression", "pitch"], default=None,
+                   help="task kind (default: from TASK.json, else read from the labels)")
+    s.add_argument("--label", default=None, help="label column of the CSV (default 'label')")
+
+
+def add_finetune_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "finetune", help="fine-tune a model on a labelled task",
+        description="Fine-tune a model on a task (a CSV with columns path,label[,split][,group], or a folder "
+                    "with a subfolder per class): a head over a learned weighted sum of the model's layers, "
+                    "trained on random crops of its context window and scored on whole clips. The head first "
+                    "trains alone (--head-epochs), then with the blocks --freeze opens, each block at a learning "
+                    "rate decayed by depth (--llrd). Stops early when the validation score (accuracy, mAP, R2 or "
+                    "raw pitch accuracy) stops improving, keeps the best weights and prints the test metrics. "
+                    "OUT is a release folder: musicssl.load(OUT) gives "
+                    "the classifier (backbone + head, .predict(audio)); OUT also holds metrics.json and log.jsonl.",
+    )
+    s.add_argument("task", help="task CSV or class folder")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"name, hf-hub:org/repo or folder (default {DEFAULT_MODEL})")
+    s.add_argument("-o", "--out", required=True, help="run folder to write (a release folder that musicssl.load reads)")
+    s.add_argument("--freeze", default="full", help="what trains besides the head: 'frozen' (nothing), 'last-N' (the "
+                                                    "last N blocks, e.g. last-2) or 'full' (everything; default)")
+    s.add_argument("--epochs", type=int, default=30, help="most passes over the training clips (default 30)")
+    s.add_argument("--patience", type=int, default=10,
+                   help="stop after this many epochs in which neither the validation score nor the validation "
+                        "loss improved (default 10); the weights of the best validation score are kept")
+    s.add_argument("--head-epochs", type=int, default=5,
+                   help="unless frozen, epochs of training the head alone first, at 1e-3 (default 5; 0: none)")
+    s.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the head and the last block (default 1e-3 frozen, else 3e-4)")
+    s.add_argument("--llrd", type=float, default=0.75,
+                   help="layer-wise decay: block i of L trains at lr * llrd^(L - i) (default 0.75; 1 = none)")
+    s.add_argument("--batch-size", type=int, default=16, help="crops per step (default 16)")
+    s.add_argument("--layers", default="all", help="layers mixed by learned weights: 'all' (default), 'last' or "
+                                                   "indices like '4,8,-1'")
+    s.add_argument("--pool", choices=["mean", "max"], default="mean", help="pooling over frames (default mean)")
+    s.add_argument("--hidden", type=int, default=0, help="width of a hidden layer in the head (default 0: linear)")
+    add_task_options(s)
+    s.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    s.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+                   help="training precision: auto (bfloat16 autocast on CUDA, float32 elsewhere; default), "
+                        "float32, bfloat16 or float16 (autocast with loss scaling); weights stay float32")
+    s.add_argument("--seed", type=int, default=0, help="seed of the head, the crops and their order (default 0)")
+    s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
+
+
+def parse_layers(text: str, command: str = "embed", named: tuple[str, ...] = ("last", "all")) -> Any:
+    if text in named:
         return text
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise SystemExit(f"musicssl embed: --layers takes 'last', 'all' or comma-separated integers, not {text!r}")
+        raise SystemExit(f"musicssl {command}: --layers takes {', '.join(map(repr, named))} or "
+                         f"comma-separated integers, not {text!r}")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -247,6 +328,51 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
               f"-o {shlex.quote(str(r.out_dir))} --model {shlex.quote(args.model)}")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from musicssl.evaluate import evaluate, format_table, write_outputs
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit("musicssl eval: --models names no model")
+    layers = parse_layers(args.layers, "eval", ("recommended", "last", "all"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for task in args.tasks:
+        result = evaluate(
+            task, models, layers=layers, probes=[p.strip() for p in args.probes.split(",")], pool=args.pool,
+            seed=args.seed, cache=args.cache, device=device, dtype=getattr(torch, DTYPES[args.dtype]),
+            batch_size=args.batch_size, offline=args.offline or None, root=args.root, kind=args.kind,
+            label=args.label,
+        )
+        print(format_table(result) + "\n")
+        if args.out:
+            for path in write_outputs(result, args.out).values():
+                print(f"wrote {path}")
+    return 0
+
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from musicssl.finetune import finetune, format_metrics
+
+    layers = parse_layers(args.layers, "finetune")
+    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(DTYPES.get(args.dtype), "auto")
+    r = finetune(
+        args.task, model=args.model, out=args.out, freeze=args.freeze, epochs=args.epochs, lr=args.lr,
+        llrd=args.llrd, head_epochs=args.head_epochs, batch_size=args.batch_size, device=args.device,
+        seed=args.seed, patience=args.patience, kind=args.kind, label=args.label, root=args.root, pool=args.pool,
+        layers=layers, hidden=args.hidden, precision=precision, offline=args.offline or None,
+    )
+    t = r.task
+    print(f"fine-tuned {r.settings['model']} on {t['name']} ({t['kind']}, {t['train']} train / {t['valid']} valid / "
+          f"{t['test']} test clips, freeze={args.freeze}): best validation {r.primary} at epoch {r.best_epoch} "
+          f"of {r.epochs}")
+    print(format_metrics(r))
+    print(f"saved: {r.out} (load with musicssl.load({str(r.out)!r}))")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from musicssl.recipes.train import parse_overrides, recipe_class, train
 
@@ -270,7 +396,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "info": cmd_info, "download": cmd_download, "convert": cmd_convert,
-            "embed": cmd_embed, "train": cmd_train, "export": cmd_export}
+            "embed": cmd_embed, "train": cmd_train, "export": cmd_export, "eval": cmd_eval,
+            "finetune": cmd_finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

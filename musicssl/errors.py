@@ -44,3 +44,7 @@ class ReleaseFormatError(MusicsslError, ValueError):
 
 class MissingDependencyError(MusicsslError, ImportError):
     """An optional dependency needed for this call is not installed."""
+
+
+class TaskFormatError(MusicsslError, ValueError):
+    """A task file or folder is malformed (names the file, the row and what to fix)."""

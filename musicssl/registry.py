@@ -20,11 +20,12 @@ from musicssl.errors import UnknownModelError
 # The model `musicssl.load()` and `musicssl embed` use when no name is given.
 DEFAULT_MODEL = "simclr-mini"
 
-# Family modules imported the first time the registry is read, so `import musicssl` stays cheap.
+# Family modules imported the first time the registry is read, so `import musicssl` stays cheap
+# (musicssl.finetune registers the Classifier that fine-tuned releases rebuild).
 _FAMILY_MODULES = ("musicssl.models.baselines", "musicssl.models.spec_vit", "musicssl.models.samplecnn",
                    "musicssl.models.pesto", "musicssl.models.hubert", "musicssl.models.conformer",
                    "musicssl.models.omar_rq", "musicssl.models.dasheng", "musicssl.models.music2latent",
-                   "musicssl.models.htsat")
+                   "musicssl.models.htsat", "musicssl.finetune")
 
 
 @dataclass(frozen=True)

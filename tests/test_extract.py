@@ -295,3 +295,27 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert sorted(r["input"] for r in records if r["status"] == "ok") == sorted(map(str, files))
     assert len({r["host"] for r in records}) == 2 and not leftovers(out)
     assert (out / "failed.txt").read_text().strip().endswith("broken.wav")
+
+
+def test_model_digest_covers_zero_dim_buffers() -> None:
+    """PESTO keeps its pitch shift as a 0-d buffer: the digest must read it, and change with it."""
+    import musicssl
+    from musicssl.bulk.run import model_sha256
+
+    enc = musicssl.load("pesto-tiny", pretrained=False)
+    name = next(k for k, v in enc.state_dict().items() if v.dim() == 0)
+    before = model_sha256(enc)
+    enc.state_dict()[name].add_(1.0)
+    assert model_sha256(enc) != before
+
+
+def test_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Temporary files are private (0600); the renamed output follows the umask like any new file."""
+    from musicssl.bulk.outputs import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "x.npy", lambda fh: fh.write(b"data"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.npy").stat().st_mode & 0o777 == 0o644

@@ -7,6 +7,7 @@ renamed, so a reader (or a killed run) never sees a partial output.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -31,6 +32,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", tem
         # The host and pid in the name say who owns it; the rename is atomic on one filesystem.
         prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     else:
         fd, tmp = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), str(temp)
     try:
@@ -42,6 +44,14 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", tem
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it, which other threads could see)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def claimed_temp(path: Path) -> Path:

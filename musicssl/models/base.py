@@ -83,6 +83,14 @@ class Encoder(nn.Module):
         """Load weights from upstream files (name -> local path) through the family's converter."""
         raise NotImplementedError(f"the {self.family!r} family has no converter for upstream weights")
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        """The network's blocks in order, input to output, for freezing and layer-wise learning rates
+        (`musicssl.finetune.layer_groups`); a parameter outside them belongs with the block registered
+        before it, or with the front end when none is. Default: `self.blocks`, where most families
+        keep them."""
+        blocks = getattr(self, "blocks", None)
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
     # --- derived facts ------------------------------------------------------------------------
     @property
     def frame_rate(self) -> float:

@@ -298,6 +298,9 @@ class MusicFM(Encoder):
         tokens = torch.div(mel_frames + 3, 4, rounding_mode="floor")
         return torch.where(lengths > 0, tokens.clamp(min=1), tokens)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        return list(self.conformer.layers)
+
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         """wav (B, S) -> normalised dB mel (B, n_mels, S // mel_hop), float32."""
         return self.norm(self.to_db(self.melspec(wav.float()))[..., :-1])

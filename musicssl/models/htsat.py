@@ -343,6 +343,10 @@ class HTSAT(Encoder):
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(lengths + self.clip_samples - 1, self.clip_samples, rounding_mode="floor")
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        # Each stage's patch merging joins its last Swin block.
+        return [blk for stage in self.layers for blk in stage.blocks]
+
     def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         B, S = wav.shape
         n = self.clip_samples

@@ -279,6 +279,12 @@ class HuBERT(Encoder):
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return self._conv_lengths(lengths.clamp(min=self.receptive_field))[-1]
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        blocks: list[nn.Module] = list(self.encoder.layers)
+        if self.encoder.pre_ln:  # the shared norm then acts after the last layer, so it trains with it
+            blocks[-1] = nn.ModuleList([blocks[-1], self.encoder.layer_norm])
+        return blocks
+
     def standardize(self, wav: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(x - mean) / sqrt(var + 1e-7) over each item's first `lengths` samples (population
         variance, float32), zero past them: (B, S) -> (B, S)."""

@@ -297,6 +297,9 @@ class Music2Latent(Encoder):
         stft_frames = torch.div(lengths - 3 * STFT_HOP, STFT_HOP, rounding_mode="floor")
         return torch.div(stft_frames, self.stft_frames_per_frame, rounding_mode="floor").clamp(min=1)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        return [*self.down_layers, *getattr(self, "bottleneck_layers", [])]
+
     def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """wav (B, S), lengths (B,) -> [(B, T, embed_dim)], zero past each item's frames.
 

@@ -254,6 +254,10 @@ class PESTO(Encoder):
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return conv_frames(lengths, self.hop_length)
 
+    def finetune_blocks(self) -> list[nn.Module]:
+        net = self.encoder
+        return [net.conv1, *net.prefilt_layers, *(m for m in net.conv_layers if isinstance(m, nn.Conv1d)), net.fc]
+
     def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
         """wav (B, S) at `sample_rate` -> [logits, distribution] (B, T, output_dim), rolled so that
         bin b is MIDI b / bins_per_semitone. Each item is reflected at its own end (`lengths`)."""

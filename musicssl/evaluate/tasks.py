@@ -1,0 +1,294 @@
+"""Downstream tasks: a CSV (`path,label[,split]`) or a folder per class, with deterministic splits.
+
+An optional `group` column names what items must stay together (a track, a kit, a score): splits
+made here never put one group on both sides. A task CSV may have a sidecar `TASK.json` next to it with any of `kind`, `label` (the label
+column), `name` and `description`. The kind, when neither the caller nor the sidecar names it, is
+read from the labels: any `;` -> multilabel, all numeric -> regression, else classification; a
+`pitch` task (labels in MIDI numbers, fractional allowed) is only ever named explicitly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musicssl.audio.io import AUDIO_EXTENSIONS, find_audio_files
+from musicssl.errors import TaskFormatError
+
+KINDS = ("classification", "multilabel", "regression", "pitch")
+SPLITS = ("train", "valid", "test")
+_SPLIT_ALIASES = {"train": "train", "training": "train", "valid": "valid", "validation": "valid", "val": "valid",
+                  "dev": "valid", "test": "test", "eval": "test", "evaluation": "test"}
+
+
+@dataclass
+class Task:
+    """A labelled set of audio files.
+
+    labels: per item a class name (classification), a tuple of class names (multilabel) or a float
+        (regression; pitch in MIDI numbers, 69 = A4 = 440 Hz).
+    split: (N,) "train" | "valid" | "test".
+    classes: sorted class names for classification and multilabel, else empty.
+    groups: per item a group name (items of one group stay in one split), or None.
+    """
+
+    name: str
+    kind: str
+    paths: list[Path]
+    labels: list[Any]
+    split: np.ndarray
+    classes: list[str] = field(default_factory=list)
+    source: str = ""
+    groups: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def indices(self, *splits: str) -> np.ndarray:
+        """Positions of the items in any of `splits`, (n,) int."""
+        return np.flatnonzero(np.isin(self.split, splits))
+
+    def targets(self) -> np.ndarray:
+        """(N,) class index for classification, (N, C) 0/1 for multilabel, (N,) float for the rest."""
+        if self.kind == "classification":
+            index = {c: i for i, c in enumerate(self.classes)}
+            return np.array([index[y] for y in self.labels], dtype=np.int64)
+        if self.kind == "multilabel":
+            index = {c: i for i, c in enumerate(self.classes)}
+            out = np.zeros((len(self.labels), len(self.classes)), dtype=np.float32)
+            for row, ys in enumerate(self.labels):
+                out[row, [index[y] for y in ys]] = 1.0
+            return out
+        return np.asarray(self.labels, dtype=np.float64)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for reports: kind, items per split, number of classes."""
+        return {"name": self.name, "kind": self.kind, "source": self.source, "classes": len(self.classes),
+                **{s: int((self.split == s).sum()) for s in SPLITS}}
+
+
+def load_task(
+    source: str | os.PathLike, *, kind: str | None = None, label: str | None = None,
+    root: str | os.PathLike | None = None, seed: int = 0, valid_fraction: float = 0.15,
+    test_fraction: float = 0.2,
+) -> Task:
+    """Read a task CSV or a folder per class; splits missing from it are made (stratified, seeded).
+
+    root: folder that relative paths in the CSV start from (default: the CSV's folder).
+    valid_fraction, test_fraction: shares carved out (of what has no split yet) when the task gives
+        no `valid` or no `test` items.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        task = _read_folder(path)
+    elif path.is_file():
+        task = _read_csv(path, kind, label, root)
+    else:
+        raise TaskFormatError(f"task {path} does not exist: give a CSV (path,label[,split]) or a folder per class")
+    _fill_splits(task, seed, valid_fraction, test_fraction)
+    _check_trainable(task)
+    return task
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.PathLike | None) -> Task:
+    meta = _sidecar(path)
+    label = label or meta.get("label", "label")
+    rows = _csv_rows(path, label)
+    base = Path(root).expanduser() if root is not None else path.parent
+    paths = [_resolve(base, r["path"]) for r in rows]
+    _check_exist(path, paths, root is not None)
+    raw = [r[label].strip() for r in rows]
+    kind = kind or meta.get("kind") or _guess_kind(raw)
+    if kind not in KINDS:
+        raise TaskFormatError(f"{path}: task kind {kind!r} is not one of {', '.join(KINDS)}")
+    labels = _parse_labels(path, raw, kind)
+    split = np.array([_split_name(path, i, r.get("split", "")) for i, r in enumerate(rows)], dtype=object)
+    groups = [r["group"].strip() for r in rows] if "group" in rows[0] else None
+    return Task(meta.get("name", path.stem), kind, paths, labels, split, _classes(kind, labels), str(path), groups)
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    side = path.with_suffix(".json")
+    if not side.exists():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TaskFormatError(f"cannot read the task metadata {side}: {err}") from err
+    if not isinstance(meta, dict):
+        raise TaskFormatError(f"{side} must hold a JSON object with keys like kind, label, name")
+    return meta
+
+
+def _csv_rows(path: Path, label: str) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TaskFormatError(f"cannot read task CSV {path}: {err}") from err
+    columns = list(rows[0]) if rows else []
+    for need in ("path", label):
+        if need not in columns:
+            raise TaskFormatError(
+                f"{path} has no {need!r} column (columns: {columns or 'none'}); a task CSV has a header "
+                f"'path,label[,split]' (another label column: --label NAME or \"label\" in {path.stem}.json)"
+            )
+    for i, r in enumerate(rows, start=2):
+        if not (r.get("path") or "").strip() or not (r.get(label) or "").strip():
+            raise TaskFormatError(f"{path} line {i}: empty path or {label!r}; every row needs both")
+    return rows
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p = Path(text.strip()).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _check_exist(path: Path, paths: list[Path], root_given: bool) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        hint = "" if root_given else " (relative paths start from the CSV's folder; another base: --root DIR)"
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise TaskFormatError(f"{path}: {len(missing)} of {len(paths)} audio files do not exist, e.g. {shown}{hint}")
+
+
+def _guess_kind(raw: list[str]) -> str:
+    if any(";" in y for y in raw):
+        return "multilabel"
+    try:
+        [float(y) for y in raw]
+    except ValueError:
+        return "classification"
+    return "regression"
+
+
+def _parse_labels(path: Path, raw: list[str], kind: str) -> list[Any]:
+    if kind == "classification":
+        return raw
+    if kind == "multilabel":
+        return [tuple(sorted({t.strip() for t in y.split(";") if t.strip()})) for y in raw]
+    try:
+        return [float(y) for y in raw]
+    except ValueError as err:
+        raise TaskFormatError(f"{path}: a {kind} task needs numeric labels: {err}") from err
+
+
+def _split_name(path: Path, i: int, text: str) -> str:
+    text = (text or "").strip().lower()
+    if not text:
+        return ""
+    if text not in _SPLIT_ALIASES:
+        raise TaskFormatError(f"{path} row {i + 2}: split {text!r} is not train, valid or test")
+    return _SPLIT_ALIASES[text]
+
+
+def _classes(kind: str, labels: list[Any]) -> list[str]:
+    if kind == "classification":
+        return sorted(set(labels))
+    if kind == "multilabel":
+        return sorted({y for ys in labels for y in ys})
+    return []
+
+
+# --------------------------------------------------------------------------- folder per class
+
+
+def _read_folder(path: Path) -> Task:
+    """ROOT/CLASS/*.wav, or ROOT/{train,valid,test}/CLASS/*.wav with the splits given."""
+    subdirs = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    by_split = bool(subdirs) and {_SPLIT_ALIASES.get(d.lower()) for d in subdirs} <= set(SPLITS)
+    parts = [(path / d, _SPLIT_ALIASES[d.lower()]) for d in subdirs] if by_split else [(path, "")]
+    paths, labels, split = [], [], []
+    for folder, name in parts:
+        for cls in sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            files = find_audio_files(cls, AUDIO_EXTENSIONS)
+            paths += files
+            labels += [cls.name] * len(files)
+            split += [name] * len(files)
+    if not paths:
+        raise TaskFormatError(f"no audio files under {path}/CLASS/: a folder task holds one subfolder per class")
+    return Task(path.name, "classification", paths, labels, np.array(split, dtype=object),
+                sorted(set(labels)), str(path))
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: float) -> None:
+    """Give every unassigned item a split; carve `test`, then `valid`, from what is left when absent."""
+    free = task.split == ""
+    if not free.any() and {"valid", "test"} <= set(task.split):
+        return
+    pool = np.flatnonzero(free | (task.split == "train"))
+    task.split[free] = "train"
+    for name, share in (("test", test_fraction), ("valid", valid_fraction)):
+        if (task.split == name).any():
+            continue
+        total = len(pool) + int((task.split != "train").sum())
+        share = share * total / max(len(pool), 1)
+        if task.groups is not None:
+            chosen = grouped_pick([task.groups[i] for i in pool], pool, share, seed)
+        else:
+            chosen = stratified_pick(_strata(task, pool), task.paths, pool, share, seed)
+        if not len(chosen) and len(pool) >= 3:  # every stratum too small: take one item anyway
+            chosen = np.random.default_rng(seed).choice(pool, 1)
+        task.split[chosen] = name
+        pool = np.setdiff1d(pool, chosen)
+
+
+def _strata(task: Task, pool: np.ndarray) -> list[str]:
+    """A stratum per item of `pool`: its class, first label, or decile of a numeric label."""
+    if task.kind == "classification":
+        return [task.labels[i] for i in pool]
+    if task.kind == "multilabel":
+        return [task.labels[i][0] if task.labels[i] else "" for i in pool]
+    values = np.array([task.labels[i] for i in pool], dtype=float)
+    edges = np.quantile(values, np.linspace(0, 1, 11)[1:-1]) if len(values) else []
+    return [str(b) for b in np.searchsorted(edges, values)]
+
+
+def stratified_pick(strata: list[str], paths: list[Path], pool: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """About `share` of each stratum of `pool`, chosen by a seeded shuffle of the items sorted by path,
+    so the result depends on neither the row order nor the platform. Strata of one item stay put."""
+    chosen: list[int] = []
+    for s in sorted(set(strata)):
+        members = sorted((int(i) for i, t in zip(pool, strata) if t == s), key=lambda i: str(paths[i]))
+        if len(members) < 2:
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(s.encode())])
+        take = min(len(members) - 1, int(round(share * len(members))))
+        chosen += [members[i] for i in rng.permutation(len(members))[:take]]
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def grouped_pick(groups: list[str], pool: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """Whole groups of `pool`, in a seeded order of the sorted group names, until about `share` of it."""
+    names = sorted(set(groups))
+    members: dict[str, list[int]] = {g: [] for g in names}
+    for i, g in zip(pool, groups):
+        members[g].append(int(i))
+    chosen: list[int] = []
+    for k in np.random.default_rng(seed).permutation(len(names)):
+        if len(chosen) >= share * len(pool) or len(chosen) + len(members[names[k]]) >= len(pool):
+            break
+        chosen += members[names[k]]
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _check_trainable(task: Task) -> None:
+    for s in SPLITS:
+        if not (task.split == s).any():
+            raise TaskFormatError(f"task {task.source}: no {s} items after splitting ({len(task)} items in all); "
+                                  f"a task needs enough items for train, valid and test")
+    if task.kind == "classification" and len({task.labels[i] for i in task.indices("train")}) < 2:
+        raise TaskFormatError(f"task {task.source}: the train split holds fewer than 2 classes")

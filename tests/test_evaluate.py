@@ -1,0 +1,307 @@
+"""Tasks, probes, metrics, the embedding cache and `musicssl eval` (musicssl/evaluate/)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musicssl.cli import main
+from musicssl.errors import TaskFormatError
+from musicssl.evaluate import compute, evaluate, load_task, make_problem, run_probe
+from musicssl.models.base import Encoder
+
+SR = 16000
+DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "dev"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_match_scikit_learn() -> None:
+    skm = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 200)
+    scores = rng.normal(size=(200, 5)) + np.eye(5)[y]
+    got = compute("classification", y, scores)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, scores.argmax(1)))
+    assert got["macro_f1"] == pytest.approx(skm.f1_score(y, scores.argmax(1), average="macro"))
+    multi = (rng.random((200, 6)) < 0.3).astype(float)
+    ms = np.round(rng.normal(size=(200, 6)) + multi, 1)  # rounded: many tied scores
+    got = compute("multilabel", multi, ms)
+    assert got["mAP"] == pytest.approx(skm.average_precision_score(multi, ms, average="macro"))
+    assert got["roc_auc"] == pytest.approx(skm.roc_auc_score(multi, ms, average="macro"))
+    t = rng.normal(size=100)
+    p = t + rng.normal(size=100) * 0.5
+    assert compute("regression", t, p)["r2"] == pytest.approx(skm.r2_score(t, p))
+    assert compute("regression", t, p)["mae"] == pytest.approx(skm.mean_absolute_error(t, p))
+
+
+def test_pitch_metrics_count_cents_and_forgive_octaves() -> None:
+    values = np.array([60.0, 72.0, 61.0])
+    truth = np.array([60.3, 60.0, 60.0, 60.0])
+    picks = np.eye(3)[[0, 1, 2, 0]]  # 30 cents off, an octave off, a semitone off, exact
+    got = compute("pitch", truth, picks, values)
+    assert got["rpa_50c"] == pytest.approx(0.5)
+    assert got["rca_50c"] == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def tone(path: Path, freq: float, seconds: float = 0.5, noise: float = 0.0, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    x = 0.3 * np.sin(2 * np.pi * freq * t) + noise * rng.normal(size=t.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.astype(np.float32), SR)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def tone_task(tmp_path: Path, n: int = 16, split: bool = False) -> Path:
+    """Two classes of tones (low / high) with a little noise; relative paths, spaces in names."""
+    rows = []
+    for c, (name, base) in enumerate((("low", 220.0), ("high", 1760.0))):
+        for i in range(n):
+            f = tone(tmp_path / "audio dir" / f"{name} {i}.wav", base * (1 + 0.02 * i), noise=0.05, seed=i + 100 * c)
+            row = {"path": f.relative_to(tmp_path).as_posix(), "label": name}
+            if split:
+                row["split"] = ["train", "train", "valid", "test"][i % 4]
+            rows.append(row)
+    return write_csv(tmp_path / "tones.csv", rows)
+
+
+def test_csv_task_makes_stratified_seeded_splits_independent_of_row_order(tmp_path: Path) -> None:
+    task = load_task(tone_task(tmp_path))
+    assert task.kind == "classification" and task.classes == ["high", "low"]
+    assert all(p.is_file() for p in task.paths)
+    for s in ("train", "valid", "test"):
+        got = {task.labels[i] for i in task.indices(s)}
+        assert got == {"high", "low"}, s  # every split holds both classes
+    rows = list(csv.DictReader(open(tmp_path / "tones.csv")))
+    write_csv(tmp_path / "shuffled.csv", rows[::-1])
+    again = load_task(tmp_path / "shuffled.csv")
+    assert dict(zip(map(str, task.paths), task.split)) == dict(zip(map(str, again.paths), again.split))
+    other = load_task(tmp_path / "tones.csv", seed=1)
+    assert list(other.split) != list(task.split)
+
+
+def test_given_splits_are_kept_and_aliases_read(tmp_path: Path) -> None:
+    path = tone_task(tmp_path, split=True)
+    rows = list(csv.DictReader(open(path)))
+    for r in rows:
+        r["split"] = {"valid": "validation", "test": "TEST"}.get(r["split"], r["split"])
+    task = load_task(write_csv(path, rows))
+    assert (task.split == "valid").sum() == 8 and (task.split == "test").sum() == 8
+
+
+def test_groups_never_straddle_splits(tmp_path: Path) -> None:
+    rows = list(csv.DictReader(open(tone_task(tmp_path, n=24))))
+    for i, r in enumerate(rows):
+        r["group"] = f"g{i // 3}"
+    task = load_task(write_csv(tmp_path / "grouped.csv", rows))
+    where: dict[str, set[str]] = {}
+    for g, s in zip(task.groups, task.split):
+        where.setdefault(g, set()).add(s)
+    assert all(len(s) == 1 for s in where.values())
+    assert {s for ss in where.values() for s in ss} == {"train", "valid", "test"}
+
+
+def test_kinds_are_read_from_labels_or_sidecar(tmp_path: Path) -> None:
+    files = [tone(tmp_path / f"{i}.wav", 200 + 50 * i) for i in range(12)]
+    multi = write_csv(tmp_path / "multi.csv", [{"path": f.name, "label": "a;b" if i % 2 else "a"} for i, f in enumerate(files)])
+    task = load_task(multi)
+    assert task.kind == "multilabel" and task.classes == ["a", "b"] and task.targets().shape == (12, 2)
+    reg = write_csv(tmp_path / "reg.csv", [{"path": f.name, "label": str(i * 0.5)} for i, f in enumerate(files)])
+    assert load_task(reg).kind == "regression"
+    (tmp_path / "reg.json").write_text(json.dumps({"kind": "pitch", "name": "tones-pitch"}))
+    task = load_task(reg)
+    assert task.kind == "pitch" and task.name == "tones-pitch"
+    assert load_task(reg, kind="classification").kind == "classification"
+
+
+def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None:
+    for c in ("kick", "snare"):
+        for i in range(10):
+            tone(tmp_path / "flat" / c / f"{i}.wav", 100 + i)
+            tone(tmp_path / "split" / ("train" if i < 6 else "valid" if i < 8 else "test") / c / f"{i}.flac", 100 + i)
+    flat = load_task(tmp_path / "flat")
+    assert flat.classes == ["kick", "snare"] and len(flat) == 20 and set(flat.split) == {"train", "valid", "test"}
+    given = load_task(tmp_path / "split")
+    assert (given.split == "test").sum() == 4 and (given.split == "train").sum() == 12
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("no_label", "no 'label' column"),
+    ("missing_file", "do not exist"),
+    ("bad_split", "is not train, valid or test"),
+    ("one_class", "fewer than 2 classes"),
+    ("bad_kind", "not one of"),
+    ("text_regression", "needs numeric labels"),
+])
+def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, message: str) -> None:
+    files = [tone(tmp_path / f"{i}.wav", 300 + i) for i in range(10)]
+    rows = [{"path": f.name, "label": "ab"[i % 2]} for i, f in enumerate(files)]
+    kind = None
+    if problem == "no_label":
+        rows = [{"path": r["path"], "class": r["label"]} for r in rows]
+    elif problem == "missing_file":
+        rows[3]["path"] = "nope.wav"
+    elif problem == "bad_split":
+        rows = [{**r, "split": "holdout"} for r in rows]
+    elif problem == "one_class":
+        rows = [{**r, "label": "a"} for r in rows]
+    elif problem == "bad_kind":
+        kind = "ranking"
+    elif problem == "text_regression":
+        kind = "regression"
+    path = write_csv(tmp_path / "task.csv", rows)
+    with pytest.raises(TaskFormatError, match=message) as err:
+        load_task(path, kind=kind)
+    assert "task.csv" in str(err.value) or "nope.wav" in str(err.value)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def features(kind: str, n: int = 600, d: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features that carry the target linearly, plus noise dimensions."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    if kind == "classification":
+        y = rng.integers(0, 4, n)
+        x[:, :4] += 2.5 * np.eye(4)[y]
+    elif kind == "multilabel":
+        y = (rng.random((n, 3)) < 0.4).astype(np.float32)
+        x[:, :3] += 2.5 * y
+    elif kind == "pitch":
+        y = rng.integers(48, 60, n).astype(float) + rng.uniform(-0.2, 0.2, n)
+        x[:, :12] += 3.0 * np.eye(12)[np.round(y).astype(int) - 48]
+    else:
+        y = x[:, 0] * 2 + x[:, 1] + 0.3 * rng.normal(size=n)
+    split = np.array(["train", "train", "train", "valid", "test"] * (n // 5), dtype=object)
+    return x.astype(np.float32), y, split
+
+
+CHANCE = {"classification": 0.25, "multilabel": 0.45, "regression": 0.0, "pitch": 1 / 12}
+
+
+@pytest.mark.parametrize("kind", ["classification", "multilabel", "regression", "pitch"])
+@pytest.mark.parametrize("probe", ["linear", "mlp", "knn"])
+def test_probes_learn_every_kind_and_repeat_exactly(kind: str, probe: str) -> None:
+    x, y, split = features(kind)
+    problem = make_problem(kind, x, y, split, num_classes=4 if kind == "classification" else 3, seed=0)
+    fit = run_probe(probe, problem)
+    primary = problem.primary
+    assert fit.test[primary] > CHANCE[kind] + 0.3, fit.test
+    assert len(fit.tried) > 1  # a real choice was made on valid
+    assert fit.valid[primary] == max(t[f"valid_{primary}"] for t in fit.tried)
+    assert run_probe(probe, problem).test == fit.test
+
+
+def test_standardisation_uses_train_statistics_only() -> None:
+    x, y, split = features("classification")
+    x[split == "test"] += 1000.0  # a shifted test set must not move the train statistics
+    p = make_problem("classification", x, y, split, 4)
+    assert abs(p.train.x.mean()) < 1e-5 and p.test.x.mean() > 100
+
+
+# --------------------------------------------------------------------------- evaluate, cache, CLI
+
+
+def scores(result: dict) -> list[dict]:
+    """What must repeat exactly: per model and probe, the layer, the settings and the metrics."""
+    return [{p: (m["best_layer"][p], b["params"], b["valid"], b["test"]) for p, b in m["best"].items()}
+            for m in result["models"]]
+
+
+def test_evaluate_caches_embeddings_per_model_layer_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = tone_task(tmp_path)
+    cache = tmp_path / "cache"
+    first = evaluate(task, ["logmel", "mfcc"], probes=["linear", "knn"], cache=cache)
+    assert [m.model for m in first.models] == ["logmel", "mfcc"]
+    assert first.models[0].best("linear").test["accuracy"] >= 0.75
+    assert len(list(cache.glob("*/mean/layer0.npz"))) == 2
+
+    def no_embed(*a, **k):
+        raise AssertionError("embedded again despite the cache")
+
+    monkeypatch.setattr(Encoder, "embed", no_embed)
+    again = evaluate(task, ["logmel", "mfcc"], probes=["linear", "knn"], cache=cache)
+    assert scores(again.to_dict()) == scores(first.to_dict())
+    monkeypatch.undo()
+    touched = sorted((tmp_path / "audio dir").glob("*.wav"))[0]
+    os.utime(touched, ns=(1, 1))  # an edited file gets a new key and is embedded again
+    calls: list[int] = []
+    real = Encoder.embed
+    monkeypatch.setattr(Encoder, "embed", lambda self, a, *k, **kw: calls.append(len(a)) or real(self, a, *k, **kw))
+    evaluate(task, ["mfcc"], probes=["linear"], cache=cache)
+    assert calls == [1]
+
+
+def test_undecodable_task_files_are_named_and_the_rest_cached(tmp_path: Path) -> None:
+    task = tone_task(tmp_path)
+    (tmp_path / "audio dir" / "low 3.wav").write_bytes(b"RIFF not really audio")
+    with pytest.raises(TaskFormatError, match="low 3.wav") as err:
+        evaluate(task, ["mfcc"], probes=["linear"], cache=tmp_path / "cache")
+    assert "1 task files cannot be decoded" in str(err.value)
+    with np.load(next((tmp_path / "cache").glob("*/mean/layer0.npz"))) as z:
+        assert len(z["keys"]) == 31
+
+
+def test_all_layers_pick_the_best_on_valid(tmp_path: Path) -> None:
+    import musicssl
+
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=2)
+    result = evaluate(tone_task(tmp_path), [enc], layers="all", probes=["linear"], cache=tmp_path / "c")
+    m = result.models[0]
+    assert m.layers == list(range(enc.num_layers))
+    best = m.best_layer["linear"]
+    assert m.fits[best]["linear"].valid["accuracy"] == max(m.fits[l]["linear"].valid["accuracy"] for l in m.layers)
+
+
+def test_cli_eval_writes_json_and_plot_and_repeats(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    task = tone_task(tmp_path)
+    argv = ["eval", str(task), "--models", "mfcc,logmel", "-o", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| mfcc | linear | 0 |" in out and "test accuracy" in out
+    first = json.loads((tmp_path / "out" / "tones.json").read_text())
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "tones.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "out" / "tones.json").read_text())
+    assert scores(first) == scores(second)
+
+
+def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", str(tmp_path / "none.csv"), "--models", "mfcc"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    task = tone_task(tmp_path)
+    assert main(["eval", str(task), "--models", "mfcc", "--probes", "svm"]) == 2
+    assert "unknown probe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(task), "--layers", "deep"])
+
+
+@pytest.mark.skipif(not DEV.is_dir(), reason="needs the dev set at ../shared/data/dev")
+def test_benchmark_task_reproduces_its_numbers(tmp_path: Path) -> None:
+    kwargs = dict(root=DEV, probes=["linear", "mlp", "knn"], cache=tmp_path / "c")
+    a = evaluate(BENCH / "drums-class.csv", ["mfcc"], **kwargs).to_dict()
+    b = evaluate(BENCH / "drums-class.csv", ["mfcc"], **kwargs).to_dict()
+    assert a["task"] == b["task"] and a["task"]["test"] == 160
+    assert scores(a) == scores(b)

@@ -1,0 +1,303 @@
+"""Fine-tuning: layer groups of every family, freeze policies, layer-wise learning rates, training on a
+synthetic task, the run folder that loads back, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import musicssl
+from musicssl.cli import main
+from musicssl.errors import ReleaseFormatError, TaskFormatError
+from musicssl.finetune import Classifier, apply_freeze, finetune, layer_groups, param_groups, train_mode
+from test_registry import _no_weight_init  # the released sizes, unfilled: cheap to build
+
+SR = 16000
+PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
+
+
+def tiny() -> musicssl.Encoder:
+    """A 2-block spectrogram ViT with 1 s windows, random weights (seeded)."""
+    torch.manual_seed(0)
+    return musicssl.load("jepa-tiny", pretrained=False, depth=2, context_seconds=1.0, overlap_seconds=0.2)
+
+
+def tone(f0: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    x = sum(rng.uniform(0.2, 1.0) / k * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6.3)) for k in (1, 2, 3))
+    return (0.3 * x / np.abs(x).max() + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def task_csv(tmp_path_factory) -> Path:
+    """Three pitch classes of harmonic tones (0.6-1.4 s): 6 train, 3 valid, 3 test clips each."""
+    root = tmp_path_factory.mktemp("task")
+    rng = np.random.default_rng(0)
+    rows = ["path,label,split"]
+    for label, f0 in PITCHES.items():
+        for i, split in enumerate(["train"] * 6 + ["valid"] * 3 + ["test"] * 3):
+            name = f"audio/{label}_{i}.wav"
+            (root / "audio").mkdir(exist_ok=True)
+            sf.write(root / name, tone(f0 * rng.uniform(0.97, 1.03), rng.uniform(0.6, 1.4), rng), SR)
+            rows.append(f"{name},{label},{split}")
+    (root / "task.csv").write_text("\n".join(rows) + "\n")
+    return root / "task.csv"
+
+
+@pytest.fixture(scope="module")
+def trained(task_csv, tmp_path_factory):
+    """5 epochs of the head alone, then up to 8 of full fine-tuning, written to a run folder."""
+    run = tmp_path_factory.mktemp("runs") / "tones"
+    return finetune(task_csv, model=tiny(), out=run, freeze="full", epochs=8, batch_size=6, lr=1e-3, patience=8)
+
+
+# --------------------------------------------------------------------------- layer groups
+
+
+@pytest.mark.parametrize("name", musicssl.list_models(pretrained=False))
+def test_layer_groups_cover_every_parameter_once(name):
+    with _no_weight_init():  # the released sizes, unfilled: cheap to build
+        enc = musicssl.load(name, pretrained=False)
+    groups = layer_groups(enc)
+    names = [n for g in groups for n in g]
+    assert sorted(names) == sorted(n for n, _ in enc.named_parameters())  # each exactly once
+    blocks = enc.finetune_blocks()
+    assert len(groups) == len(blocks) + 1
+    # Group k holds block k's own parameters (plus what is registered after it, before the next block).
+    params = dict(enc.named_parameters())
+    for k, blk in enumerate(blocks, start=1):
+        assert {id(p) for p in blk.parameters()} <= {id(params[n]) for n in groups[k]}, k
+    if names:
+        assert len(blocks) >= 1, f"{name}: parameters but no blocks to fine-tune layer-wise"
+
+
+def test_pre_ln_final_norm_trains_with_the_last_layer():
+    """MERT-330M (pre-LN) applies the encoder's shared norm after its last layer, MERT-95M before its first."""
+    for name, group in (("mert-v1-330m", -1), ("mert-v1-95m", 0)):
+        with _no_weight_init():
+            enc = musicssl.load(name, pretrained=False, num_hidden_layers=2)
+        assert "encoder.layer_norm.weight" in layer_groups(enc)[group], name
+
+
+def test_layer_groups_of_the_spectrogram_vit():
+    groups = layer_groups(tiny())
+    assert len(groups) == 3
+    assert {n.split(".")[0] for n in groups[0]} == {"patch_embed"}
+    assert {n.split(".")[1] for n in groups[1]} == {"0"} and all(n.startswith("blocks.0.") for n in groups[1])
+    assert any(n.startswith("norm.") for n in groups[2])  # the final norm trains with the last block
+
+
+# --------------------------------------------------------------------------- freezing and learning rates
+
+
+def _trainable(clf: Classifier) -> set[str]:
+    return {n for n, p in clf.named_parameters() if p.requires_grad}
+
+
+def test_freeze_policies_set_exactly_what_they_say():
+    clf = Classifier(tiny(), 3)
+    every = {n for n, _ in clf.named_parameters()}
+    head = {n for n in every if not n.startswith("backbone.")}
+    assert head == {"layer_weights", "head.2.weight", "head.2.bias"}
+    apply_freeze(clf, "frozen")
+    assert _trainable(clf) == head
+    apply_freeze(clf, "last-1")
+    assert _trainable(clf) == head | {n for n in every if n.startswith(("backbone.blocks.1.", "backbone.norm."))}
+    apply_freeze(clf, "last-2")
+    assert _trainable(clf) == every - {n for n in every if n.startswith("backbone.patch_embed.")}
+    apply_freeze(clf, "full")
+    assert _trainable(clf) == every
+    for bad, match in (("last-3", "2 blocks"), ("last-0", "1..2"), ("partial", "frozen"), ("last-x", "last-N")):
+        with pytest.raises(ValueError, match=match):
+            apply_freeze(clf, bad)
+
+
+def test_frozen_weights_do_not_change_in_training():
+    clf = Classifier(tiny(), 3)
+    apply_freeze(clf, "last-1")
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    train_mode(clf)
+    assert not clf.backbone.patch_embed.training and clf.backbone.blocks[1].training and clf.head.training
+    opt = torch.optim.AdamW(param_groups(clf, 1e-2), lr=1e-2)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(clf(torch.randn(4, SR) * 0.1), torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = clf.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all(k.startswith(("backbone.blocks.1.", "backbone.norm.", "head.", "layer_weights")) for k in changed)
+    assert any(k.startswith("backbone.blocks.1.") for k in changed) and "head.2.weight" in changed
+
+
+def test_layerwise_learning_rate_decay():
+    clf = Classifier(tiny(), 3)
+    apply_freeze(clf, "full")
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(clf, 1.0, llrd=0.5, weight_decay=0.1)
+             for p in g["params"]}
+    params = dict(clf.named_parameters())
+    assert lr_of[id(params["backbone.patch_embed.weight"])] == (0.25, 0.1)  # front end: 0.5 ** 2
+    assert lr_of[id(params["backbone.blocks.0.attn.qkv.weight"])] == (0.5, 0.1)
+    assert lr_of[id(params["backbone.blocks.0.norm1.weight"])] == (0.5, 0.0)  # no decay on norms, biases
+    assert lr_of[id(params["backbone.blocks.1.mlp.0.weight"])] == (1.0, 0.1)
+    assert lr_of[id(params["backbone.norm.weight"])] == (1.0, 0.0)
+    assert lr_of[id(params["head.2.weight"])] == (1.0, 0.1) and lr_of[id(params["layer_weights"])] == (1.0, 0.0)
+    assert len(lr_of) == len(params)
+    apply_freeze(clf, "frozen")
+    assert sum(len(g["params"]) for g in param_groups(clf, 1.0)) == 3  # frozen ones are left out
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+def test_classifier_outputs_and_windows():
+    clf = Classifier(tiny(), 3, layers=[0, -1]).eval()
+    assert clf(torch.randn(2, SR)).shape == (2, 3) and clf.layer_weights.shape == (2,)
+    reg = Classifier(tiny(), 1, kind="regression", target_mean=5.0, target_std=2.0, pool="max").eval()
+    assert reg(torch.randn(2, SR)).shape == (2,)
+    rng = np.random.default_rng(1)
+    a, b = tone(300.0, 2.5, rng), tone(500.0, 0.7, rng)  # a: windows of 1 s at 0, 1 and 1.5 s
+    with torch.inference_mode():
+        both = clf.clip_logits([a, b], batch_size=2)
+        alone = clf.clip_logits([a], batch_size=1)
+        # The mean over windows weighted by their frames, then the head.
+        parts = [clf.features(torch.from_numpy(a[s : s + SR])[None], torch.tensor([SR])) for s in (0, SR, 3 * SR // 2)]
+        pooled = sum(p * n for p, n in parts) / sum(n for _, n in parts)
+        manual = clf.classify(pooled)
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone, manual, atol=1e-5, rtol=1e-4)
+    # It is an Encoder: embed() gives the backbone's embeddings.
+    torch.testing.assert_close(clf.embed(a, sr=SR).clip, clf.backbone.embed(a, sr=SR).clip)
+
+
+# --------------------------------------------------------------------------- training and the run folder
+
+
+def test_finetuning_learns(trained):
+    losses = [h["train_loss"] for h in trained.history]
+    assert losses[-1] < 0.7 * losses[0]
+    assert trained.valid["accuracy"] >= 0.75 and trained.primary == "accuracy"  # chance is 1/3
+    assert set(trained.test) == {"accuracy", "macro_f1", "loss"}
+    assert 1 <= trained.best_epoch <= trained.epochs == len(trained.history)
+
+
+def test_run_folder_loads_back_with_the_same_predictions(trained, task_csv, monkeypatch):
+    run = trained.out
+    assert {p.name for p in run.iterdir()} >= {"config.json", "model.safetensors", "README.md", "metrics.json",
+                                              "log.jsonl"}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"] == pytest.approx(trained.test) and metrics["primary"] == "accuracy"
+    assert len((run / "log.jsonl").read_text().splitlines()) == trained.epochs
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # no network needed
+    clf = musicssl.load(run, offline=True)
+    assert isinstance(clf, Classifier) and clf.classes == ["high", "low", "mid"] and not clf.training
+    assert clf.spec.family == "classifier" and clf.backbone.spec.name == "jepa-tiny"
+    files = sorted(task_csv.parent.glob("audio/*_1[01].wav"))
+    mine, theirs = trained.model.eval().predict(files), clf.predict(files)
+    assert mine.labels == theirs.labels
+    torch.testing.assert_close(mine.scores, theirs.scores)
+    assert sum(label == f.name.split("_")[0] for label, f in zip(theirs.labels, files)) >= len(files) - 2
+    torch.testing.assert_close(clf.embed(files[0]).clip, trained.model.embed(files[0]).clip)
+
+
+def test_loading_is_strict(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for f in ("config.json", "README.md"):
+        (tmp_path / f).write_bytes((trained.out / f).read_bytes())
+    state = load_file(str(trained.out / "model.safetensors"))
+    del state["head.2.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ReleaseFormatError, match="head.2.weight"):
+        musicssl.load(tmp_path)
+
+
+def test_training_is_repeatable_on_cpu(task_csv):
+    runs = [finetune(task_csv, model=tiny(), freeze="last-1", epochs=2, batch_size=6, seed=3) for _ in range(2)]
+    histories = [[{k: v for k, v in h.items() if k != "seconds"} for h in r.history] for r in runs]
+    assert histories[0] == histories[1]
+    for k, v in runs[0].model.state_dict().items():
+        assert torch.equal(v, runs[1].model.state_dict()[k]), k
+
+
+def test_task_audio_reads_from_disk_when_it_does_not_fit(task_csv):
+    from musicssl.evaluate.tasks import load_task
+    from musicssl.finetune import TaskAudio
+
+    paths = load_task(task_csv).paths[:3]
+    cached, streamed = TaskAudio(paths, SR), TaskAudio(paths, SR, cache_bytes=0)
+    assert cached.cached and not streamed.cached and streamed.audio is None
+    for i in range(3):
+        np.testing.assert_array_equal(cached.clip(i), streamed.clip(i))
+        a, b = (t.crop(i, SR // 2, np.random.default_rng(i)) for t in (cached, streamed))
+        assert len(a) == len(b) == SR // 2
+        np.testing.assert_allclose(a, b, atol=1e-6)  # the same span, decoded on its own
+
+
+def test_mixed_precision_runs(task_csv):
+    r = finetune(task_csv, model=tiny(), epochs=1, head_epochs=1, batch_size=6, precision="bf16")
+    assert r.settings["precision"] == "bfloat16" and all(np.isfinite(h["train_loss"]) for h in r.history)
+    with pytest.raises(ValueError, match="precision must be"):
+        finetune(task_csv, model=tiny(), precision="fp8")
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "regression", "pitch"])
+def test_other_task_kinds(kind, task_csv, tmp_path):
+    lines = task_csv.read_text().splitlines()
+    label = {"multilabel": {"low": "tonal;low", "mid": "tonal", "high": "tonal;high"},
+             "regression": {"low": "57", "mid": "69", "high": "81"},
+             "pitch": {"low": "57", "mid": "69", "high": "81"}}[kind]
+    rows = [lines[0]] + [f"{task_csv.parent / p},{label[y]},{s}" for p, y, s in (r.split(",") for r in lines[1:])]
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    r = finetune(tmp_path / "t.csv", model=tiny(), kind=kind, freeze="frozen", epochs=2, batch_size=6, out=tmp_path / "run")
+    primary = {"multilabel": "mAP", "regression": "r2", "pitch": "rpa_50c"}[kind]
+    assert r.primary == primary and primary in r.test
+    clf = musicssl.load(tmp_path / "run")
+    pred = clf.predict(sorted(task_csv.parent.glob("audio/low_*.wav"))[:2])
+    if kind == "regression":
+        assert pred.scores.shape == (2,) and all(isinstance(v, float) for v in pred.labels)
+    elif kind == "pitch":
+        assert clf.values == [57.0, 69.0, 81.0] and pred.scores.shape == (2, 3) and set(pred.labels) <= {57.0, 69.0, 81.0}
+    else:
+        assert clf.classes == ["high", "low", "tonal"] and all(isinstance(v, tuple) for v in pred.labels)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_finetune_end_to_end(task_csv, tmp_path, capsys):
+    model = musicssl.save_pretrained(tiny(), tmp_path / "tiny")
+    code = main(["finetune", str(task_csv), "--model", str(model), "-o", str(tmp_path / "run"), "--epochs", "2",
+                 "--batch-size", "6", "--freeze", "last-1", "--llrd", "0.5", "--seed", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "| test |" in out and "accuracy" in out and "musicssl.load(" in out
+    clf = musicssl.load(tmp_path / "run")
+    assert clf.classes == ["high", "low", "mid"]
+    settings = json.loads((tmp_path / "run" / "metrics.json").read_text())["settings"]
+    assert settings["freeze"] == "last-1" and settings["llrd"] == 0.5 and settings["seed"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.csv"], "does not exist"),
+    (["{task}", "--freeze", "half"], "freeze policy must be"),
+    (["{task}", "--freeze", "last-5"], "2 blocks"),
+    (["{task}", "--epochs", "0"], "at least 1"),
+    (["{task}", "--kind", "regression"], "numeric labels"),
+])
+def test_cli_bad_inputs_give_one_clear_line(args, message, task_csv, tmp_path, capsys):
+    model = musicssl.save_pretrained(tiny(), tmp_path / "tiny")
+    argv = ["finetune", *[a.format(task=task_csv) for a in args], "--model", str(model), "-o", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("musicssl finetune: error:") and message in err
+
+
+def test_bad_task_raises_before_training(tmp_path):
+    with pytest.raises(TaskFormatError):
+        finetune(tmp_path / "nope.csv", model=tiny())
