@@ -319,3 +319,18 @@ def test_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "x.npy").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("cores, device, expected", [(2, "cpu", 0), (1, "cpu", 0), (8, "cpu", 1), (16, "cuda", 8),
+                                                     (4, "cuda", 3)])
+def test_default_decoders_follow_cores_and_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str,
+                                                  expected: int) -> None:
+    """CPU: a decoding process only where a core is left for it; GPU: enough to keep it fed (at most 8)."""
+    from types import SimpleNamespace
+
+    from musicssl.bulk.run import _Run
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    run = SimpleNamespace(encoder=SimpleNamespace(device=torch.device(device)), ranks=None)
+    assert _Run._workers(run, None) == expected
+    assert _Run._workers(run, 3) == 3

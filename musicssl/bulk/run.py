@@ -99,7 +99,7 @@ def extract(
     layers, pool: as in `Encoder.embed`; format: "npz", "npy" or "safetensors"; table: also write
         the clip embeddings of every input as one table (Parquet, or .npy plus an index).
     batch_size: windows per forward pass, packed across files; num_workers: decoding processes
-        (default 1 on CPU, up to 8 with a GPU; 0 decodes in this process).
+        (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; 0 decodes in this process).
     shard: "K/N" takes the K-th of N deterministic parts (K from 0); under torchrun each process
         then takes its share of that.
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
@@ -186,11 +186,13 @@ class _Run:
     def _workers(self, num_workers: int | None) -> int:
         if num_workers is not None:
             return max(0, num_workers)
-        # On CPU the model needs the cores; a GPU needs more decoders to stay fed.
+        # A GPU needs several decoders to stay fed. On CPU the model's threads use every core: with two
+        # or fewer, a decoding process only preempts them (each stall holds up all of the model's
+        # threads), and decoding between batches in this process is faster (bench/extract_speed.py).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
         if self.encoder.device.type == "cuda":
             return max(1, min(8, cores // (self.ranks.world if self.ranks else 1) - 1))
-        return 1
+        return 1 if cores > 2 else 0
 
     def _skip_finished(self) -> list[Job]:
         """Record inputs whose output exists as skipped; return the rest."""
