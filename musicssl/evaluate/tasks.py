@@ -82,8 +82,8 @@ def load_task(
     """Read a task CSV or a folder per class; splits missing from it are made (stratified, seeded).
 
     root: folder that relative paths in the CSV start from (default: the CSV's folder).
-    valid_fraction, test_fraction: shares carved out (of what has no split yet) when the task gives
-        no `valid` or no `test` items.
+    test_fraction: share of all items made the test split when the task gives none.
+    valid_fraction: share of the training items moved to valid when the task gives none.
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -225,7 +225,7 @@ def _read_folder(path: Path) -> Task:
 
 
 def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: float) -> None:
-    """Give every unassigned item a split; carve `test`, then `valid`, from what is left when absent."""
+    """Give every unassigned item a split; carve `test`, then `valid`, from the training items when absent."""
     free = task.split == ""
     if not free.any() and {"valid", "test"} <= set(task.split):
         return
@@ -234,8 +234,8 @@ def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: fl
     for name, share in (("test", test_fraction), ("valid", valid_fraction)):
         if (task.split == name).any():
             continue
-        total = len(pool) + int((task.split != "train").sum())
-        share = share * total / max(len(pool), 1)
+        if name == "test":  # a share of every item; valid is a share of what is left to train on
+            share = share * len(task) / max(len(pool), 1)
         if task.groups is not None:
             chosen = grouped_pick([task.groups[i] for i in pool], pool, share, seed)
         else:
@@ -272,16 +272,23 @@ def stratified_pick(strata: list[str], paths: list[Path], pool: np.ndarray, shar
 
 
 def grouped_pick(groups: list[str], pool: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """Whole groups of `pool`, in a seeded order of the sorted group names, until about `share` of it."""
+    """Whole groups of `pool` adding up to about `share` of it: groups are tried in a seeded order of
+    their sorted names and one that would overshoot the target by half is passed over, so a few
+    large groups (a kit of 40 hits among kits of 10) cannot swell the split."""
     names = sorted(set(groups))
     members: dict[str, list[int]] = {g: [] for g in names}
     for i, g in zip(pool, groups):
         members[g].append(int(i))
+    target = share * len(pool)
     chosen: list[int] = []
     for k in np.random.default_rng(seed).permutation(len(names)):
-        if len(chosen) >= share * len(pool) or len(chosen) + len(members[names[k]]) >= len(pool):
+        if len(chosen) >= target:
             break
-        chosen += members[names[k]]
+        group = members[names[k]]
+        if len(chosen) + len(group) <= 1.5 * target and len(chosen) + len(group) < len(pool):
+            chosen += group
+    if not chosen and len(names) > 1:  # every group is too large: the smallest one
+        chosen = min(members.values(), key=len)
     return np.array(sorted(chosen), dtype=np.int64)
 
 
