@@ -425,8 +425,10 @@ def task_targets(task: Any) -> Targets:
     y = task.targets()
     train_idx = task.indices("train")
     if task.kind == "pitch":
-        values = sorted({float(round(v)) for v in y[train_idx]})
-        nearest = np.abs(np.asarray(values)[None, :] - y[:, None]).argmin(1)
+        from musicssl.evaluate.metrics import nearest_class, semitone_classes
+
+        values = [float(v) for v in semitone_classes(y[train_idx])]
+        nearest = nearest_class(np.asarray(values), y)
         return Targets(y, torch.from_numpy(nearest), [f"{v:g}" for v in values], values)
     if task.kind == "regression":
         mean, std = float(y[train_idx].mean()), float(y[train_idx].std()) or 1.0

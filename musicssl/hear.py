@@ -69,10 +69,12 @@ def _resolve_layer(encoder: Encoder, layer: int | None) -> int:
         what = f"the recommended layer {layer} of {spec.name!r}" if spec is not None else "layer -1"
     else:
         what = f"layer={layer!r}"
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"{what} is out of range: this encoder has {n} layers (0..{n - 1}, or -1 for the last); "
-                         "pass layer=... to choose one")
-    return layer % n
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"{what} is not one layer index: pass layer=... (0..{n - 1}, or -1 for the last)")
+    try:
+        return encoder._layer_indices(layer)[0]
+    except ValueError as err:  # out of range: say which layer was asked for and how to choose another
+        raise ValueError(f"{what}: {err}; pass layer=... to choose one") from err
 
 
 def wrap(encoder: Encoder, layer: int | None = None) -> HearModel:

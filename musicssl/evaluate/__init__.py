@@ -1,7 +1,7 @@
 """Downstream evaluation: task files, probes on frozen embeddings, and reports.
 
     result = musicssl.evaluate.evaluate("genre.csv", ["simclr-mini", "mfcc"], layers="all")
-    print(musicssl.evaluate.format_table(result))
+    table = musicssl.evaluate.format_table(result)   # Markdown, as `musicssl eval` prints it
 """
 
 from musicssl.evaluate.metrics import PRIMARY, compute

@@ -9,6 +9,8 @@ pitch (MIDI numbers): raw pitch accuracy (|error| <= 50 cents) and raw chroma ac
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 PRIMARY = {"classification": "accuracy", "multilabel": "mAP", "regression": "r2", "pitch": "rpa_50c"}
@@ -32,6 +34,23 @@ def compute(kind: str, y: np.ndarray, output: np.ndarray, values: np.ndarray | N
         chroma = (cents + 600.0) % 1200.0 - 600.0
         return {"rpa_50c": float((np.abs(cents) <= 50).mean()), "rca_50c": float((np.abs(chroma) <= 50).mean())}
     raise ValueError(f"unknown task kind {kind!r}")
+
+
+def rank_value(value: float) -> float:
+    """A metric as a key for choosing the best: NaN (undefined on a split, e.g. mAP with no
+    positives) ranks below everything."""
+    return -math.inf if math.isnan(value) else value
+
+
+def semitone_classes(y: np.ndarray) -> np.ndarray:
+    """The classes of a pitch probe or head: the distinct whole MIDI numbers in `y` (training
+    targets), sorted (C,)."""
+    return np.unique(np.round(y))
+
+
+def nearest_class(values: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Index of the class in `values` (C,) nearest each MIDI number of `y` (N,) -> (N,) int."""
+    return np.abs(np.asarray(y, dtype=float)[:, None] - np.asarray(values)[None, :]).argmin(1)
 
 
 def macro_f1(y: np.ndarray, pred: np.ndarray) -> float:

@@ -76,7 +76,7 @@ def make_problem(kind: str, x: np.ndarray, y: np.ndarray, split: np.ndarray, num
     std = x[train].std(0)
     x = ((x - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
     parts = {s: Split(x[split == s], y[split == s]) for s in ("train", "valid", "test")}
-    values = np.unique(np.round(parts["train"].y)) if kind == "pitch" else None
+    values = metrics.semitone_classes(parts["train"].y) if kind == "pitch" else None
     n = len(values) if values is not None else num_classes
     return Problem(kind, parts["train"], parts["valid"], parts["test"], n, values, seed)
 
@@ -86,18 +86,17 @@ def run_probe(name: str, problem: Problem) -> Fit:
     if name not in PROBES:
         raise ValueError(f"unknown probe {name!r}; choose from {', '.join(PROBES)}")
     start = time.perf_counter()
-    best: tuple[float, dict[str, Any], Callable[[np.ndarray], np.ndarray]] | None = None
+    best: tuple[float, dict[str, Any], dict[str, float], Callable[[np.ndarray], np.ndarray]] | None = None
     tried = []
     for params, predict in _FITTERS[name](problem):
         valid = problem.score(problem.valid, predict(problem.valid.x))
         tried.append({**params, **{f"valid_{k}": v for k, v in valid.items()}})
-        value = valid[problem.primary]
-        value = -math.inf if math.isnan(value) else value
+        value = metrics.rank_value(valid[problem.primary])
         if best is None or value > best[0]:
-            best = (value, params, predict)
+            best = (value, params, valid, predict)
     assert best is not None
-    _, params, predict = best
-    return Fit(name, params, problem.score(problem.valid, predict(problem.valid.x)),
+    _, params, valid, predict = best
+    return Fit(name, params, valid,
                problem.score(problem.test, predict(problem.test.x)), time.perf_counter() - start, tried)
 
 
@@ -145,7 +144,7 @@ def _class_target(problem: Problem, y: np.ndarray) -> torch.Tensor:
     if problem.kind == "multilabel":
         return torch.from_numpy(np.asarray(y, dtype=np.float64))
     if problem.kind == "pitch":
-        y = np.abs(np.asarray(y)[:, None] - problem.values[None]).argmin(1)  # nearest trained semitone
+        y = metrics.nearest_class(problem.values, y)  # the nearest semitone seen in training
     return torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
@@ -180,8 +179,7 @@ def _mlp(problem: Problem, hidden: int = 256, steps: int = 2000, every: int = 25
             return out[:, 0] * y_std + y_mean if regression else out
 
         def check() -> float:
-            value = problem.score(problem.valid, predict(problem.valid.x))[problem.primary]
-            return -math.inf if math.isnan(value) else value
+            return metrics.rank_value(problem.score(problem.valid, predict(problem.valid.x))[problem.primary])
 
         with torch.random.fork_rng():  # dropout draws from the global generator: seed it, then restore it
             torch.manual_seed(problem.seed)

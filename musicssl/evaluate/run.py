@@ -128,12 +128,8 @@ def _probe_model(name: str, task: Task, x: dict[int, np.ndarray], y: np.ndarray,
                  ", ".join(f"{p} {f.test[problem.primary]:.3f}" for p, f in fits[layer].items()))
     primary = metrics.PRIMARY[task.kind]
     # The first layer wins ties, so the pick does not depend on dictionary order.
-    best = {p: max(sorted(fits), key=lambda l: _finite(fits[l][p].valid[primary])) for p in probes}
+    best = {p: max(sorted(fits), key=lambda l: metrics.rank_value(fits[l][p].valid[primary])) for p in probes}
     return ModelResult(name, sorted(fits), fits, best, embed_seconds)
-
-
-def _finite(v: float) -> float:
-    return -np.inf if np.isnan(v) else v
 
 
 def _model_dict(m: ModelResult) -> dict[str, Any]:
