@@ -3,14 +3,15 @@
     python bench/extract_speed.py                                    # default model, soundtrack FLACs
     python bench/extract_speed.py --model mert-v1-95m --minutes 5    # a large port (random weights if none cached)
     python bench/extract_speed.py --codec mp3                        # transcode to 44.1 kHz stereo MP3 first (ffmpeg)
+    python bench/extract_speed.py --data MP3_FOLDER --device cuda --dtype bfloat16  # any folder of music, as is
 
 Model only: every file decoded beforehand (not timed), then `enc.embed(all clips, batch_size=B)`.
 End to end: `musicssl.extract(folder, OUT, enc, batch_size=B)` -- what `musicssl embed` runs once the
 model is loaded: decoding in worker processes, windows packed across files, outputs and manifest
 written. Both run alternately `--repeats` times in one process (medians; these machines are noisy),
 and the table gives x-realtime (seconds of audio per second) and their ratio (the target: >= 0.8),
-with the rate of decoding + resampling alone in one process (where it is not far above the model's,
-the run is decode-bound on this machine).
+with the rate of decoding + resampling alone, in one process and in the run's decoding processes
+(where the latter is not far above the model's, the run is decode-bound on this machine).
 On a GPU, the mean GPU utilisation during the end-to-end runs is sampled too (needs pynvml).
 """
 
@@ -28,15 +29,17 @@ from pathlib import Path
 import torch
 
 import musicssl
-from musicssl.audio.io import audio_info, load_audio
+from musicssl.audio.io import audio_info, find_audio_files, load_audio
 from musicssl.bulk import extract
+from musicssl.bulk.pipeline import decoded_stream
+from musicssl.bulk.run import default_workers
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dev" / "audio" / "soundtrack"
 
 
 def pick_files(folder: Path, minutes: float) -> list[Path]:
     files, total = [], 0.0
-    for f in sorted(folder.rglob("*.flac")):
+    for f in find_audio_files(folder):
         if total >= minutes * 60:
             break
         files.append(f)
@@ -45,16 +48,24 @@ def pick_files(folder: Path, minutes: float) -> list[Path]:
 
 
 def stage(files: list[Path], dest: Path, codec: str) -> None:
-    """Copy (flac) or transcode (mp3/opus, 44.1 kHz stereo like ripped music) the files into `dest`."""
+    """Copy (`copy`) or transcode (mp3/opus, 44.1 kHz stereo like ripped music) the files into `dest`."""
     dest.mkdir(parents=True)
     for f in files:
-        if codec == "flac":
+        if codec == "copy":
             shutil.copy(f, dest / f.name)
             continue
         out = dest / f"{f.stem}.{codec}"
         args = ["-c:a", "libmp3lame", "-b:a", "192k"] if codec == "mp3" else ["-c:a", "libopus", "-b:a", "96k"]
         subprocess.run(["ffmpeg", "-v", "error", "-i", str(f), "-ac", "2", "-ar", "44100" if codec == "mp3" else "48000",
                         *args, str(out)], check=True)
+
+
+def parallel_decode_rate(files: list[Path], sr: int, workers: int) -> float:
+    """x-realtime of decoding + resampling alone, in the run's decoding processes (no model)."""
+    start, samples = time.perf_counter(), 0
+    for item in decoded_stream([str(f) for f in files], sr, workers):
+        samples += len(item["audio"])
+    return samples / sr / (time.perf_counter() - start)
 
 
 def encoder(name: str, device: str, dtype: torch.dtype) -> tuple[musicssl.Encoder, str]:
@@ -96,7 +107,8 @@ def main() -> None:
     p.add_argument("--model", default=musicssl.registry.DEFAULT_MODEL)
     p.add_argument("--data", type=Path, default=DATA, help="folder of music (default: the dev soundtrack clips)")
     p.add_argument("--minutes", type=float, default=20.0, help="audio to use (default 20 min)")
-    p.add_argument("--codec", choices=["flac", "mp3", "opus"], default="flac")
+    p.add_argument("--codec", choices=["copy", "mp3", "opus"], default="copy",
+                   help="copy the files as they are (default), or transcode them with ffmpeg first")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=None, help="decoding processes (default: extract's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +125,8 @@ def main() -> None:
         clips = [load_audio(f, sr=enc.sample_rate)[0] for f in files]
         decode_t = time.perf_counter() - start
         seconds = sum(len(c) for c in clips) / enc.sample_rate
+        workers = args.num_workers if args.num_workers is not None else default_workers(torch.device(args.device))
+        decode_par = parallel_decode_rate(files, enc.sample_rate, workers)
         enc.embed(clips[:2], sr=enc.sample_rate, batch_size=args.batch_size)  # warm-up
         model_t, e2e_t, util = [], [], []
         for i in range(args.repeats):
@@ -134,9 +148,10 @@ def main() -> None:
     print(f"{args.model} ({weights} weights), {args.device} {args.dtype}, batch {args.batch_size}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{len(files)} {args.codec} files, {seconds / 60:.1f} min of audio; median of {args.repeats} alternated runs")
-    print(f"{'decode x-realtime (1 process)':>30} {'model only x-realtime':>22} {'end to end x-realtime':>22} {'ratio':>6}"
-          + ("  GPU util %" if util[0] else ""))
-    print(f"{seconds / decode_t:>30.1f} {m:>22.1f} {e:>22.1f} {e / m:>6.2f}" + (f"  {statistics.mean(util):.0f}" if util[0] else ""))
+    print(f"{'decode x-rt (1 process)':>24} {f'decode x-rt ({workers} workers)':>26} {'model only x-rt':>16} "
+          f"{'end to end x-rt':>16} {'ratio':>6}" + ("  GPU util %" if util[0] else ""))
+    print(f"{seconds / decode_t:>24.1f} {decode_par:>26.1f} {m:>16.1f} {e:>16.1f} {e / m:>6.2f}"
+          + (f"  {statistics.mean(util):.0f}" if util[0] else ""))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision (default float32)")
     s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass, packed across files (default 8)")
     s.add_argument("--num-workers", type=int, default=None,
-                   help="decoding processes (default: up to 8 on a GPU; on CPU 1, or 0 with two cores or fewer, "
-                        "where a decoder would slow the model more than it saves; 0 decodes in the main process)")
+                   help="decoding processes (default: up to 8 on a GPU; on CPU 1, or 0 with two cores or "
+                        "fewer, where a decoder would slow the model more than it saves; 0 decodes in the main process)")
+    s.add_argument("--compile", action="store_true",
+                   help="run the model through torch.compile, batches padded to a few shapes so it compiles once")
     s.add_argument("--shard", metavar="K/N", help="embed only shard K of N (K from 0), split deterministically "
                                                   "by relative path: N jobs cover every file exactly once")
     s.add_argument("--overwrite", action="store_true", help="redo inputs whose output already exists")
@@ -302,6 +304,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_workers=args.num_workers, device=device,
         dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite, shard=args.shard,
         fail_fast=args.fail_fast, offline=args.offline or None, progress=args.progress, log_every=args.log_every,
+        compile=args.compile,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print_summary(result, args)

@@ -223,3 +223,33 @@ def test_property_any_lengths_channels_and_rates(lengths, channels, sr, seed):
 
 torch.manual_seed(0)
 _PROPERTY_MODEL = musicssl.load("jepa-tiny", pretrained=False, depth=1)
+
+
+def test_compiled_windows_compile_a_few_shapes_once() -> None:
+    """compile_windows pads every batch to the full window and a power-of-two number of windows:
+    clips of lengths never seen add no compile, and the frames equal the eager ones."""
+    shapes: list[tuple] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        shapes.append(tuple(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    enc = musicssl.load("simclr-mini")
+    sr, rng = enc.sample_rate, np.random.default_rng(0)
+
+    def clips(seconds: list[float]) -> list[np.ndarray]:
+        return [(0.1 * rng.standard_normal(int(s * sr))).astype(np.float32) for s in seconds]
+
+    # Every shape there is at batch 4: 1, 2 or 4 windows (3 pads to 4), all full or some short.
+    warm = [clips([s] * k) for s in (0.5, enc.context_seconds) for k in (1, 2, 4)]
+    eager = [enc.embed(c, sr=sr, batch_size=4) for c in warm]
+    enc.compile_windows(backend=counting_backend)
+    for c, e in zip(warm, eager):
+        torch.testing.assert_close(enc.embed(c, sr=sr, batch_size=4).frames, e.frames, rtol=1e-4, atol=1e-5)
+    compiled = len(shapes)
+    assert 0 < compiled <= 12
+    for seconds in ([0.3, 4.4, 7.3, 13.0], [2.05, 6.6, 12.5], [31.7, 1.1]):  # lengths never seen
+        enc.embed(clips(seconds), sr=sr, batch_size=4)
+    assert len(shapes) == compiled
+    torch._dynamo.reset()

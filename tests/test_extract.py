@@ -19,6 +19,7 @@ import torch
 
 import musicssl
 from musicssl.bulk import extract
+from musicssl.bulk.outputs import FORMATS, read_clip
 from musicssl.bulk.plan import shard_of
 from musicssl.cli import main
 
@@ -147,6 +148,23 @@ def test_skip_overwrite_and_settings_guard(tmp_path, capsys):
     assert "holds embeddings made with other settings" in capsys.readouterr().err
     statuses = [r["status"] for r in manifest(out)]
     assert statuses == ["ok"] * 3 + ["skipped"] * 3 + ["ok"] * 3
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "safetensors"])
+def test_cut_short_outputs_are_made_again(tmp_path, fmt):
+    """Outputs are not fsynced one by one: what a machine crash can leave (a file cut short, or empty
+    under its final name) is not taken as done by the next run."""
+    corpus(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    assert extract([tmp_path / "in"], out, "mfcc", format=fmt, num_workers=0).ok == 3
+    paths = sorted(outputs(out, FORMATS[fmt]).values())
+    clips = [read_clip(fmt, p, pooled=False) for p in paths]
+    paths[0].write_bytes(paths[0].read_bytes()[: paths[0].stat().st_size // 2])
+    paths[1].write_bytes(b"")
+    res = extract([tmp_path / "in"], out, "mfcc", format=fmt, num_workers=0)
+    assert (res.ok, res.skipped) == (2, 1)
+    for p, clip in zip(paths, clips):
+        np.testing.assert_array_equal(read_clip(fmt, p, pooled=False), clip)
 
 
 def test_corrupt_files_are_listed_and_the_rest_embedded(tmp_path, capsys):
@@ -321,16 +339,46 @@ def test_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
     assert (tmp_path / "x.npy").stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("cores, device, expected", [(2, "cpu", 0), (1, "cpu", 0), (8, "cpu", 1), (16, "cuda", 8),
-                                                     (4, "cuda", 3)])
+@pytest.mark.parametrize("cores, device, world, expected", [(2, "cpu", 1, 0), (1, "cpu", 1, 0), (8, "cpu", 1, 1),
+                                                            (16, "cuda", 1, 8), (4, "cuda", 1, 3), (16, "cuda", 4, 3),
+                                                            (1, "cuda", 1, 1)])
 def test_default_decoders_follow_cores_and_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str,
-                                                  expected: int) -> None:
-    """CPU: a decoding process only where a core is left for it; GPU: enough to keep it fed (at most 8)."""
+                                                  world: int, expected: int) -> None:
+    """CPU: a decoding process only where a core is left for it; GPU: enough to keep it fed (at most
+    8, a core left to the loop, shared by the runs on the machine)."""
     from types import SimpleNamespace
 
-    from musicssl.bulk.run import _Run
+    from musicssl.bulk.run import _Run, default_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_workers(torch.device(device), world) == expected
     run = SimpleNamespace(encoder=SimpleNamespace(device=torch.device(device)), ranks=None)
-    assert _Run._workers(run, None) == expected
     assert _Run._workers(run, 3) == 3
+
+
+def test_compile_flag_gives_the_same_outputs(tmp_path, tiny_model, monkeypatch):
+    """`musicssl embed --compile` runs the model through Encoder.compile_windows (here with torch's
+    eager backend: compiling C++ would take minutes) and writes what an uncompiled run writes."""
+    from musicssl.models.base import Encoder
+
+    calls = []
+    compile_windows = Encoder.compile_windows
+
+    def eager_compile(self: Encoder) -> Encoder:
+        calls.append(self)
+        return compile_windows(self, backend="eager")
+
+    monkeypatch.setattr(Encoder, "compile_windows", eager_compile)
+    corpus(tmp_path / "in", 5, seconds=(0.5, 7.0))
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "ref"), "--model", tiny_model,
+                 "--num-workers", "0"]) == 0
+    assert not calls
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", tiny_model,
+                 "--num-workers", "0", "--compile", "--batch-size", "4"]) == 0
+    assert len(calls) == 1
+    ref, out = outputs(tmp_path / "ref"), outputs(tmp_path / "out")
+    assert ref.keys() == out.keys()
+    for key in ref:
+        with np.load(ref[key]) as a, np.load(out[key]) as b:
+            np.testing.assert_allclose(b["frames"], a["frames"], rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()

@@ -315,3 +315,23 @@ def make_pair(full: bool) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     ours = convert(ref, args)
     wav = torch.from_numpy(clip(10.0 if full else 2.0))[None]
     return _Ours(ours).eval(), _Reference(ref).eval(), wav
+
+
+def test_first_conv_norm_folded_into_the_weights_matches_group_norm() -> None:
+    """Inference folds the first layer's per-channel norm into the conv (statistics from the
+    covariance of the input frames); it equals conv -> GroupNorm over each item's valid frames, also
+    for a silent item, a two-frame item and a loud offset one."""
+    from musicssl.models.hubert import ConvLayer
+
+    torch.manual_seed(0)
+    layer = ConvLayer(1, 16, 10, 5, bias=True, norm=True).double()
+    nn.init.normal_(layer.layer_norm.weight)
+    nn.init.normal_(layer.layer_norm.bias)
+    x = torch.randn(4, 1, 4000, dtype=torch.float64) * torch.tensor([1.0, 0.0, 5.0, 0.01])[:, None, None]
+    x[2] += 3.0
+    for n_valid in (None, torch.tensor([799, 300, 2, 799])):
+        with torch.enable_grad():  # training takes the plain path: conv, then the norm
+            expected = layer(x, n_valid).detach()
+        with torch.no_grad():
+            folded = layer(x, n_valid)
+        torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)

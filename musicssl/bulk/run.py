@@ -11,6 +11,7 @@ share and rank 0 merges the records (distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -29,7 +30,7 @@ from musicssl import __version__
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
-from musicssl.bulk.outputs import FORMATS, read_clip, write_output, write_table
+from musicssl.bulk.outputs import FORMATS, looks_complete, read_clip, write_output, write_table
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, WindowPacker, decoded_stream
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.writer import BackgroundWriter
@@ -91,6 +92,7 @@ def extract(
     offline: bool | None = None,
     progress: bool | None = None,
     log_every: float = 30.0,
+    compile: bool = False,
 ) -> ExtractResult:
     """Embed every audio file of `inputs` (files and folders) and `files_from` (a list file, "-" for
     stdin) into `out`, mirroring their tree under `root` (default: the deepest folder holding them).
@@ -100,6 +102,7 @@ def extract(
         the clip embeddings of every input as one table (Parquet, or .npy plus an index).
     batch_size: windows per forward pass, packed across files; num_workers: decoding processes
         (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; 0 decodes in this process).
+    compile: run the model through `torch.compile` with padded batches (`Encoder.compile_windows`).
     shard: "K/N" takes the K-th of N deterministic parts (K from 0); under torchrun each process
         then takes its share of that.
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
@@ -117,7 +120,7 @@ def extract(
         run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
         return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
                            num_workers=num_workers, device=device, dtype=dtype, fail_fast=fail_fast,
-                           offline=offline, progress=progress, log_every=log_every)
+                           offline=offline, progress=progress, log_every=log_every, compile=compile)
     finally:
         if ranks:
             distributed.stop()
@@ -144,9 +147,11 @@ class _Run:
     # --- the run ------------------------------------------------------------------------------
     def execute(self, model: Any, *, layers: LayersArg, pool: str | None, table: bool, batch_size: int,
                 num_workers: int | None, device: str | None, dtype: torch.dtype | None, fail_fast: bool,
-                offline: bool | None, progress: bool | None, log_every: float) -> ExtractResult:
+                offline: bool | None, progress: bool | None, log_every: float, compile: bool) -> ExtractResult:
         self.pool, self.fail_fast = pool, fail_fast
         self.encoder, info = self._load(model, layers, pool, device, dtype, offline)
+        if compile:
+            self.encoder.compile_windows()
         self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
         if not self.ranks or self.ranks.rank == 0:
@@ -163,6 +168,8 @@ class _Run:
             stopped = True
         finally:
             self.writer.close(check=False)
+            if hasattr(os, "sync"):  # the per-file outputs skip fsync (outputs.atomic_write): one sync here
+                os.sync()
             self.sink.close()
             self.progress.close()
         return self._finish(table, stopped)
@@ -186,30 +193,28 @@ class _Run:
     def _workers(self, num_workers: int | None) -> int:
         if num_workers is not None:
             return max(0, num_workers)
-        # A GPU needs several decoders to stay fed. On CPU the model's threads use every core: with two
-        # or fewer, a decoding process only preempts them (each stall holds up all of the model's
-        # threads), and decoding between batches in this process is faster (bench/extract_speed.py).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-        if self.encoder.device.type == "cuda":
-            return max(1, min(8, cores // (self.ranks.world if self.ranks else 1) - 1))
-        return 1 if cores > 2 else 0
+        return default_workers(self.encoder.device, self.ranks.world if self.ranks else 1)
 
     def _skip_finished(self) -> list[Job]:
-        """Record inputs whose output exists as skipped; return the rest."""
+        """Record inputs whose output exists whole as skipped; return the rest (a cut-short output,
+        which only a machine crash mid-run can leave, is made again)."""
         if self.overwrite:
             return list(self.mine)
         todo, done = [], []
         for job in self.mine:
-            (done if job.output.exists() else todo).append(job)
+            (done if self._done(job) else todo).append(job)
         for job in done:
             self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
+
+    def _done(self, job: Job) -> bool:
+        return job.output.exists() and looks_complete(self.format, job.output)
 
     def _embed(self, todo: list[Job], batch_size: int, workers: int) -> None:
         packer = WindowPacker(batch_size, max_open=max(batch_size, 8))
         runner = BatchRunner(self.encoder, self.keep, on_split=_log_split)
         self.open: list[tuple[OpenFile, Claim]] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), _threads_beside(workers):
             stream = decoded_stream([str(j.source) for j in todo], self.encoder.sample_rate, workers)
             for seq, item in enumerate(stream):
                 self._admit(todo, item, seq, packer)
@@ -228,7 +233,7 @@ class _Run:
         claim = Claim(job.output)
         if not claim.acquire():
             return self._record(job, "skipped", reason="another run is embedding it")
-        if job.output.exists() and not self.overwrite:  # finished by another run since we planned
+        if not self.overwrite and self._done(job):  # finished by another run since we planned
             claim.release()
             return self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         audio = item["audio"]
@@ -245,7 +250,7 @@ class _Run:
         self.open.append((f, claim))
 
     def _finish_files(self, todo: list[Job]) -> None:
-        """Hand files whose windows are all done to the writer thread; record failed ones."""
+        """Hand files whose windows are all done to the writer threads; record failed ones."""
         still = []
         for f, claim in self.open:
             if f.windows_left and not f.error:
@@ -267,7 +272,7 @@ class _Run:
                 "clip": emb.clip[0].numpy(), "layers": emb.layers, "duration": len(f.audio) / self.encoder.sample_rate}
 
     def _store(self, job: Job, out: dict[str, Any], seconds: float, claim: Claim) -> None:
-        """On the writer thread: write one output, record it, release its claim."""
+        """On a writer thread: write one output, record it, release its claim."""
         start = time.perf_counter()
         try:
             meta = self._metadata(job, out["duration"], out["layers"])
@@ -295,7 +300,7 @@ class _Run:
         rec = {"input": str(job.source), "output": job.output.relative_to(self.out_dir).as_posix(),
                "status": status, "reason": reason, **extra, "seconds": round(seconds, 3), "time": now(),
                "host": f"{socket.gethostname()}:{os.getpid()}"}
-        with self.lock:  # the main thread and the writer thread both record
+        with self.lock:  # the main thread and the writer threads all record
             self.sink.write([rec])
             self.counts[status] += 1
             self.audio_seconds += extra.get("duration", 0.0)
@@ -371,6 +376,39 @@ def model_sha256(enc: Encoder) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
+
+
+def default_workers(device: torch.device, world: int = 1) -> int:
+    """Decoding processes for a run on `device` with `world` runs on this machine.
+
+    A GPU needs several decoders to stay fed (MP3 decodes and resamples at ~600x realtime per core):
+    up to 8, leaving a core to this loop. More did not help on a 16-core H100 machine (14 decoders:
+    the same rate for MERT, 27 % less for the default model, bench/RESULTS.md). On CPU the model's
+    threads use every core: with two or fewer, a decoding process only preempts them (each stall holds
+    up all of the model's threads), and decoding between batches here is faster.
+    """
+    cores = _cores()
+    if device.type == "cuda":
+        return max(1, min(8, cores // world - 1))
+    return 1 if cores > 2 else 0
+
+
+@contextlib.contextmanager
+def _threads_beside(workers: int) -> Iterator[None]:
+    """Leave one core per decoding process: torch's thread pool waits at every parallel op for its
+    slowest thread, so threads that share cores with busy decoders stall the loop (with one decoder
+    on 2 cores, zero-filling a file's 256 KB frames buffer took 3.6 ms)."""
+    before = torch.get_num_threads()
+    if workers:
+        torch.set_num_threads(max(1, min(before, _cores() - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
 def _log_split(n: int, err: BaseException) -> None:

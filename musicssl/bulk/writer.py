@@ -1,4 +1,4 @@
-"""Outputs written on a background thread, so file I/O (and its fsync) overlaps the next batches."""
+"""Outputs written on background threads, so file I/O (and its fsync) overlaps the next batches."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from typing import Any, Callable
 
 
 class BackgroundWriter:
-    """Runs tasks in order on one thread, with at most `limit` waiting (each holds a file's arrays).
+    """Runs tasks on `threads` threads, with at most `limit` waiting (each holds a file's arrays).
 
-    An exception in a task is re-raised in the caller's thread by the next `submit` or by `close`.
+    Several threads because file I/O waits on the disk: with one writer thread an H100 run of 10 s
+    MP3s was capped at ~60 files/s whatever the model (~600x realtime), with 8 at ~130. Tasks must
+    not depend on each other's order. An exception in a task is re-raised in the caller's thread by
+    the next `submit` or by `close`.
     """
 
-    def __init__(self, limit: int = 16) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="musicssl-writer")
+    def __init__(self, limit: int = 32, threads: int = 8) -> None:
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="musicssl-writer")
         self.slots = threading.BoundedSemaphore(limit)
         self.failure: BaseException | None = None
 

@@ -206,12 +206,41 @@ class Encoder(nn.Module):
     def _run_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Padded windows wav (b, S) on any device -> hidden states of `keep` (b, T, L, D) float32 on the
         CPU, and the valid frames of each window."""
-        device = self.device
+        device, rows = self.device, len(n_samples)
+        forward = getattr(self, "_compiled_features", None) or self.forward_features
+        if forward is not self.forward_features:
+            wav, n_samples = self._pad_for_compile(wav, n_samples)
         n = torch.tensor(n_samples)
         non_blocking = wav.is_pinned()  # pinned host memory: the copy overlaps with what runs before it
-        hidden = self.forward_features(wav.to(device, non_blocking=non_blocking), n.to(device))
-        stacked = torch.stack([hidden[i] for i in keep], dim=2).float().cpu()
-        return stacked, self.frame_lengths(n).tolist()
+        hidden = forward(wav.to(device, non_blocking=non_blocking), n.to(device))
+        n = n[:rows]
+        stacked = torch.stack([hidden[i][:rows] for i in keep], dim=2).float()
+        if stacked.is_cuda:
+            # Into pinned host memory (non_blocking allocates it): a copy into pageable memory runs at
+            # about a third of the rate, and took longer than the model itself (bench/RESULTS.md).
+            host = stacked.to("cpu", non_blocking=True)
+            torch.cuda.current_stream(stacked.device).synchronize()
+            return host, self.frame_lengths(n).tolist()
+        return stacked.cpu(), self.frame_lengths(n).tolist()
+
+    def compile_windows(self, **compile_kwargs: Any) -> "Encoder":
+        """Run `embed()` (and `musicssl embed`) through `torch.compile(forward_features)`; returns self.
+
+        Each batch is then padded to the full window (`context_seconds`) and to a power-of-two number
+        of windows, so a run compiles a few shapes once (batches of 1, 2, 4, ... up to the batch size,
+        each with and without a short window) instead of once per file length. compile_kwargs go to
+        `torch.compile` (e.g. mode="max-autotune", backend=...).
+        """
+        self._compiled_features = torch.compile(self.forward_features, dynamic=False, **compile_kwargs)
+        return self
+
+    def _pad_for_compile(self, wav: torch.Tensor, n_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """(b, S) -> (2^k >= b, W) with W the window; the added rows are silence of full length."""
+        W = self._window_plan()[0]
+        rows = 1 << (len(n_samples) - 1).bit_length()
+        out = torch.zeros(rows, W, pin_memory=wav.is_pinned())
+        out[: wav.shape[0], : wav.shape[1]] = wav
+        return out, list(n_samples) + [W] * (rows - len(n_samples))
 
     def _place(self, frames: torch.Tensor, w: _Window, last: bool, window: torch.Tensor, n_valid: int,
                plan: tuple[int, int, int]) -> None:

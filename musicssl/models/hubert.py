@@ -66,6 +66,8 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, n_valid: torch.Tensor | None) -> torch.Tensor:
         """n_valid (B,) valid output frames, or None when no item is padded."""
+        if self.layer_norm is not None and x.shape[1] == 1 and not torch.is_grad_enabled():
+            return F.gelu(self._conv_norm_folded(x, n_valid))
         x = self.conv(x)
         if self.layer_norm is not None:
             x = self._norm(x, n_valid)
@@ -80,6 +82,34 @@ class ConvLayer(nn.Module):
         out = torch.zeros_like(x)
         for b, n in enumerate(n_valid.tolist()):
             out[b, :, :n] = F.group_norm(x[b : b + 1, :, :n].float(), *args)[0].to(x.dtype)
+        return out
+
+    def _conv_norm_folded(self, x: torch.Tensor, n_valid: torch.Tensor | None) -> torch.Tensor:
+        """conv + per-channel norm of a one-channel input as one batched matmul: (B, 1, S) -> (B, C, T').
+
+        The conv is linear in the input frames f_t (kernel samples each), so channel c's mean over
+        time is w_c . mean(f) (+ bias) and its variance w_c^T Cov(f) w_c: the norm's statistics come
+        from a kernel x kernel covariance in float64 and fold into the weights. This skips the
+        (B, C, T') intermediate that the norm would read twice (the slowest step of the model on CPU).
+        """
+        conv, gn = self.conv, self.layer_norm
+        frames = x[:, 0].unfold(-1, conv.kernel_size[0], conv.stride[0])  # (B, T', kernel), a view
+        T = frames.shape[1]
+        n = n_valid if n_valid is not None else torch.full((x.shape[0],), T, device=x.device)
+        valid = (torch.arange(T, device=x.device)[None, :] < n[:, None]).double()[..., None]  # (B, T', 1)
+        f64, count = frames.double() * valid, n.double().clamp(min=1)[:, None]
+        mean = f64.sum(1) / count  # (B, kernel)
+        cov = torch.einsum("btk,btl->bkl", f64, f64) / count[..., None] - mean[:, :, None] * mean[:, None, :]
+        w = conv.weight[:, 0].double()  # (C, kernel)
+        var = torch.einsum("ck,bkl,cl->bc", w, cov, w).clamp(min=0)
+        mu = mean @ w.T + (conv.bias.double() if conv.bias is not None else 0)  # (B, C)
+        scale = gn.weight.double() / torch.sqrt(var + gn.eps)
+        shift = gn.bias.double() + ((conv.bias.double() if conv.bias is not None else 0) - mu) * scale
+        out = torch.baddbmm(shift[..., None].to(x.dtype), (w * scale[..., None]).to(x.dtype),
+                            frames.transpose(1, 2))
+        if n_valid is not None:
+            for b, nb in enumerate(n_valid.tolist()):
+                out[b, :, nb:] = 0
         return out
 
 
