@@ -253,3 +253,13 @@ def test_compiled_windows_compile_a_few_shapes_once() -> None:
         enc.embed(clips(seconds), sr=sr, batch_size=4)
     assert len(shapes) == compiled
     torch._dynamo.reset()
+
+
+def test_uncompiled_batches_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only compile_windows pads batches to full windows: a plain encoder runs each batch as it is."""
+    enc = musicssl.load("simclr-mini")
+    shapes = []
+    forward = enc.forward_features
+    monkeypatch.setattr(enc, "forward_features", lambda wav, n: shapes.append(tuple(wav.shape)) or forward(wav, n))
+    enc.embed([np.zeros(8000, np.float32)] * 3, sr=enc.sample_rate, batch_size=4)
+    assert shapes == [(3, 8000)]

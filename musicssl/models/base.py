@@ -207,12 +207,12 @@ class Encoder(nn.Module):
         """Padded windows wav (b, S) on any device -> hidden states of `keep` (b, T, L, D) float32 on the
         CPU, and the valid frames of each window."""
         device, rows = self.device, len(n_samples)
-        forward = getattr(self, "_compiled_features", None) or self.forward_features
-        if forward is not self.forward_features:
+        compiled = getattr(self, "_compiled_features", None)
+        if compiled is not None:
             wav, n_samples = self._pad_for_compile(wav, n_samples)
         n = torch.tensor(n_samples)
         non_blocking = wav.is_pinned()  # pinned host memory: the copy overlaps with what runs before it
-        hidden = forward(wav.to(device, non_blocking=non_blocking), n.to(device))
+        hidden = (compiled or self.forward_features)(wav.to(device, non_blocking=non_blocking), n.to(device))
         n = n[:rows]
         stacked = torch.stack([hidden[i][:rows] for i in keep], dim=2).float()
         if stacked.is_cuda:
