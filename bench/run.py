@@ -239,13 +239,14 @@ def measure_run(enc: musicssl.Encoder, device: str, dtype: str, compiled: bool, 
                 gflop: float, reference: torch.Tensor, peak: float) -> dict:
     """One table row: rates at batch 1 and the best batch, drift, FLOP rate. A compiled model's
     first call (its compile, which the rates' warm-up absorbs) is timed on its own."""
+    batches = a.cpu_batches if device == "cpu" else a.gpu_batches
     start = time.perf_counter()
     if compiled:
-        for b in [1] + [b for b in (a.cpu_batches if device == "cpu" else a.gpu_batches) if b > 1]:
+        for b in [1] + [b for b in batches if b > 1]:
             enc.embed(clips_for(enc, b), sr=enc.sample_rate, batch_size=b)
     compile_s = time.perf_counter() - start
     b1 = x_realtime(enc, device, 1, a.repeats)
-    bb, rate = best_batch(enc, device, a.cpu_batches if device == "cpu" else a.gpu_batches, a.repeats, b1)
+    bb, rate = best_batch(enc, device, batches, a.repeats, b1)
     print(f"  {device} {dtype}{' compiled' if compiled else ''}: {b1:.1f}x at batch 1, {rate:.1f}x at batch {bb}",
           file=sys.stderr, flush=True)
     return {"device": device, "dtype": dtype, "compiled": compiled, "compile_s": compile_s if compiled else None,

@@ -94,11 +94,11 @@ def looks_complete(fmt: str, path: Path) -> bool:
     readable zip directory, which sits at the end of the file (npz). A file cut short or left empty
     by a machine crash fails; the run then makes it again."""
     try:
-        size = path.stat().st_size
         if fmt == "npz":
             import zipfile
 
             return zipfile.is_zipfile(path)
+        size = path.stat().st_size
         with open(path, "rb") as fh:
             if fmt == "npy":
                 major, _ = np.lib.format.read_magic(fh)

@@ -102,9 +102,9 @@ class ConvLayer(nn.Module):
         cov = torch.einsum("btk,btl->bkl", f64, f64) / count[..., None] - mean[:, :, None] * mean[:, None, :]
         w = conv.weight[:, 0].double()  # (C, kernel)
         var = torch.einsum("ck,bkl,cl->bc", w, cov, w).clamp(min=0)
-        mu = mean @ w.T + (conv.bias.double() if conv.bias is not None else 0)  # (B, C)
-        scale = gn.weight.double() / torch.sqrt(var + gn.eps)
-        shift = gn.bias.double() + ((conv.bias.double() if conv.bias is not None else 0) - mu) * scale
+        scale = gn.weight.double() / torch.sqrt(var + gn.eps)  # (B, C)
+        # The conv's bias shifts each channel and its mean alike, so it drops out of the norm.
+        shift = gn.bias.double() - (mean @ w.T) * scale
         out = torch.baddbmm(shift[..., None].to(x.dtype), (w * scale[..., None]).to(x.dtype),
                             frames.transpose(1, 2))
         if n_valid is not None:
