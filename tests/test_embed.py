@@ -263,3 +263,38 @@ def test_uncompiled_batches_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(enc, "forward_features", lambda wav, n: shapes.append(tuple(wav.shape)) or forward(wav, n))
     enc.embed([np.zeros(8000, np.float32)] * 3, sr=enc.sample_rate, batch_size=4)
     assert shapes == [(3, 8000)]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_embed_on_a_gpu_matches_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches overlap on a GPU (the next starts before the last is stitched): the frames are still
+    those of the CPU, for clips of several windows spread over several batches."""
+    enc = musicssl.load("simclr-mini")
+    rng = np.random.default_rng(0)
+    clips = [(0.1 * rng.standard_normal(int(s * enc.sample_rate))).astype(np.float32) for s in (31.0, 7.5, 0.4, 12.0)]
+    cpu = enc.embed(clips, sr=enc.sample_rate, batch_size=2)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the CPU computes in full float32
+    gpu = enc.to("cuda").embed(clips, sr=enc.sample_rate, batch_size=2)
+    torch.testing.assert_close(gpu.frames, cpu.frames, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.lengths, cpu.lengths)
+
+
+@needs_cuda
+def test_starting_a_batch_on_a_gpu_does_not_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_launch_windows` queues the copies in, the model and the copy back without a host-device
+    sync (a model free of them stands in for one); the result is there once asked for."""
+    enc = musicssl.load("simclr-mini").to("cuda")
+    monkeypatch.setattr(enc, "forward_features", lambda wav, n: [wav.unfold(1, 160, 160) * 2.0])
+    wav = enc._stack_windows([np.ones(16000, np.float32)] * 2, enc._windows([16000, 16000])[:2])
+    enc._launch_windows(wav, [16000, 16000], [0]).result()  # warm: the first pinned blocks come from the driver
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = enc._launch_windows(wav, [16000, 16000], [0])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stacked, _ = launched.result()
+    assert stacked.device.type == "cpu" and stacked.shape == (2, 100, 1, 160)
+    assert torch.equal(stacked, torch.full_like(stacked, 2.0))

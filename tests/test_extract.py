@@ -207,19 +207,29 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path, capsys):
     assert res.stopped_early and res.failed == 1 and res.ok < 4 and res.exit_code == 1
 
 
-def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("when", ["launch", "result"])
+def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monkeypatch, when):
+    """Out of memory on a batch of more than two windows, raised when the batch is started or (as an
+    error from a GPU would be) when its result is asked for: the run retries in halves."""
     corpus(tmp_path / "in", 5, seconds=(3.0, 6.0))
     ref = extract([tmp_path / "in"], tmp_path / "ref", tiny_model, batch_size=1, num_workers=0)
-    real = musicssl.Encoder._run_windows
+    real = musicssl.Encoder._launch_windows
     seen = []
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def flaky(self, wav, n_samples, keep):
         seen.append(len(n_samples))
-        if len(n_samples) > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, wav, n_samples, keep)
+        if len(n_samples) <= 2:
+            return real(self, wav, n_samples, keep)
+        if when == "launch":
+            oom()
+        launched = real(self, wav, n_samples, keep)
+        launched.result = oom
+        return launched
 
-    monkeypatch.setattr(musicssl.Encoder, "_run_windows", flaky)
+    monkeypatch.setattr(musicssl.Encoder, "_launch_windows", flaky)
     res = extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0)
     assert res.ok == 5 and ref.ok == 5 and max(seen) == 8 and 2 in seen
     for rel, p in outputs(tmp_path / "ref").items():
@@ -234,9 +244,9 @@ def cli_process(args: list[str], slow: float = 0.0, **kw) -> subprocess.Popen:
     can act while the run is under way."""
     code = ("import sys, time, musicssl\n"
             f"slow = {slow}\n"
-            "real = musicssl.Encoder._run_windows\n"
+            "real = musicssl.Encoder._launch_windows\n"
             "def run(self, *a):\n    time.sleep(slow)\n    return real(self, *a)\n"
-            "musicssl.Encoder._run_windows = run\n"
+            "musicssl.Encoder._launch_windows = run\n"
             "from musicssl.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, "embed", *args], env=env, stdout=subprocess.PIPE,

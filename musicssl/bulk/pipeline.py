@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from musicssl.models.base import Encoder, _Window
+from musicssl.models.base import Encoder, _Launched, _Window
 
 
 class DecodeFiles(Dataset):
@@ -114,13 +114,16 @@ def is_out_of_memory(err: BaseException) -> bool:
 class BatchRunner:
     """Runs packed windows through the encoder and stitches their frames into their files.
 
-    A batch that fails (out of memory, or an error from one file's audio) is split in halves and
-    retried; a single window that still fails marks its file as failed.
+    `run` starts a batch and then stitches the batch started before it, so on a GPU the host's work
+    overlaps the device's; `flush` stitches the last one. A batch that fails (out of memory, or an
+    error from one file's audio) is split in halves and retried; a single window that still fails
+    marks its file as failed.
     """
 
     encoder: Encoder
     keep: list[int]
     on_split: Callable[[int, BaseException], None] = lambda n, err: None
+    pending: tuple[list[tuple[OpenFile, _Window]], _Launched, float] | None = None  # (batch, launched, s to start)
 
     def __post_init__(self) -> None:
         self.plan = self.encoder._window_plan()
@@ -131,23 +134,33 @@ class BatchRunner:
             return
         start = time.perf_counter()
         try:
-            stacked, n_valid = self.encoder._run_windows(self._stack(batch), [w.length for _, w in batch], self.keep)
+            wav = self.encoder._stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
+            launched = self.encoder._launch_windows(wav, [w.length for _, w in batch], self.keep)
         except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
+            self.flush()
             self._recover(batch, err)
             return
-        share = (time.perf_counter() - start) / len(batch)
+        spent = time.perf_counter() - start
+        self.flush()
+        self.pending = batch, launched, spent
+
+    def flush(self) -> None:
+        """Stitch the batch started last, if any, into its files."""
+        if self.pending is None:
+            return
+        (batch, launched, spent), self.pending = self.pending, None
+        start = time.perf_counter()
+        try:
+            stacked, n_valid = launched.result()
+        except Exception as err:  # noqa: BLE001 -- as in run()
+            self._recover(batch, err)
+            return
+        # Time spent starting it and waiting for it, not the other batches' time in between.
+        share = (spent + time.perf_counter() - start) / len(batch)
         for j, (f, w) in enumerate(batch):
             self.encoder._place(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
             f.windows_left -= 1
             f.seconds += share
-
-    def _stack(self, batch: list[tuple[OpenFile, _Window]]) -> torch.Tensor:
-        """The windows zero-padded into (b, S_max); in pinned memory when the model is on a GPU."""
-        pin = self.encoder.device.type == "cuda"
-        wav = torch.zeros(len(batch), max(w.length for _, w in batch), pin_memory=pin)
-        for j, (f, w) in enumerate(batch):
-            wav[j, : w.length] = f.audio[w.start : w.start + w.length]
-        return wav
 
     def _recover(self, batch: list[tuple[OpenFile, _Window]], err: Exception) -> None:
         oom = is_out_of_memory(err)
@@ -162,3 +175,4 @@ class BatchRunner:
         half = len(batch) // 2
         self.run(batch[:half])
         self.run(batch[half:])
+        self.flush()

@@ -224,6 +224,8 @@ class _Run:
             while packer.pool:
                 runner.run(packer.take())
                 self._finish_files(todo)
+            runner.flush()
+            self._finish_files(todo)
 
     def _admit(self, todo: list[Job], item: dict[str, Any], seq: int, packer: WindowPacker) -> None:
         """A decoded file: claim its output, then queue its windows (or record why not)."""

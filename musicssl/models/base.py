@@ -50,6 +50,21 @@ class _Window:
     length: int  # valid samples
 
 
+@dataclass
+class _Launched:
+    """A batch of windows started through the model (`Encoder._launch_windows`)."""
+
+    stacked: torch.Tensor  # (b, T, L, D) float32 on the CPU; still being copied until `done`
+    n_valid: list[int]  # valid frames of each window
+    done: torch.cuda.Event | None = None
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        """Wait for the copy back, if one is under way -> (stacked, n_valid)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.stacked, self.n_valid
+
+
 class Encoder(nn.Module):
     """Base class of every musicssl encoder: a plain nn.Module with `embed()`.
 
@@ -193,35 +208,58 @@ class Encoder(nn.Module):
         # Longest first: batches then hold windows of similar length and pad little.
         order = sorted(windows, key=lambda w: -w.length)
         plan = self._window_plan()
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            wav = torch.zeros(len(batch), max(w.length for w in batch))
-            for j, w in enumerate(batch):
-                wav[j, : w.length] = torch.from_numpy(items[w.item][w.start : w.start + w.length])
-            stacked, n_valid = self._run_windows(wav, [w.length for w in batch], keep)
+
+        def place(batch: list[_Window], launched: _Launched) -> None:
+            stacked, n_valid = launched.result()
             for j, w in enumerate(batch):
                 self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
+
+        pending = None
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            wav = self._stack_windows([items[w.item] for w in batch], batch)
+            launched = self._launch_windows(wav, [w.length for w in batch], keep)
+            if pending:  # stitched while the device runs the batch just launched
+                place(*pending)
+            pending = batch, launched
+        if pending:
+            place(*pending)
         return frames, lengths
 
-    def _run_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Padded windows wav (b, S) on any device -> hidden states of `keep` (b, T, L, D) float32 on the
-        CPU, and the valid frames of each window."""
+    def _stack_windows(self, audio: Sequence[np.ndarray | torch.Tensor], windows: Sequence[_Window]) -> torch.Tensor:
+        """Each window's samples of its item's audio (S,), zero-padded -> (b, S_max); in pinned memory
+        when the model is on a GPU, so the copy there does not wait for the device."""
+        wav = torch.zeros(len(windows), max(w.length for w in windows), pin_memory=self.device.type == "cuda")
+        for j, (x, w) in enumerate(zip(audio, windows)):
+            wav[j, : w.length] = torch.as_tensor(x[w.start : w.start + w.length])
+        return wav
+
+    def _launch_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> _Launched:
+        """Start padded windows wav (b, S) through the model; the result is the hidden states of `keep`
+        (b, T, L, D) float32 on the CPU and the valid frames of each window.
+
+        On a GPU nothing here waits for the device (unless the model reads its lengths back): the
+        caller prepares or stitches another batch while this one runs, then asks for the result.
+        """
         device, rows = self.device, len(n_samples)
         compiled = getattr(self, "_compiled_features", None)
         if compiled is not None:
             wav, n_samples = self._pad_for_compile(wav, n_samples)
         n = torch.tensor(n_samples)
-        non_blocking = wav.is_pinned()  # pinned host memory: the copy overlaps with what runs before it
-        hidden = (compiled or self.forward_features)(wav.to(device, non_blocking=non_blocking), n.to(device))
-        n = n[:rows]
+        n_valid = self.frame_lengths(n[:rows]).tolist()
+        if device.type != "cuda":
+            hidden = (compiled or self.forward_features)(wav.to(device), n.to(device))
+            return _Launched(torch.stack([hidden[i][:rows] for i in keep], dim=2).float().cpu(), n_valid)
+        # From pinned memory, with non_blocking, the copies in are queued rather than waited for.
+        wav, n = wav if wav.is_pinned() else wav.pin_memory(), n.pin_memory()
+        hidden = (compiled or self.forward_features)(wav.to(device, non_blocking=True), n.to(device, non_blocking=True))
         stacked = torch.stack([hidden[i][:rows] for i in keep], dim=2).float()
-        if stacked.is_cuda:
-            # Into pinned host memory (non_blocking allocates it): a copy into pageable memory runs at
-            # about a third of the rate, and took longer than the model itself (bench/RESULTS.md).
-            host = stacked.to("cpu", non_blocking=True)
-            torch.cuda.current_stream(stacked.device).synchronize()
-            return host, self.frame_lengths(n).tolist()
-        return stacked.cpu(), self.frame_lengths(n).tolist()
+        # Into pinned host memory (non_blocking allocates it): a copy into pageable memory runs at
+        # about a third of the rate, and took longer than the model itself (bench/RESULTS.md).
+        host = stacked.to("cpu", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(stacked.device))
+        return _Launched(host, n_valid, done)
 
     def compile_windows(self, **compile_kwargs: Any) -> "Encoder":
         """Run `embed()` (and `musicssl embed`) through `torch.compile(forward_features)`; returns self.
