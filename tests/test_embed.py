@@ -269,16 +269,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @needs_cuda
-def test_embed_on_a_gpu_matches_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batches overlap on a GPU (the next starts before the last is stitched): the frames are still
-    those of the CPU, for clips of several windows spread over several batches."""
-    enc = musicssl.load("simclr-mini")
+@pytest.mark.parametrize("name", ARCHS)
+def test_embed_on_a_gpu_matches_the_cpu(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches overlap on a GPU (the next starts before the last is stitched) and some front ends run
+    channels-last there: the frames are still those of the CPU, for clips of several windows spread
+    over several batches."""
+    enc = small(name).eval()
     rng = np.random.default_rng(0)
-    clips = [(0.1 * rng.standard_normal(int(s * enc.sample_rate))).astype(np.float32) for s in (31.0, 7.5, 0.4, 12.0)]
+    seconds = [2.2 * enc.context_seconds, 0.7 * enc.context_seconds, 0.4, 1.3 * enc.context_seconds]
+    clips = [(0.1 * rng.standard_normal(int(s * enc.sample_rate))).astype(np.float32) for s in seconds]
     cpu = enc.embed(clips, sr=enc.sample_rate, batch_size=2)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the CPU computes in full float32
     gpu = enc.to("cuda").embed(clips, sr=enc.sample_rate, batch_size=2)
-    torch.testing.assert_close(gpu.frames, cpu.frames, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.frames, cpu.frames, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(gpu.lengths, cpu.lengths)
 
 
