@@ -12,7 +12,10 @@ written. Both run alternately `--repeats` times in one process (medians; these m
 and the table gives x-realtime (seconds of audio per second) and their ratio (the target: >= 0.8),
 with the rate of decoding + resampling alone, in one process and in the run's decoding processes
 (where the latter is not far above the model's, the run is decode-bound on this machine).
-On a GPU, the mean GPU utilisation during the end-to-end runs is sampled too (needs pynvml).
+On a GPU, the mean GPU utilisation during the end-to-end runs is sampled too (needs pynvml). The
+last line splits the end-to-end runs' time into what `ExtractResult.stages` names: the model
+(starting batches and waiting for them), waiting for decoded audio, waiting for writes, and the
+rest of the host's work (stitching, bookkeeping): the largest is what bounds the run.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def main() -> None:
         workers = args.num_workers if args.num_workers is not None else default_workers(torch.device(args.device))
         decode_par = parallel_decode_rate(files, enc.sample_rate, workers)
         enc.embed(clips[:2], sr=enc.sample_rate, batch_size=args.batch_size)  # warm-up
-        model_t, e2e_t, util = [], [], []
+        model_t, e2e_t, util, stages = [], [], [], []
         for i in range(args.repeats):
             start = time.perf_counter()
             enc.embed(clips, sr=enc.sample_rate, batch_size=args.batch_size)
@@ -142,6 +145,7 @@ def main() -> None:
                               progress=False)
                 e2e_t.append(time.perf_counter() - start)
             util.append(gpu.mean)
+            stages.append(res.stages)
             assert res.ok == len(files), f"{res.failed} files failed"
             shutil.rmtree(out)
     m, e = seconds / statistics.median(model_t), seconds / statistics.median(e2e_t)
@@ -152,6 +156,9 @@ def main() -> None:
           f"{'end to end x-rt':>16} {'ratio':>6}" + ("  GPU util %" if util[0] else ""))
     print(f"{seconds / decode_t:>24.1f} {decode_par:>26.1f} {m:>16.1f} {e:>16.1f} {e / m:>6.2f}"
           + (f"  {statistics.mean(util):.0f}" if util[0] else ""))
+    spent = {k: statistics.median(st[k] for st in stages) for k in stages[0]}
+    print("end to end, the loop's time (median): " + ", ".join(
+        f"{k} {100 * v / sum(spent.values()):.0f} %" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

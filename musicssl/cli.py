@@ -311,6 +311,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 1 if result.total == 0 else result.exit_code
 
 
+# ExtractResult.stages, as the summary names them: what bounds a run.
+STAGES = {"model": "model", "decoding": "waiting for decoded audio", "writing": "waiting for writes",
+          "host": "stitching and bookkeeping"}
+
+
 def print_summary(r: Any, args: argparse.Namespace) -> None:
     """The last lines of `musicssl embed`: counts, speed, and where the failures are listed."""
     if r.total == 0:
@@ -320,6 +325,10 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         print(f"error: {path}: {reason}", file=sys.stderr)
     if len(r.errors) > 10:
         print(f"... and {len(r.errors) - 10} more errors", file=sys.stderr)
+    if r.audio_seconds and sum(r.stages.values()) > 0:
+        total = sum(r.stages.values())
+        shares = sorted(((v, k) for k, v in r.stages.items() if k in STAGES), reverse=True)  # the bound first
+        print("time: " + ", ".join(f"{STAGES[k]} {100 * v / total:.0f} %" for v, k in shares))
     speed = f", {r.audio_seconds / r.wall_seconds:.1f}x realtime" if r.audio_seconds else ""
     stop = " (stopped at the first failure: --fail-fast)" if r.stopped_early else ""
     print(f"{r.ok} embedded, {r.skipped} skipped, {r.failed} failed of {r.total} inputs{stop} "

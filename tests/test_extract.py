@@ -87,6 +87,38 @@ def test_tree_is_mirrored_and_name_collisions_survive(tmp_path, capsys):
     assert info["torch_version"] == torch.__version__ and info["layers"] == [0]
 
 
+def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, capsys):
+    """A run slowed in its model, then in its decoding: the slowed stage holds that time, and the
+    summary names the share of each stage."""
+    import musicssl.audio.io as audio_io
+
+    corpus(tmp_path / "in", 6, seconds=(1.0, 1.5))
+    real_launch, real_load = musicssl.Encoder._launch_windows, audio_io.load_audio
+
+    def slow_launch(self, *a):
+        time.sleep(0.2)
+        return real_launch(self, *a)
+
+    def slow_load(*a, **kw):
+        time.sleep(0.2)
+        return real_load(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(musicssl.Encoder, "_launch_windows", slow_launch)
+        r = extract([tmp_path / "in"], tmp_path / "a", tiny_model, batch_size=2, num_workers=0)
+    assert set(r.stages) == {"model", "decoding", "writing", "host"} and min(r.stages.values()) >= 0
+    assert r.stages["model"] >= 3 * 0.2 and max(r.stages, key=r.stages.get) == "model"
+    assert sum(r.stages.values()) <= r.wall_seconds
+    monkeypatch.setattr(audio_io, "load_audio", slow_load)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "b"), "--model", tiny_model,
+                 "--num-workers", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("time: waiting for decoded audio ")  # the largest share first
+    shares = dict((part.rsplit(" ", 2)[0], int(part.rsplit(" ", 2)[1])) for part in out[-2][6:].split(", "))
+    assert set(shares) == {"waiting for decoded audio", "model", "waiting for writes", "stitching and bookkeeping"}
+    assert shares["waiting for decoded audio"] > 50 and 95 <= sum(shares.values()) <= 105
+
+
 def test_files_from_stdin_root_and_path_traversal(tmp_path, monkeypatch, capsys):
     src = tmp_path / "data" / "deep"
     files = [tone(src / "..x.wav", 0.5), tone(src / "-rf.wav", 0.5), tone(tmp_path / "data" / "top.wav", 0.5)]

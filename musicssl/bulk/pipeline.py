@@ -7,9 +7,11 @@ is (b, S_max) zero-padded; a file's frames buffer is (T, L, D) with L the kept l
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -103,6 +105,34 @@ class WindowPacker:
         return batch
 
 
+class Stopwatch:
+    """Seconds of a loop spent per stage (`with watch("model"): ...`), to say what bounds a run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def each(self, stage: str, items: Iterable[Any]) -> Iterator[Any]:
+        """The items of `items`, the time spent waiting for each counted to `stage`."""
+        it = iter(items)
+        while True:
+            with self(stage):
+                item = next(it, _END)
+            if item is _END:
+                return
+            yield item
+
+
+_END = object()
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
@@ -114,7 +144,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 class BatchRunner:
     """Runs packed windows through the encoder and stitches their frames into their files.
 
-    `run` starts a batch and then stitches the batch started before it, so on a GPU the host's work
+    On a GPU, `run` starts a batch and then stitches the batch started before it, so the host's work
     overlaps the device's; `flush` stitches the last one. A batch that fails (out of memory, or an
     error from one file's audio) is split in halves and retried; a single window that still fails
     marks its file as failed.
@@ -123,6 +153,7 @@ class BatchRunner:
     encoder: Encoder
     keep: list[int]
     on_split: Callable[[int, BaseException], None] = lambda n, err: None
+    watch: Stopwatch = field(default_factory=Stopwatch)  # "model": starting batches and waiting for them
     pending: tuple[list[tuple[OpenFile, _Window]], _Launched, float] | None = None  # (batch, launched, s to start)
 
     def __post_init__(self) -> None:
@@ -132,10 +163,13 @@ class BatchRunner:
         batch = [(f, w) for f, w in batch if not f.error]
         if not batch:
             return
+        if self.encoder.device.type != "cuda":
+            self.flush()  # nothing to overlap on a CPU: stitch first, and hold one batch's frames, not two
         start = time.perf_counter()
         try:
             wav = self.encoder._stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
-            launched = self.encoder._launch_windows(wav, [w.length for _, w in batch], self.keep)
+            with self.watch("model"):
+                launched = self.encoder._launch_windows(wav, [w.length for _, w in batch], self.keep)
         except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
             self.flush()
             self._recover(batch, err)
@@ -151,7 +185,8 @@ class BatchRunner:
         (batch, launched, spent), self.pending = self.pending, None
         start = time.perf_counter()
         try:
-            stacked, n_valid = launched.result()
+            with self.watch("model"):
+                stacked, n_valid = launched.result()
         except Exception as err:  # noqa: BLE001 -- as in run()
             self._recover(batch, err)
             return

@@ -31,7 +31,7 @@ from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
 from musicssl.bulk.outputs import FORMATS, looks_complete, read_clip, write_output, write_table
-from musicssl.bulk.pipeline import BatchRunner, OpenFile, WindowPacker, decoded_stream
+from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker, decoded_stream
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.models.base import Encoder, LayersArg, _single_layer
@@ -56,6 +56,10 @@ class ExtractResult:
     wall_seconds: float = 0.0
     stopped_early: bool = False  # --fail-fast stopped at the first failure
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) seen by this process
+    # Where this process's time went, in seconds: "model" (starting batches and waiting for their
+    # results), "decoding" (waiting for decoded audio), "writing" (waiting for the writer threads and
+    # the final sync), "host" (the rest: stitching, bookkeeping).
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -158,20 +162,24 @@ class _Run:
             write_run_info(self.out_dir, info)
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
         self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
-        self.writer, self.lock = BackgroundWriter(), threading.Lock()
-        stopped = False
+        self.writer, self.lock, self.watch = BackgroundWriter(), threading.Lock(), Stopwatch()
+        stopped, start = False, time.perf_counter()
         try:
             todo = self._skip_finished()
             self._embed(todo, batch_size, self._workers(num_workers))
-            self.writer.close()
+            with self.watch("writing"):
+                self.writer.close()
         except _Stop:
             stopped = True
         finally:
-            self.writer.close(check=False)
-            if hasattr(os, "sync"):  # the per-file outputs skip fsync (outputs.atomic_write): one sync here
-                os.sync()
+            with self.watch("writing"):
+                self.writer.close(check=False)
+                if hasattr(os, "sync"):  # the per-file outputs skip fsync (outputs.atomic_write): one sync here
+                    os.sync()
             self.sink.close()
             self.progress.close()
+        self.watch.seconds["writing"] += self.writer.waited
+        self.watch.seconds["host"] = max(0.0, time.perf_counter() - start - sum(self.watch.seconds.values()))
         return self._finish(table, stopped)
 
     def _load(self, model: Any, layers: LayersArg, pool: str | None, device: str | None, dtype: torch.dtype | None,
@@ -212,11 +220,11 @@ class _Run:
 
     def _embed(self, todo: list[Job], batch_size: int, workers: int) -> None:
         packer = WindowPacker(batch_size, max_open=max(batch_size, 8))
-        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split)
+        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
         self.open: list[tuple[OpenFile, Claim]] = []
         with torch.inference_mode(), _threads_beside(workers):
             stream = decoded_stream([str(j.source) for j in todo], self.encoder.sample_rate, workers)
-            for seq, item in enumerate(stream):
+            for seq, item in enumerate(self.watch.each("decoding", stream)):
                 self._admit(todo, item, seq, packer)
                 while packer.ready():
                     runner.run(packer.take())
@@ -330,7 +338,8 @@ class _Run:
             distributed.barrier()  # nobody exits before rank 0 has merged
         return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
                              self.out_dir / MANIFEST, failed_list, tables, counts[3],
-                             time.perf_counter() - self.started, bool(counts[4]), self.errors)
+                             time.perf_counter() - self.started, bool(counts[4]), self.errors,
+                             dict(self.watch.seconds))
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))

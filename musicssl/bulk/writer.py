@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -20,10 +21,13 @@ class BackgroundWriter:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="musicssl-writer")
         self.slots = threading.BoundedSemaphore(limit)
         self.failure: BaseException | None = None
+        self.waited = 0.0  # seconds `submit` waited for a free slot: the writers were behind
 
     def submit(self, task: Callable[..., None], *args: Any) -> None:
         self.check()
+        start = time.perf_counter()
         self.slots.acquire()
+        self.waited += time.perf_counter() - start
         self.pool.submit(self._run, task, args)
 
     def _run(self, task: Callable[..., None], args: tuple[Any, ...]) -> None:

@@ -214,7 +214,7 @@ class Encoder(nn.Module):
             for j, w in enumerate(batch):
                 self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
 
-        pending = None
+        pending, overlap = None, self.device.type == "cuda"  # a CPU has nothing to overlap
         for b in range(0, len(order), batch_size):
             batch = order[b : b + batch_size]
             wav = self._stack_windows([items[w.item] for w in batch], batch)
@@ -222,6 +222,9 @@ class Encoder(nn.Module):
             if pending:  # stitched while the device runs the batch just launched
                 place(*pending)
             pending = batch, launched
+            if not overlap:
+                place(*pending)
+                pending = None
         if pending:
             place(*pending)
         return frames, lengths
