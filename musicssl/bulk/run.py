@@ -219,7 +219,8 @@ class _Run:
         return job.output.exists() and looks_complete(self.format, job.output)
 
     def _embed(self, todo: list[Job], batch_size: int, workers: int) -> None:
-        packer = WindowPacker(batch_size, max_open=max(batch_size, 8))
+        # Enough open files that most windows find company of their length (see WindowPacker).
+        packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
         runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
         self.open: list[tuple[OpenFile, Claim]] = []
         with torch.inference_mode(), _threads_beside(workers):
