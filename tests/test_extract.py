@@ -271,34 +271,40 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
 
 # --- packing windows into batches -----------------------------------------------------------------
 
-def pack(seconds: list[float], batch_size: int, max_open: int, max_bytes: int = 1 << 30) -> dict:
-    """Files of `seconds` through a WindowPacker as `extract` drives it (10 s windows of the mfcc
-    baseline): the batches, and the most open files and bytes held at any point."""
+def pack(seconds: list[float], batch_size: int, max_open: int, max_bytes: int = 1 << 30,
+         model: str = "mfcc") -> dict:
+    """Files of `seconds` through a WindowPacker as `extract` drives it (by default the 10 s windows
+    of the mfcc baseline; bench/packing.py passes others): the batches as (file, window, samples),
+    the share of padded samples, and the most open files and bytes held at any point."""
     from musicssl.bulk.pipeline import OpenFile, WindowPacker
 
-    enc = musicssl.load("mfcc")
+    enc = musicssl.load(model, pretrained=False)
     packer, batches, most_open, most_held = WindowPacker(batch_size, max_open, max_bytes), [], 0, 0
+
+    def take() -> None:  # keeps no file alive: their buffers go when the packer lets them go
+        batches.append([(f.seq, w.index, w.length) for f, w in packer.take()])
+
     for seq, sec in enumerate(seconds):
         n = int(sec * enc.sample_rate)
         windows = enc._windows([n])
         frames = torch.zeros(int(enc.frame_lengths(torch.tensor([n]))[0]), 1, enc.embed_dim)
         packer.add(OpenFile(seq, seq, torch.zeros(n), frames, len(windows), windows[-1].index, 0.0), windows)
         while packer.ready():
-            batches.append(packer.take())
+            take()
         most_open, most_held = max(most_open, packer.open_files()), max(most_held, packer.held)
     while packer.pool:
-        batches.append(packer.take())
-    padded = sum(len(b) * max(w.length for _, w in b) for b in batches)
-    valid = sum(w.length for b in batches for _, w in b)
+        take()
+    padded = sum(len(b) * max(n for *_, n in b) for b in batches)
+    valid = sum(n for b in batches for *_, n in b)
     return {"batches": batches, "waste": 1 - valid / padded, "open": most_open, "held": most_held,
-            "windows": sorted((f.seq, w.index) for b in batches for f, w in b)}
+            "windows": sorted((f, i) for b in batches for f, i, _ in b)}
 
 
 def test_windows_of_equal_files_pack_into_equal_batches():
     """25 s files: two full windows and a short last one each; no batch mixes the two lengths."""
     got = pack([25.0] * 12, batch_size=4, max_open=16)
     assert got["windows"] == [(f, i) for f in range(12) for i in range(3)]  # each window once
-    assert all(len({w.length for _, w in b}) == 1 for b in got["batches"]) and got["waste"] == 0
+    assert all(len({n for *_, n in b}) == 1 for b in got["batches"]) and got["waste"] == 0
 
 
 def test_mixed_lengths_pad_little_within_the_memory_bounds():
