@@ -105,8 +105,11 @@ class ConvLayer(nn.Module):
         scale = gn.weight.double() / torch.sqrt(var + gn.eps)  # (B, C)
         # The conv's bias shifts each channel and its mean alike, so it drops out of the norm.
         shift = gn.bias.double() - (mean @ w.T) * scale
-        out = torch.baddbmm(shift[..., None].to(x.dtype), (w * scale[..., None]).to(x.dtype),
-                            frames.transpose(1, 2))
+        # The shift rides as one more weight on a row of ones, so the output is written once
+        # (baddbmm would first fill it with the broadcast shift: a pass over (B, C, T')).
+        weights = torch.cat([w * scale[..., None], shift[..., None]], dim=-1).to(x.dtype)  # (B, C, kernel + 1)
+        rows = torch.cat([frames, frames.new_ones(frames.shape[:2] + (1,))], dim=-1)  # (B, T', kernel + 1)
+        out = torch.bmm(weights, rows.transpose(1, 2))
         if n_valid is not None:
             for b, nb in enumerate(n_valid.tolist()):
                 out[b, :, nb:] = 0
