@@ -297,3 +297,33 @@ if __name__ == "__main__":  # print the relative error of every hidden state
     with torch.no_grad():
         for i, (o, r) in enumerate(zip(ours_fn(x), ref_fn(x))):
             print(f"hidden_states[{i}]: rel err {rel_err(o, r):.3e}")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (torch.nn.Conv2d(3, 8, 3, stride=(2, 2), padding=1), torch.nn.BatchNorm2d(8), (2, 3, 16, 20)),
+    lambda: (torch.nn.Conv1d(8, 8, 31, padding=15, groups=8, bias=False), torch.nn.BatchNorm1d(8), (2, 8, 50)),
+    lambda: (torch.nn.Conv1d(4, 6, 3), torch.nn.BatchNorm1d(6, affine=False), (1, 4, 9)),
+])
+def test_conv_bn_folds_the_norm_at_inference(make):
+    """conv_bn (the Res2d blocks' and the conv module's conv + BatchNorm): at inference one conv with
+    the norm in its weights, equal to the two steps; in training the norm still sees its batch."""
+    from musicssl.models.layers import conv_bn
+
+    torch.manual_seed(0)
+    conv, bn, shape = make()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.2, 3.0)
+    if bn.affine:
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    x = torch.randn(shape)
+    conv.eval(), bn.eval()
+    plain = bn(conv(x)).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(conv_bn(conv, bn, x), plain, rtol=1e-5, atol=1e-5)
+        conv.to(torch.bfloat16), bn.to(torch.bfloat16)
+        folded = conv_bn(conv, bn, x.bfloat16()).float()
+        assert rel_err(folded, plain) < 2e-2
+    conv.float(), bn.float()
+    bn.train()
+    torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)))  # batch statistics, as training needs

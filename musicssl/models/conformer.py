@@ -47,6 +47,7 @@ from musicssl.convert import pick_file, read_checkpoint, take
 from musicssl.errors import ReleaseFormatError
 from musicssl.factory import load_state_strict
 from musicssl.models.base import Encoder
+from musicssl.models.layers import conv_bn
 from musicssl.registry import ModelSpec, register_family, register_model
 
 MUSICFM_CITATION = (
@@ -109,7 +110,7 @@ class ConvModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.glu(self.pointwise_conv1(self.layer_norm(x).transpose(1, 2)), dim=1)
-        x = self.act(self.batch_norm(self.depthwise_conv(x)))
+        x = self.act(conv_bn(self.depthwise_conv, self.batch_norm, x))
         return self.pointwise_conv2(x).transpose(1, 2)
 
 
@@ -223,8 +224,8 @@ class Res2d(nn.Module):
             self.bn3 = nn.BatchNorm2d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        skip = self.bn3(self.conv3(x)) if self.shortcut else x
+        out = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x)))
+        skip = conv_bn(self.conv3, self.bn3, x) if self.shortcut else x
         return F.relu(out + skip)
 
 

@@ -1,4 +1,4 @@
-"""Blocks shared by the transformer families: pre-LN ViT block with SDPA, 2-D sin-cos positions."""
+"""Blocks shared by the families: pre-LN ViT block with SDPA, 2-D sin-cos positions, conv + BatchNorm."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), attn_mask)
         return x + self.mlp(self.norm2(x))
+
+
+def conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: nn.BatchNorm1d | nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)). At inference on running statistics the norm is a per-channel affine, folded
+    into the convolution's weights and bias (in float32): one pass over the output, not two."""
+    if bn.training or torch.is_grad_enabled() or bn.running_var is None or bn.running_mean is None:
+        return bn(conv(x))
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    shift = -bn.running_mean.float() * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight.float(), shift * bn.weight.float() + bn.bias.float()
+    bias = shift if conv.bias is None else shift + conv.bias.float() * scale
+    weight = conv.weight.float() * scale.view(-1, *[1] * (conv.weight.dim() - 1))
+    return conv._conv_forward(x, weight.to(conv.weight.dtype), bias.to(conv.weight.dtype))
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
