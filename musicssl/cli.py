@@ -335,6 +335,9 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
           f"in {r.wall_seconds:.1f} s{speed} -> {r.out_dir}")
     for t in r.tables:
         print(f"clip table: {t}")
+    if r.warned:
+        print(f"{r.warned} of the embedded inputs decoded with a warning (e.g. damaged, used up to the damage): "
+              f"their manifest lines say what, in \"warning\" ({r.manifest})")
     if r.failed_list:
         print(f"failed inputs: {r.failed_list} (reasons in {r.manifest}); retry them with "
               f"musicssl embed --files-from {shlex.quote(str(r.failed_list))} --root {shlex.quote(str(r.root))} "

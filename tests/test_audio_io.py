@@ -393,8 +393,9 @@ def test_flac_cut_inside_its_header(encoded, tmp_path):
     [
         ("notes.wav", b"this is a text file, not audio\n" * 20),
         ("picture.flac", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+        ("lyrics.mp3", b"this is a text file, not audio\n" * 80),
     ],
-    ids=["text", "png"],
+    ids=["text", "png", "text-as-mp3"],
 )
 def test_non_audio_file(tmp_path, name, content):
     path = tmp_path / name
@@ -403,6 +404,7 @@ def test_non_audio_file(tmp_path, name, content):
         load_audio(path)
     message = str(err.value)
     assert name in message and "not audio" in message and "libsndfile" in message
+    assert "does not exist" not in message  # libsndfile's words for files it cannot parse, untrue here
     assert not isinstance(err.value.__cause__, AudioDecodeError)
     with pytest.raises(AudioDecodeError, match=name):
         audio_info(path)
@@ -415,6 +417,15 @@ def test_missing_file(tmp_path):
     assert "ghost.flac" in str(err.value)
     with pytest.raises(AudioDecodeError, match="ghost.flac"):
         audio_info(path)
+
+
+def test_dangling_link(tmp_path):
+    link = tmp_path / "take1.wav"
+    link.symlink_to(tmp_path / "moved" / "take1.wav")
+    for read in (load_audio, audio_info):
+        with pytest.raises(AudioDecodeError, match="link to .*moved.*which does not exist") as err:
+            read(link)
+        assert "take1.wav" in str(err.value)
 
 
 def test_directory(tmp_path):

@@ -232,6 +232,23 @@ def test_corrupt_files_are_listed_and_the_rest_embedded(tmp_path, capsys):
     assert all((out / "bad" / (Path(p).name + ".npz")).exists() for p in fixed)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_file_used_in_part_says_so_in_the_manifest(tmp_path, capsys, workers):
+    """A FLAC cut in half embeds what decodes; the manifest and the last lines say it was cut short,
+    also when a decoding process (whose own stderr a cluster log may lose) read it."""
+    corpus(tmp_path / "in", 2)
+    whole = tone(tmp_path / "whole.flac", 10.0)
+    (tmp_path / "in" / "cut.flac").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    out = tmp_path / "out"
+    code = main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", str(workers)])
+    assert code == 0 and "1 of the embedded inputs decoded with a warning" in capsys.readouterr().out
+    records = {Path(r["input"]).name: r for r in manifest(out)}
+    cut = records.pop("cut.flac")
+    assert cut["status"] == "ok" and 0 < cut["duration"] < 10.0
+    assert "cut.flac" in cut["warning"] and "truncated or damaged" in cut["warning"]
+    assert not any("warning" in r for r in records.values())
+
+
 def test_fail_fast_stops_at_the_first_failure(tmp_path, capsys):
     corpus(tmp_path / "in", 4)
     (tmp_path / "in" / "d0" / "a-broken.wav").write_bytes(b"RIFF nonsense")

@@ -57,6 +57,7 @@ _SALVAGE_BLOCK = 1 << 12
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 
 _SNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
+_SNDFILE_NOT_A_FILE = "File does not exist or is not a regular file"
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,11 @@ def _check_path(path: PathLike) -> Path:
     try:
         st = p.stat()
     except FileNotFoundError as err:
+        if p.is_symlink():
+            raise AudioDecodeError(
+                f"Cannot read audio file '{p}': it is a link to '{os.readlink(p)}', which does not exist. "
+                f"Point the link at the file again, or remove it."
+            ) from err
         raise AudioDecodeError(
             f"Cannot read audio file '{p}': no such file. Check the path (relative paths start "
             f"from {Path.cwd()})."
@@ -430,6 +436,9 @@ def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:
 def _cause(err: BaseException) -> str:
     """The backend's own words, without the file path soundfile prepends."""
     text = getattr(err, "error_string", None) or str(err) or type(err).__name__
+    if text.startswith(_SNDFILE_NOT_A_FILE):
+        # libsndfile says so of regular files it cannot parse too (text named .mp3); paths are checked first.
+        return "it does not recognise the data as audio in this format"
     return text.strip().rstrip(".")
 
 

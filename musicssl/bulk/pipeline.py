@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from musicssl.models.base import Encoder, _Launched, _Window
 
 
 class DecodeFiles(Dataset):
-    """Item i -> {"index", "audio" (S,) float32 mono at `sample_rate`, "error" ("" if none), "seconds"}.
+    """Item i -> {"index", "audio" (S,) float32 mono at `sample_rate`, "error" ("" if none), "warning"
+    (what the decoder warned of, e.g. a truncated file decoded in part; "" if nothing), "seconds"}.
     Runs in DataLoader workers; a file that cannot be decoded becomes an error, never an exception."""
 
     def __init__(self, paths: list[str], sample_rate: int) -> None:
@@ -36,13 +38,36 @@ class DecodeFiles(Dataset):
         from musicssl.audio.io import load_audio
 
         start = time.perf_counter()
-        try:
-            audio, _ = load_audio(self.paths[i], sr=self.sample_rate, mono=True)
-            audio, error = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), ""
-        # A worker isolates one file: whatever a decoder raises for it is that file's error.
-        except Exception as err:  # noqa: BLE001
-            audio, error = torch.empty(0), describe(err)
-        return {"index": i, "audio": audio, "error": error, "seconds": time.perf_counter() - start}
+        with _warnings_of("musicssl.audio") as warned:
+            try:
+                audio, _ = load_audio(self.paths[i], sr=self.sample_rate, mono=True)
+                audio, error = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), ""
+            # A worker isolates one file: whatever a decoder raises for it is that file's error.
+            except Exception as err:  # noqa: BLE001
+                audio, error = torch.empty(0), describe(err)
+        return {"index": i, "audio": audio, "error": error, "warning": " ".join(warned),
+                "seconds": time.perf_counter() - start}
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
+@contextlib.contextmanager
+def _warnings_of(logger: str) -> Iterator[list[str]]:
+    """The warnings `logger` logs inside the block (they are still printed as usual): a run keeps
+    them in its manifest, where a worker's stderr would lose them."""
+    handler = _Collect()
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
 
 
 def describe(err: BaseException) -> str:
@@ -73,6 +98,7 @@ class OpenFile:
     last_window: int
     seconds: float  # time spent on it so far (decode + its share of batches)
     error: str = ""
+    warning: str = ""  # from decoding: kept in the manifest
 
 
 @dataclass

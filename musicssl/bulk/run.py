@@ -60,6 +60,7 @@ class ExtractResult:
     # results), "decoding" (waiting for decoded audio), "writing" (waiting for the writer threads and
     # the final sync), "host" (the rest: stitching, bookkeeping).
     stages: dict[str, float] = field(default_factory=dict)
+    warned: int = 0  # embedded, but decoding warned (e.g. a damaged file used up to the damage): see the manifest
 
     @property
     def total(self) -> int:
@@ -143,7 +144,7 @@ class _Run:
             jobs = take_shard(jobs, *parse_shard(shard))
         self.jobs = jobs  # this shard's jobs: the scope of the failed list and the table
         self.mine = jobs[ranks.rank :: ranks.world] if ranks else jobs
-        self.counts = {"ok": 0, "skipped": 0, "error": 0}
+        self.counts = {"ok": 0, "skipped": 0, "error": 0, "warned": 0}
         self.errors: list[tuple[str, str]] = []
         self.audio_seconds = 0.0
         self.started = time.perf_counter()
@@ -256,7 +257,8 @@ class _Run:
                 f"frame of this model ({1 / self.encoder.frame_rate:.3f} s per frame)"))
         windows = self.encoder._windows([len(audio)])
         frames = torch.zeros(n_frames, len(self.keep), self.encoder.embed_dim)
-        f = OpenFile(int(item["index"]), seq, audio, frames, len(windows), windows[-1].index, seconds)
+        f = OpenFile(int(item["index"]), seq, audio, frames, len(windows), windows[-1].index, seconds,
+                     warning=item["warning"])
         packer.add(f, windows)
         self.open.append((f, claim))
 
@@ -271,7 +273,7 @@ class _Run:
                 claim.release()
                 self._record(job, "error", reason=f"{job.source}: {f.error}", seconds=f.seconds)
             else:
-                self.writer.submit(self._store, todo[f.index], self._outputs(f), f.seconds, claim)
+                self.writer.submit(self._store, todo[f.index], self._outputs(f), f.seconds, claim, f.warning)
         self.open = still
 
     def _outputs(self, f: OpenFile) -> dict[str, Any]:
@@ -282,8 +284,8 @@ class _Run:
         return {"frames": None if emb.frames is None else emb.frames[0].numpy(), "timestamps": emb.timestamps.numpy(),
                 "clip": emb.clip[0].numpy(), "layers": emb.layers, "duration": len(f.audio) / self.encoder.sample_rate}
 
-    def _store(self, job: Job, out: dict[str, Any], seconds: float, claim: Claim) -> None:
-        """On a writer thread: write one output, record it, release its claim."""
+    def _store(self, job: Job, out: dict[str, Any], seconds: float, claim: Claim, warning: str) -> None:
+        """On a writer thread: write one output, record it (with what decoding warned of), release its claim."""
         start = time.perf_counter()
         try:
             meta = self._metadata(job, out["duration"], out["layers"])
@@ -295,8 +297,9 @@ class _Run:
         shapes = {"clip": list(out["clip"].shape)}
         if out["frames"] is not None:
             shapes["frames"] = list(out["frames"].shape)
+        said = {"warning": warning} if warning else {}
         self._record(job, "ok", duration=round(out["duration"], 3), shapes=shapes,
-                     seconds=seconds + time.perf_counter() - start)
+                     seconds=seconds + time.perf_counter() - start, **said)
 
     def _metadata(self, job: Job, duration: float, layers: list[int]) -> dict[str, Any]:
         spec = self.encoder.spec
@@ -314,6 +317,7 @@ class _Run:
         with self.lock:  # the main thread and the writer threads all record
             self.sink.write([rec])
             self.counts[status] += 1
+            self.counts["warned"] += bool(extra.get("warning"))
             self.audio_seconds += extra.get("duration", 0.0)
             self.progress.update(status, extra.get("duration", 0.0))
             if status == "error":
@@ -325,7 +329,8 @@ class _Run:
 
     # --- the end ------------------------------------------------------------------------------
     def _finish(self, table: bool, stopped: bool) -> ExtractResult:
-        counts = [self.counts["ok"], self.counts["skipped"], self.counts["error"], self.audio_seconds, float(stopped)]
+        counts = [self.counts["ok"], self.counts["skipped"], self.counts["error"], self.audio_seconds, float(stopped),
+                  self.counts["warned"]]
         lead = not self.ranks or self.ranks.rank == 0
         if self.ranks:
             distributed.barrier()  # every rank has closed its part of the manifest
@@ -340,7 +345,7 @@ class _Run:
         return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
                              self.out_dir / MANIFEST, failed_list, tables, counts[3],
                              time.perf_counter() - self.started, bool(counts[4]), self.errors,
-                             dict(self.watch.seconds))
+                             dict(self.watch.seconds), int(counts[5]))
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
