@@ -187,6 +187,11 @@ def test_paths_are_decoded(tmp_path):
         ([np.zeros(10, np.float32), 3], {"sr": SR}, "item 1"),
         (np.zeros(10, np.complex64), {"sr": SR}, "dtype"),
         ({"not": "audio"}, {"sr": SR}, "dict"),
+        (np.zeros(1000, np.float32), {"sr": "16k"}, "sample rate in Hz"),
+        # soundfile.read's (samples, channels): not 16000 clips of 2 samples.
+        (np.zeros((16000, 2), np.float32), {"sr": SR}, r"looks like \(samples, channels\).*x\.T"),
+        ([np.zeros((16000, 6), np.float32)], {"sr": SR}, r"item 0 has shape \(16000, 6\)"),
+        (torch.zeros(3, 16000, 2), {"sr": SR}, r"transpose\(0, 2, 1\)"),
     ],
 )
 def test_bad_inputs_are_refused_clearly(audio, kwargs, match):

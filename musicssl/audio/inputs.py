@@ -10,6 +10,8 @@ import torch
 
 from musicssl.errors import AudioInputError
 
+# More channels than any music layout (7.1): a trailing axis this short is channels, not samples.
+_MAX_CHANNELS = 8
 _INT_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
 
 
@@ -22,11 +24,15 @@ def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray
 
     Arrays: (S,) is one clip, (B, S) a batch of mono clips, (B, C, S) a batch of C-channel clips.
     List items: each (S,) or (C, S). Integer PCM is scaled to [-1, 1]; channels are averaged.
+    A trailing axis of at most 8 after a longer one is (S, C) and refused, not read as 8-sample clips.
     """
+    from musicssl.audio.io import check_rate
+
+    sr = None if sr is None else check_rate(sr, "sr")
     if is_path(audio):
         return [_load_path(audio, target_sr)]
     if isinstance(audio, (np.ndarray, torch.Tensor)):
-        arr = _as_numpy(audio, "the audio")
+        arr = _channels_first(_as_numpy(audio, "the audio"), "the audio")
         if arr.ndim == 1:
             clips = [arr]
         elif arr.ndim == 2:
@@ -54,7 +60,7 @@ def _one_item(x: Any, sr: int | None, target_sr: int, i: int) -> np.ndarray:
         return _load_path(x, target_sr)
     if not isinstance(x, (np.ndarray, torch.Tensor)):
         raise AudioInputError(f"item {i} of the list is a {type(x).__name__}; expected a path, array or tensor")
-    arr = _as_numpy(x, f"item {i}")
+    arr = _channels_first(_as_numpy(x, f"item {i}"), f"item {i}")
     if arr.ndim == 2:
         arr = arr.mean(axis=0)
     elif arr.ndim != 1:
@@ -86,6 +92,18 @@ def _as_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
+def _channels_first(arr: np.ndarray, what: str) -> np.ndarray:
+    """Refuse (..., samples, channels), the layout soundfile.read returns: taken as channels first,
+    it would silently become thousands of clips of 2 samples."""
+    if arr.ndim >= 2 and arr.shape[-1] <= _MAX_CHANNELS < arr.shape[-2]:
+        raise AudioInputError(
+            f"{what} has shape {tuple(arr.shape)}, which looks like (samples, channels), the layout "
+            f"soundfile.read returns; embed() takes channels before samples: pass x.T for one clip "
+            f"(x.transpose(0, 2, 1) for a batch), or x.mean(axis=-1) for mono"
+        )
+    return arr
+
+
 def _finish(x: np.ndarray, sr: int | None, target_sr: int, what: str) -> np.ndarray:
     from musicssl.audio.io import check_finite, resample
 
@@ -97,4 +115,4 @@ def _finish(x: np.ndarray, sr: int | None, target_sr: int, what: str) -> np.ndar
     if x.shape[-1] == 0:
         raise AudioInputError(f"{what} has no samples")
     check_finite(x, what)
-    return np.ascontiguousarray(resample(x, int(sr), target_sr), dtype=np.float32)
+    return np.ascontiguousarray(resample(x, sr, target_sr), dtype=np.float32)

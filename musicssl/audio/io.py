@@ -123,7 +123,7 @@ def load_audio(
     warning naming the file; if none decode, it raises.
     """
     if sr is not None:
-        sr = _check_rate(sr, "sr")
+        sr = check_rate(sr, "sr")
     _check_span(offset, duration)
     p = _check_path(path)
     frames, file_sr, backend = _decode(p, offset, duration)
@@ -153,7 +153,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "HQ") -> 
 
     Output length is about S * sr_out / sr_in. Equal rates return the input as float32.
     """
-    sr_in, sr_out = _check_rate(sr_in, "sr_in"), _check_rate(sr_out, "sr_out")
+    sr_in, sr_out = check_rate(sr_in, "sr_in"), check_rate(sr_out, "sr_out")
     x = np.asarray(x)
     if x.ndim not in (1, 2):
         raise AudioInputError(f"resample expects audio shaped (S,) or (C, S), got shape {x.shape}.")
@@ -251,7 +251,7 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
 # --------------------------------------------------------------------------- checks
 
 
-def _check_rate(sr: Any, name: str) -> int:
+def check_rate(sr: Any, name: str) -> int:
     """A positive integer rate in Hz (integral floats such as 16000.0 are accepted)."""
     ok = isinstance(sr, numbers.Integral) and not isinstance(sr, (bool, np.bool_))
     if isinstance(sr, float) and sr.is_integer():

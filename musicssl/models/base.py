@@ -140,7 +140,8 @@ class Encoder(nn.Module):
         """Embed paths, arrays or tensors of any length, channel count and sample rate.
 
         audio: a path; a list of paths; a 1-D (S,) clip; a 2-D (B, S) batch of mono clips; a 3-D
-            (B, C, S) batch; or a list of clips of different lengths, each (S,) or (C, S).
+            (B, C, S) batch; or a list of clips of different lengths, each (S,) or (C, S). Channels
+            come before samples: soundfile's (S, C) is refused with the fix (x.T).
         sr: sample rate of arrays/tensors in Hz (required for them; paths carry their own).
         layers: "last", "all", an index or a list of indices (negative counts from the end).
         pool: None keeps frames; "mean" or "max" returns only the pooled clip embedding.
