@@ -291,12 +291,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from musicssl.bulk import extract
+    from musicssl.devices import default_device
 
     if not args.inputs and args.files_from is None:
         raise SystemExit("musicssl embed: give audio files or folders, or --files-from LIST")
     if args.batch_size < 1:
         raise SystemExit("musicssl embed: --batch-size must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     result = extract(
         args.inputs, args.out, args.model, files_from=args.files_from, root=args.root,
         extensions=args.ext.split(",") if args.ext else None, layers=parse_layers(args.layers),
@@ -347,13 +348,14 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from musicssl.devices import default_device
     from musicssl.evaluate import evaluate, format_table, write_outputs
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise SystemExit("musicssl eval: --models names no model")
     layers = parse_layers(args.layers, "eval", ("recommended", "last", "all"))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     for task in args.tasks:
         result = evaluate(
             task, models, layers=layers, probes=[p.strip() for p in args.probes.split(",")], pool=args.pool,

@@ -48,3 +48,11 @@ class MissingDependencyError(MusicsslError, ImportError):
 
 class TaskFormatError(MusicsslError, ValueError):
     """A task file or folder is malformed (names the file, the row and what to fix)."""
+
+
+class DeviceError(MusicsslError, ValueError):
+    """A device name torch does not know, or a device this machine or this torch build lacks."""
+
+
+class OutputPathError(MusicsslError, OSError):
+    """The output folder cannot be made or written (names the path and the cause)."""

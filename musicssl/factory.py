@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from musicssl import __version__, hub
+from musicssl.devices import check_device
 from musicssl.errors import ReleaseFormatError, WeightsUnavailableError
 from musicssl.models.base import Encoder
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, builder, family_class, model_info
@@ -42,6 +43,7 @@ def load(
     offline: never touch the network (default: MUSICSSL_OFFLINE / HF_HUB_OFFLINE at call time).
     overrides: constructor arguments for registered architectures built with pretrained=False.
     """
+    device = check_device(device)  # before any download
     source = os.fspath(name)
     # Registry names never hold a path separator, so anything that does is meant as a folder.
     if source.startswith("hf-hub:") or Path(source).is_dir() or "/" in source or os.sep in source:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musicssl.devices import check_device, default_device
 from musicssl.models.base import AudioLike, Encoder, LayersArg
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
@@ -538,7 +539,7 @@ def finetune(
     if min(epochs, batch_size, patience) < 1 or head_epochs < 0:
         raise ValueError(f"epochs, batch_size and patience must be at least 1 and head_epochs at least 0 (got "
                          f"{epochs}, {batch_size}, {patience}, {head_epochs})")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device or default_device())
     amp = _amp_dtype(precision, device)
     torch.manual_seed(seed)
     encoder = model if isinstance(model, Encoder) else load(model, offline=offline)

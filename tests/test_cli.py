@@ -89,6 +89,23 @@ def test_embed_user_errors_exit_cleanly(tmp_path, capsys):
     assert main(["embed", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "cuda:99"], "device 'cuda:99'"),  # CPU-only torch, or fewer GPUs than 100
+    (["-o", "FILE"], "is a file: give -o/out a folder"),
+    (["-o", "FILE/feats"], "cannot make the output folder"),
+])
+def test_embed_device_and_output_mistakes_exit_cleanly(tmp_path, capsys, args, said):
+    """Said before any work, in musicssl's words rather than a traceback from torch or os."""
+    f = EXAMPLES / "notes" / "piano-midi46.flac"
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    out = ["-o", str(tmp_path / "out")] if "-o" not in args else []
+    assert main(["embed", str(f), *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and (tmp_path / "FILE").read_text() == "not a folder"
+
+
 def test_console_entry_points(tmp_path):
     for cmd in ([sys.executable, "-m", "musicssl", "--help"], [shutil.which("musicssl") or "musicssl", "--version"]):
         res = subprocess.run(cmd, capture_output=True, text=True)

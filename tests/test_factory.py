@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import musicssl
-from musicssl.errors import ReleaseFormatError, UnknownModelError, WeightsUnavailableError
+from musicssl.errors import DeviceError, ReleaseFormatError, UnknownModelError, WeightsUnavailableError
 
 
 def clip(seconds: float = 11.0) -> np.ndarray:
@@ -46,6 +46,15 @@ def test_architecture_without_weights_refuses_with_the_way_out():
         musicssl.load("jepa-base")
     msg = str(err.value)
     assert "no released weights" in msg and "pretrained=False" in msg and "train" in msg
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
+    monkeypatch.setattr("musicssl.hub.fetch_release", lambda *a, **k: pytest.fail("fetched before the check"))
+    with pytest.raises(DeviceError, match="device 'cuda:99'"):
+        musicssl.load("hf-hub:org/any", device="cuda:99")
+    with pytest.raises(DeviceError, match="unknown device 'gpu0'.*'cpu'"):
+        musicssl.load("logmel", device="gpu0")
+    assert musicssl.load("logmel", device=torch.device("cpu")).device.type == "cpu"
 
 
 def test_unknown_model_and_overrides():
