@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
 from musicssl.models.base import AudioLike, Encoder, LayersArg
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
@@ -540,6 +541,8 @@ def finetune(
         raise ValueError(f"epochs, batch_size and patience must be at least 1 and head_epochs at least 0 (got "
                          f"{epochs}, {batch_size}, {patience}, {head_epochs})")
     device = check_device(device or default_device())
+    if out is not None:
+        make_out_dir(Path(out))  # before the model loads and the data is decoded
     amp = _amp_dtype(precision, device)
     torch.manual_seed(seed)
     encoder = model if isinstance(model, Encoder) else load(model, offline=offline)
@@ -567,7 +570,6 @@ def finetune(
     }
     run = Path(out) if out is not None else None
     if run is not None:
-        run.mkdir(parents=True, exist_ok=True)
         (run / "log.jsonl").write_text("")
     log.info("fine-tuning %s on %s (%s): %d train / %d valid / %d test clips, %d steps per epoch", settings["model"],
              task.name, freeze, len(data.idx), len(valid_idx), len(test_idx), data.steps_per_epoch)

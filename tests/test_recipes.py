@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,25 @@ def test_presets_and_overrides_are_checked():
         resolve_configs("jepa", None, {"stepz": 3})
     with pytest.raises(ValueError, match="unknown recipe"):
         resolve_configs("barlow", None, {})
+    # Values are checked against the settings' types and ranges before anything is built.
+    assert resolve_configs("jepa", None, parse_overrides(["steps=1e3", "lr=1"]))[0].steps == 1000
+    for bad, said in [("steps=abc", "steps='abc' must be of type int"), ("lr=true", "lr=True must be of type float"),
+                      ("n_targets=2.5", "n_targets=2.5 must be of type int"), ("backbone_args=3", "backbone_args"),
+                      ("steps=0", "steps must be >= 1"), ("precision=fp8", "precision must be")]:
+        with pytest.raises(ValueError, match=re.escape(said)):
+            resolve_configs("jepa", None, parse_overrides([bad]))
+
+
+def test_bad_device_and_out_are_refused_before_training(tmp_path):
+    from musicssl.errors import DeviceError, OutputPathError
+    from musicssl.recipes.train import train
+
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        train("simclr", out=str(tmp_path / "run"), device="tpu", steps=1)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file: give --out a folder"):
+        train("simclr", out=str(tmp_path / "file"), steps=1)
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process_with_twice_the_batch(tmp_path):

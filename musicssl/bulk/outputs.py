@@ -19,8 +19,25 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from musicssl.errors import OutputPathError
+
 FORMATS = {"npz": ".npz", "npy": ".npy", "safetensors": ".safetensors"}
 TEMP_SUFFIX = ".part"
+
+
+def make_out_dir(path: Path, flag: str = "-o/out") -> None:
+    """An output folder, made before any work: a file in its place, or a folder that cannot be
+    written, is said once (`flag` names the option that gave it)."""
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"the output folder {path} is a file: give {flag} a folder (made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot make the output folder {path}: {err.strerror}; give {flag} a folder "
+                              "you may write to") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write to the output folder {path}: permission denied; give {flag} a "
+                              "folder you may write to")
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", temp: Path | None = None,

@@ -30,12 +30,11 @@ from musicssl import __version__
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
-from musicssl.bulk.outputs import FORMATS, looks_complete, read_clip, write_output, write_table
+from musicssl.bulk.outputs import FORMATS, looks_complete, make_out_dir, read_clip, write_output, write_table
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker, decoded_stream
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.errors import OutputPathError
 from musicssl.models.base import Encoder, LayersArg, _single_layer
 from musicssl.registry import DEFAULT_MODEL
 
@@ -143,7 +142,7 @@ class _Run:
         self.format, self.overwrite, self.ranks, self.shard = fmt, overwrite, ranks, shard
         jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
                                     extensions=extensions)
-        _make_out_dir(self.out_dir)
+        make_out_dir(self.out_dir)
         if shard:
             jobs = take_shard(jobs, *parse_shard(shard))
         self.jobs = jobs  # this shard's jobs: the scope of the failed list and the table
@@ -397,20 +396,6 @@ def model_sha256(enc: Encoder) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
     return h.hexdigest()
-
-
-def _make_out_dir(path: Path) -> None:
-    """OUT, made before any work: a file in its place, or a folder that cannot be written, is said once."""
-    if path.exists() and not path.is_dir():
-        raise OutputPathError(f"the output folder {path} is a file: give -o/out a folder (made if missing)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputPathError(f"cannot make the output folder {path}: {err.strerror}; give -o/out a folder "
-                              "you may write to") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write to the output folder {path}: permission denied; give -o/out a "
-                              "folder you may write to")
 
 
 def default_workers(device: torch.device, world: int = 1) -> int:

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 from musicssl import __version__
+from musicssl.bulk.outputs import make_out_dir
+from musicssl.devices import check_device
 from musicssl.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,17 @@ class TrainConfig:
     ckpt_every: int = 500
     data_length: int = 4096  # items of the synthetic source
 
+    def __post_init__(self) -> None:
+        at_least = {"steps": 1, "batch_size": 1, "log_every": 1, "ckpt_every": 1, "data_length": 1,
+                    "warmup_steps": 0, "num_workers": 0}
+        low = [f"{k} must be >= {n}, got {getattr(self, k)}" for k, n in at_least.items() if getattr(self, k) < n]
+        if self.lr <= 0 or self.clip_grad < 0:
+            low.append(f"lr must be > 0 and clip_grad >= 0 (0: no clipping), got {self.lr} and {self.clip_grad}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            low.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if low:
+            raise ValueError("; ".join(low))
+
 
 def recipe_class(name: str) -> type:
     if name not in RECIPES:
@@ -77,11 +90,43 @@ def resolve_configs(recipe: str, preset: str | None, overrides: dict[str, Any]) 
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; loop settings: {sorted(train_keys)}; "
                          f"{recipe} settings: {sorted(recipe_keys)}")
+    values = {**_typed(TrainConfig, values), **_typed(cls.Config, values)}
     tcfg = TrainConfig(recipe=recipe, preset=preset, **{k: v for k, v in values.items() if k in train_keys})
     rcfg = cls.Config(**{k: v for k, v in values.items() if k in recipe_keys})
     if "seed" in values:
         rcfg.seed = tcfg.seed = values["seed"]
     return tcfg, rcfg
+
+
+# What a setting's annotation admits; a type not named here is left to the recipe to check.
+_KINDS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "dict": (dict,), "tuple": (list, tuple), "list": (list, tuple)}
+
+
+def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The values that are settings of dataclass `cls`, checked against their annotations (integral
+    floats such as steps=1e4 become ints): `steps=abc` is said here, not as a TypeError mid-run."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        options = [t.strip().split("[")[0] for t in str(f.type).split("|")]
+        if "int" in options and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not any(_admits(t, value) for t in options):
+            default = json.dumps(f.default) if f.default is not dataclasses.MISSING else "..."
+            raise ValueError(f"setting {f.name}={value!r} must be of type {f.type} (default: {f.name}={default})")
+        out[f.name] = value
+    return out
+
+
+def _admits(kind: str, value: Any) -> bool:
+    if kind == "None":
+        return value is None
+    if kind not in _KINDS:
+        return True
+    return isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -111,7 +156,7 @@ def _distributed() -> tuple[int, int]:
 
 def _device(tcfg: TrainConfig, rank: int) -> torch.device:
     if tcfg.device != "auto":
-        return torch.device(tcfg.device)
+        return check_device(tcfg.device)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return torch.device("cpu")
@@ -222,9 +267,9 @@ def train(recipe: str, *, preset: str | None = None, progress: bool | None = Non
     rank, world = _distributed()
     if tcfg.batch_size % world:
         raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
-    run = Path(tcfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     device = _device(tcfg, rank)
+    run = Path(tcfg.out)
+    make_out_dir(run, "--out")
     torch.manual_seed(tcfg.seed)
     model = recipe_class(recipe)(rcfg).to(device)
     opt = make_optimizer(model, tcfg)
