@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -59,9 +60,22 @@ def read_checkpoint(
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise ReleaseFormatError(
-            f"cannot read the checkpoint {path}: {(str(err) or type(err).__name__).splitlines()[0]}. Is it the upstream file this "
+            f"cannot read the checkpoint {path}: {_load_failure(path, err)}. Is it the upstream file this "
             "model expects (see `musicssl info NAME`)? Download it again if it may be truncated."
         ) from err
+
+
+def _load_failure(path: Path, err: BaseException) -> str:
+    """torch's reason in one line. Its first line advises weights_only=False, which would not help
+    a file that is no checkpoint at all, and is unsafe for one that is."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    # A zip's local-header magic (torch's format), or a pickle's protocol opcode (its legacy one).
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "it is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    text = str(err) or type(err).__name__
+    said = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
+    return (said[1] if said else text.splitlines()[0]).strip().rstrip(".")
 
 
 def take(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -37,8 +37,9 @@ def test_read_checkpoint_plain_state_dict(tmp_path):
 
 def test_read_checkpoint_needs_allow_list_for_builtins_beyond_torch(tmp_path):
     path = _save({"state_dict": {"w": torch.ones(2)}, "tags": frozenset({"a"})}, tmp_path / "c.pt")
-    with pytest.raises(ReleaseFormatError, match="c.pt"):
+    with pytest.raises(ReleaseFormatError, match="c.pt: Unsupported global: GLOBAL frozenset") as err:
         convert.read_checkpoint(path)
+    assert "weights_only" not in str(err.value)  # torch's advice to unpickle unsafely is not passed on
     assert convert.read_checkpoint(path, allow=[frozenset])["tags"] == frozenset({"a"})
 
 
@@ -72,6 +73,14 @@ def test_broken_files_name_the_file(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ReleaseFormatError, match="broken.bin"):
         convert.read_checkpoint(path)
+
+
+def test_audio_given_as_a_checkpoint_is_named_for_what_it_is(tmp_path):
+    path = tmp_path / "MERT-v1-95M.mp3"
+    path.write_bytes(b"ID3\x04\x00" + bytes(500))
+    with pytest.raises(ReleaseFormatError, match="not a PyTorch checkpoint") as err:
+        convert.read_checkpoint(path)
+    assert "MERT-v1-95M.mp3" in str(err.value) and "weights_only" not in str(err.value)
 
 
 @pytest.mark.parametrize("style", ["weight_norm", "parametrize"])

@@ -288,12 +288,20 @@ def test_cli_eval_writes_json_and_plot_and_repeats(tmp_path: Path, capsys: pytes
     assert scores(first) == scores(second)
 
 
-def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["eval", str(tmp_path / "none.csv"), "--models", "mfcc"]) == 2
     assert "does not exist" in capsys.readouterr().err
     task = tone_task(tmp_path)
     assert main(["eval", str(task), "--models", "mfcc", "--probes", "svm"]) == 2
     assert "unknown probe" in capsys.readouterr().err
+    # A typo in the last model is said before the first one spends its time embedding.
+    calls: list[int] = []
+    monkeypatch.setattr(Encoder, "embed", lambda *a, **k: calls.append(1))
+    assert main(["eval", str(task), "--models", "mfcc,logmell", "--cache", str(tmp_path / "c")]) == 2
+    assert "unknown model 'logmell'" in capsys.readouterr().err and not calls
+    assert main(["eval", str(task), "--models", "mfcc", "--device", "gpu"]) == 2
+    assert "unknown device 'gpu'" in capsys.readouterr().err and not calls
     with pytest.raises(SystemExit):
         main(["eval", str(task), "--layers", "deep"])
 

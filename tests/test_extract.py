@@ -87,6 +87,23 @@ def test_tree_is_mirrored_and_name_collisions_survive(tmp_path, capsys):
     assert info["torch_version"] == torch.__version__ and info["layers"] == [0]
 
 
+def test_names_too_long_for_an_output_are_shortened_uniquely(tmp_path, capsys):
+    """A 250-byte input name plus ".npz" (and the claim's ".lock") passes the 255-byte limit of a
+    file name: the output keeps what fits and a hash of the whole name, the same on every run."""
+    names = ["曲" * 80 + "-take 1.wav", "曲" * 80 + "-take 2.wav", "short.wav"]  # 240 bytes of 曲
+    for i, name in enumerate(names):
+        tone(tmp_path / "in" / name, 0.5, seed=i)
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--format", "safetensors"]) == 0
+    made = {Path(r["input"]).name: r["output"] for r in manifest(out)}
+    assert made["short.wav"] == "short.wav.safetensors" and len(set(made.values())) == 3
+    for name in names[:2]:
+        assert made[name].startswith("曲" * 60) and made[name].endswith(".safetensors")
+        assert len(made[name].encode()) <= 249 and (out / made[name]).is_file()
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--format", "safetensors"]) == 0
+    assert "0 embedded, 3 skipped" in capsys.readouterr().out and not leftovers(out)
+
+
 def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, capsys):
     """A run slowed in its model, then in its decoding: the slowed stage holds that time, and the
     summary names the share of each stage."""

@@ -3,7 +3,8 @@
 Inputs are files, folders (searched recursively, filtered by extension) and list files (one path per
 line, "-" for stdin). Each input file gets a relative path `rel` under a root folder (default: the
 deepest folder holding every input), and its output is `OUT/rel + suffix`: the tree is mirrored and
-the source extension stays in the name, so `a/x.wav`, `b/x.wav` and `a/x.mp3` all survive. `rel`
+the source extension stays in the name, so `a/x.wav`, `b/x.wav` and `a/x.mp3` all survive (a name
+too long for a file once the suffix is added is shortened with a hash: `fitting_name`). `rel`
 also picks the shard, so N jobs over the same inputs split them the same way on any machine.
 """
 
@@ -98,11 +99,27 @@ def relative_name(path: Path, root: Path) -> str:
 
 
 def output_path(out_dir: Path, rel: str, suffix: str) -> Path:
-    """OUT/rel + suffix, refusing anything that would land outside OUT."""
-    target = Path(os.path.normpath(out_dir / (rel + suffix)))
+    """OUT/rel + suffix (the name shortened if too long, see `fitting_name`), refusing anything that
+    would land outside OUT."""
+    folder, _, name = rel.rpartition("/")
+    target = Path(os.path.normpath(out_dir / folder / fitting_name(name, suffix)))
     if os.path.commonpath([out_dir, target]) != str(out_dir) or target == out_dir:
         raise ValueError(f"refusing to write {target}: it is outside the output folder {out_dir}")
     return target
+
+
+# File names may hold 255 bytes (Linux, macOS); an output's claim adds ".NAME.lock" and ".NAME.part".
+NAME_BYTES = 255 - len("..lock")
+
+
+def fitting_name(name: str, suffix: str) -> str:
+    """name + suffix, or where that exceeds NAME_BYTES, as much of the name as fits, "~" and 16 hex
+    digits of the name's sha256, then suffix: the same input always gets the same output name."""
+    raw = os.fsencode(name)
+    if len(raw) + len(suffix) <= NAME_BYTES:
+        return name + suffix
+    tag = f"~{hashlib.sha256(raw).hexdigest()[:16]}{suffix}"
+    return raw[: NAME_BYTES - len(tag)].decode("utf-8", "ignore") + tag  # "ignore": a character cut in two
 
 
 def parse_shard(text: str) -> tuple[int, int]:

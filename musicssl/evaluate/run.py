@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from musicssl import __version__
+from musicssl.devices import check_device
 from musicssl.evaluate import metrics
 from musicssl.evaluate.cache import EmbeddingCache, default_cache
 from musicssl.evaluate.probes import PROBES, Fit, make_problem, run_probe
 from musicssl.evaluate.tasks import Task, load_task
 from musicssl.models.base import Encoder
+from musicssl.registry import model_info
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,8 @@ def evaluate(
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    _check_names(models)
+    check_device(device)
     y = task.targets()
     results = []
     for m in models:
@@ -95,6 +99,16 @@ def evaluate(
     settings = {"layers": layers if isinstance(layers, (str, int)) else list(layers), "probes": list(probes),
                 "pool": pool, "seed": seed, "musicssl_version": __version__, "torch_version": torch.__version__}
     return EvalResult(task.summary(), metrics.PRIMARY[task.kind], results, settings)
+
+
+def _check_names(models: Sequence[ModelArg]) -> None:
+    """Registry names are checked before the first model runs, so a typo in the last one does not
+    cost the others' embedding time (hub ids and folders are checked when they load)."""
+    for m in models:
+        name = m if isinstance(m, str) else ""
+        if name and not name.startswith("hf-hub:") and "/" not in name and os.sep not in name \
+                and not os.path.isdir(name):
+            model_info(name.removesuffix(RANDOM_SUFFIX))
 
 
 def _load(model: ModelArg, device: Any, dtype: Any, offline: bool | None, seed: int) -> tuple[Encoder, str]:
