@@ -322,8 +322,10 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
     if r.total == 0:
         print(f"no audio files found in {', '.join(args.inputs) or args.files_from}", file=sys.stderr)
         return
+    from musicssl.bulk.outputs import printable
+
     for path, reason in r.errors[:10]:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(printable(f"error: {path}: {reason}"), file=sys.stderr)
     if len(r.errors) > 10:
         print(f"... and {len(r.errors) - 10} more errors", file=sys.stderr)
     if r.audio_seconds and sum(r.stages.values()) > 0:

@@ -104,6 +104,27 @@ def test_names_too_long_for_an_output_are_shortened_uniquely(tmp_path, capsys):
     assert "0 embedded, 3 skipped" in capsys.readouterr().out and not leftovers(out)
 
 
+def test_names_that_are_not_utf8_are_embedded_listed_and_retried(tmp_path, capsys):
+    """Latin-1 names from an old share: decoded, written, and listed in failed.txt byte for byte."""
+    src = tmp_path / "in"
+    src.mkdir()
+    good, bad = (Path(os.fsdecode(os.fsencode(src) + name)) for name in (b"/caf\xe9.wav", b"/d\xe9j\xe0 vu.wav"))
+    try:
+        os.rename(tone(src / "good.wav", 0.5), good)
+    except OSError:
+        pytest.skip("this filesystem takes only UTF-8 names")
+    bad.write_bytes(b"RIFF junk")
+    out = tmp_path / "out"
+    assert main(["embed", str(src), "-o", str(out), "--model", "mfcc", "--table"]) == 1
+    assert "1 embedded, 0 skipped, 1 failed of 2 inputs" in capsys.readouterr().out
+    assert (out / (good.name + ".npz")).is_file()
+    assert (out / "failed.txt").read_bytes() == os.fsencode(bad) + b"\n"
+    os.replace(tone(src / "fixed.wav", 0.5, seed=3), bad)  # repaired: the list brings the same name back
+    assert main(["embed", "--files-from", str(out / "failed.txt"), "--root", str(src), "-o", str(out),
+                 "--model", "mfcc"]) == 0
+    assert (out / (bad.name + ".npz")).is_file() and not (out / "failed.txt").exists()
+
+
 def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, capsys):
     """A run slowed in its model, then in its decoding: the slowed stage holds that time, and the
     summary names the share of each stage."""

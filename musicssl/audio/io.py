@@ -88,7 +88,7 @@ def audio_info(path: PathLike) -> AudioInfo:
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
-            info = sf.info(os.fspath(p))
+            info = sf.info(_sf_path(p))
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
@@ -337,7 +337,7 @@ def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray,
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
-            f = sf.SoundFile(os.fspath(p))
+            f = sf.SoundFile(_sf_path(p))
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
@@ -372,7 +372,7 @@ def _read_soundfile(
         # libsndfile drops a whole request when a block inside it is damaged: re-read the rest
         # in small blocks from a fresh handle to keep every frame before the damage.
         try:
-            with sf.SoundFile(os.fspath(p)) as again:
+            with sf.SoundFile(_sf_path(p)) as again:
                 got, err = _read_into(again, start + got, out, got, _SALVAGE_BLOCK)
         except _SNDFILE_ERRORS as reopen_err:
             err = reopen_err
@@ -431,6 +431,12 @@ def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:
             "%s: the WAV header declares %d bytes of audio but the file holds %d; the file is "
             "probably truncated, using the frames present", p, claimed, present,
         )
+
+
+def _sf_path(p: Path) -> str | bytes:
+    """The path for soundfile: as bytes on POSIX, where it would encode a str as strict UTF-8 and
+    fail on names that are not (Latin-1 files on old shares); Windows wants str."""
+    return os.fspath(p) if os.name == "nt" else os.fsencode(p)
 
 
 def _cause(err: BaseException) -> str:

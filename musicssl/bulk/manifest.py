@@ -87,7 +87,8 @@ def write_failed(path: Path, inputs: list[str]) -> None:
     """One failed input per line: a list file that `--files-from` takes to retry them."""
     from musicssl.bulk.outputs import atomic_write
 
-    atomic_write(path, lambda fh: fh.write("".join(p + "\n" for p in inputs)), mode="w")
+    # As bytes: a name that is not UTF-8 (an old Latin-1 share) comes back as it was (read_list).
+    atomic_write(path, lambda fh: fh.write(b"".join(os.fsencode(p) + b"\n" for p in inputs)))
 
 
 class Claim:

@@ -153,7 +153,7 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
         import pyarrow.parquet as pq
     except ImportError:
         return _write_table_npy(out_dir, name, rows)
-    columns: dict[str, Any] = {"path": [r[0] for r in rows], "output": [r[1] for r in rows]}
+    columns: dict[str, Any] = {"path": [printable(r[0]) for r in rows], "output": [printable(r[1]) for r in rows]}
     clips = _clip_matrix(rows)
     if clips.ndim == 2:
         columns["clip"] = _fixed_lists(pa, clips)
@@ -164,6 +164,12 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
     path = out_dir / f"{name}.parquet"
     atomic_write(path, lambda fh: pq.write_table(table, fh))
     return [path]
+
+
+def printable(text: str) -> str:
+    """Text holding file names, as valid UTF-8 for Parquet strings and terminals: bytes of a name
+    that is not UTF-8 show as \\xe9 escapes (the manifest and failed.txt keep the name exactly)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]]) -> np.ndarray:

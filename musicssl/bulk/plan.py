@@ -29,14 +29,16 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
     """Paths from a list file (one per line, blank lines ignored; "-" reads stdin). Relative paths
     are relative to the current folder, as with `tar -T`."""
     if os.fspath(list_file) == "-":
-        text = sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)  # None where stdin was replaced by a text stream
+        raw = stdin.read() if stdin is not None else os.fsencode(sys.stdin.read())
     else:
         try:
-            text = Path(list_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
+            raw = Path(list_file).read_bytes()
+        except OSError as err:
             raise FileNotFoundError(f"cannot read the list of inputs {list_file}: {err}") from err
-    # Only line ends are stripped: a path may begin or end with spaces.
-    return [line for line in text.splitlines() if line.strip()]
+    # Bytes to names as the OS does, so names that are not UTF-8 survive. Only line ends are
+    # stripped: a path may begin or end with spaces.
+    return [os.fsdecode(line) for line in raw.splitlines() if line.strip()]
 
 
 def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extensions: Iterable[str] | None) -> tuple[list[Path], list[Path]]:
