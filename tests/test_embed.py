@@ -199,6 +199,17 @@ def test_bad_inputs_are_refused_clearly(audio, kwargs, match):
         musicssl.load("logmel").embed(audio, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"batch_size": "8"}, "batch_size must be an integer"),
+    ({"dtype": "bf16"}, "floating dtype"),
+    ({"dtype": torch.int8}, "floating dtype"),  # would truncate every value
+    ({"layers": True}, "layers must be"),  # not layer 1
+])
+def test_bad_settings_are_refused_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        musicssl.load("logmel").embed(np.zeros(1000, np.float32), sr=SR, **kwargs)
+
+
 def test_tiny_inputs():
     enc = small("jepa-tiny")
     out = enc.embed([np.zeros(1, np.float32), np.full(100, 0.1, np.float32)], sr=SR)

@@ -35,7 +35,7 @@ from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacke
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.models.base import Encoder, LayersArg, _single_layer
+from musicssl.models.base import Encoder, LayersArg, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
 log = logging.getLogger("musicssl")
@@ -113,8 +113,9 @@ def extract(
         then takes its share of that.
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+    check_batch_size(batch_size)
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), not {num_workers!r}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, not {format!r}")
     if pool not in (None, "mean", "max"):

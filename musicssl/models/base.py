@@ -151,8 +151,10 @@ class Encoder(nn.Module):
 
         if pool not in (None, "mean", "max"):
             raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        check_batch_size(batch_size)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype is the returned embeddings' floating dtype (e.g. torch.float16), not {dtype!r}; "
+                             "the model's own precision is set by load(..., dtype=...) or enc.to(dtype=...)")
         keep = self._layer_indices(layers)
         items = prepare_items(audio, sr, self.sample_rate)
         with torch.inference_mode():
@@ -165,9 +167,9 @@ class Encoder(nn.Module):
             chosen: list[int] = [n - 1]
         elif layers == "all":
             chosen = list(range(n))
-        elif isinstance(layers, (int, np.integer)):
+        elif _is_int(layers):
             chosen = [int(layers)]
-        elif isinstance(layers, (list, tuple)) and layers and all(isinstance(i, (int, np.integer)) for i in layers):
+        elif isinstance(layers, (list, tuple)) and layers and all(_is_int(i) for i in layers):
             chosen = [int(i) for i in layers]
         else:
             raise ValueError(f"layers must be 'last', 'all', an int or a list of ints, not {layers!r}")
@@ -329,3 +331,13 @@ def _single_layer(layers: LayersArg) -> bool:
 def conv_frames(lengths: torch.Tensor, hop: int, patch: int = 1) -> torch.Tensor:
     """Frames of a centred STFT with `hop` (S // hop + 1), grouped by `patch` (ceil)."""
     return torch.div(torch.div(lengths, hop, rounding_mode="floor") + 1 + patch - 1, patch, rounding_mode="floor")
+
+
+def _is_int(x: Any) -> bool:
+    """An int or numpy integer, not a bool (True would quietly mean layer 1)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_batch_size(batch_size: Any) -> None:
+    if not _is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, not {batch_size!r}")
