@@ -146,23 +146,23 @@ def test_partial_read_seeks(tmp_path, monkeypatch):
     sf.write(path, noise, sr, subtype="PCM_24")
     ref, _ = sf.read(path, dtype="float32")
     read_sizes, seeks = [], []
-    real_read, real_seek = sf.SoundFile.read, sf.SoundFile.seek
+    real_read, real_seek = aio._readf, sf.SoundFile.seek
 
-    def spy_read(self, *args, **kwargs):
-        out = real_read(self, *args, **kwargs)
-        read_sizes.append(len(out))
-        return out
+    def spy_read(f, out):
+        n = real_read(f, out)
+        read_sizes.append(n)
+        return n
 
     def spy_seek(self, frames, whence=os.SEEK_SET):
         if whence == os.SEEK_SET:  # tell() is seek(0, SEEK_CUR): not a jump
             seeks.append(frames)
         return real_seek(self, frames, whence)
 
-    monkeypatch.setattr(sf.SoundFile, "read", spy_read)
+    monkeypatch.setattr(aio, "_readf", spy_read)
     monkeypatch.setattr(sf.SoundFile, "seek", spy_seek)
     x, _ = load_audio(path, offset=119.0, duration=0.5)
     np.testing.assert_array_equal(x, ref[119 * sr : 119 * sr + sr // 2])
-    assert seeks[0] == 119 * sr  # soundfile itself re-seeks after each read: only the first is ours
+    assert seeks == [119 * sr]  # one jump to the span
     assert sum(read_sizes) == sr // 2  # only the span was decoded, not the 2 minutes before it
 
 
@@ -378,6 +378,26 @@ def test_truncated_file_decodes_the_prefix_and_warns(encoded, clip, tmp_path, ca
     assert 0 < len(x) < len(clip)
     np.testing.assert_array_equal(x, clip[: len(x)])
     assert "truncated" in caplog.text and f"cut.{ext}" in caplog.text
+
+
+def test_flac_streamed_without_its_length_decodes_whole(encoded, clip, tmp_path, caplog):
+    """A FLAC written to a pipe has 0 in its STREAMINFO total (libsndfile: 2**63 - 1 frames); it
+    used to fail as "array is too big", and reading to its end as damage."""
+    data = bytearray(encoded["flac"].read_bytes())
+    assert data[:4] == b"fLaC"
+    fields = int.from_bytes(data[18:26], "big")  # rate 20 bits, channels 3, bits 5, total 36
+    data[18:26] = (fields & ~((1 << 36) - 1)).to_bytes(8, "big")
+    path = tmp_path / "piped.flac"
+    path.write_bytes(bytes(data))
+    assert sf.info(path).frames > 1 << 62
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(path)
+        part, _ = load_audio(path, offset=1.0, duration=0.5)
+    np.testing.assert_array_equal(x, clip)
+    np.testing.assert_array_equal(part, clip[16000:24000])
+    assert audio_info(path).frames == len(clip) and not caplog.text
+    with pytest.raises(AudioDecodeError, match="past its end"):
+        load_audio(path, offset=len(clip) / 16000 + 5)
 
 
 def test_flac_cut_inside_its_header(encoded, tmp_path):

@@ -58,6 +58,8 @@ _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 
 _SNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
 _SNDFILE_NOT_A_FILE = "File does not exist or is not a regular file"
+# libsndfile's frame count for a stream whose header leaves the length open (SF_COUNT_MAX).
+_UNKNOWN_FRAMES = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def audio_info(path: PathLike) -> AudioInfo:
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
-            return _make_info(info.samplerate, info.frames, info.channels, "soundfile")
+            frames = info.frames if info.frames < _UNKNOWN_FRAMES else _count_frames(p)
+            return _make_info(info.samplerate, frames, info.channels, "soundfile")
     attempts: list[tuple[str, Callable[[], AudioInfo]]] = []
     decoder_cls = _torchcodec_decoder()
     if decoder_cls is not None:
@@ -358,16 +361,22 @@ def _read_soundfile(
     f: sf.SoundFile, p: Path, offset: float, duration: float | None
 ) -> np.ndarray:
     """Seek to ``offset`` and read the span: (S, C) float32, cut short where the file is damaged."""
-    sr, total = f.samplerate, f.frames
-    if total <= 0:
+    sr, known = f.samplerate, _length_is_known(f)
+    total = f.frames
+    if known and total <= 0:
         raise _no_samples(p, "soundfile")
     start = round(offset * sr)
-    if start >= total:
+    if known and start >= total:
         raise _offset_past_end(p, offset, total / sr)
     # A positive duration shorter than one sample still reads one sample.
-    want = total - start if duration is None else min(max(1, round(duration * sr)), total - start)
-    out = np.empty((want, f.channels), dtype=np.float32)
-    got, err = _read_into(f, start, out, 0, _READ_BLOCK)
+    limit = None if duration is None else max(1, round(duration * sr))
+    if known:
+        want = total - start if limit is None else min(limit, total - start)
+    else:  # read to the end, or to `limit`: the header's length is a guess, or 2**63 - 1
+        want = limit or max((total if total < _UNKNOWN_FRAMES else 0) - start, sr * 60)
+    out, got, err = _read_span(f, start, want, grow=not known and limit is None)
+    if err is not None and got == 0 and not known and start > 0:
+        raise _offset_past_end(p, offset, None) from err
     if err is not None:
         # libsndfile drops a whole request when a block inside it is damaged: re-read the rest
         # in small blocks from a fresh handle to keep every frame before the damage.
@@ -387,7 +396,7 @@ def _read_soundfile(
             "%s: decoding stopped after %d of %d frames (%s); the file is probably truncated or "
             "damaged, using the frames before the damage", p, got, want, _cause(err),
         )
-    elif got < want:
+    elif got < want and known:
         log.warning(
             "%s: the header promises %d frames but only %d decode; the file is probably "
             "truncated, using the frames present", p, want, got,
@@ -407,13 +416,54 @@ def _read_into(
         if f.tell() != frame:
             f.seek(frame)
         while got < len(out):
-            n = len(f.read(out=out[got : got + block]))
+            n = _readf(f, out[got : got + block])
             if n == 0:
                 break
             got += n
     except _SNDFILE_ERRORS as err:
         return got, err
     return got, None
+
+
+def _read_span(f: sf.SoundFile, start: int, want: int, grow: bool) -> tuple[np.ndarray, int, Exception | None]:
+    """Up to `want` frames (S, C) from `start`, or with `grow` every frame to the end; the buffer,
+    the frames filled and the error that stopped the read."""
+    out = np.empty((want, f.channels), dtype=np.float32)
+    got, err = _read_into(f, start, out, 0, _READ_BLOCK)
+    while grow and err is None and got == len(out):
+        out = np.concatenate([out, np.empty_like(out)])  # doubling: a few copies however long
+        got, err = _read_into(f, start + got, out, got, _READ_BLOCK)
+    return out, got, err
+
+
+def _readf(f: sf.SoundFile, out: np.ndarray) -> int:
+    """libsndfile's sf_readf_float into `out` (n, C) float32: the frames read, 0 at the end.
+
+    soundfile's own read clips every request to the header's length, which for MP3 is an estimate
+    (a VBR file without a Xing header read as a third of its length), and seeks after every read,
+    which fails at the end of a stream whose length is open. Its C binding reads past both.
+    """
+    n = sf._snd.sf_readf_float(f._file, sf._ffi.cast("float *", out.ctypes.data), len(out))
+    if f._errorcode:
+        raise sf.LibsndfileError(f._errorcode, prefix="Error reading: ")
+    return int(n)
+
+
+def _count_frames(p: Path) -> int:
+    """Frames of a file whose header leaves its length open, by decoding it (block by block)."""
+    with sf.SoundFile(_sf_path(p)) as f:
+        block, n, total = np.empty((_READ_BLOCK, f.channels), dtype=np.float32), 1, 0
+        while n:
+            n = _readf(f, block)
+            total += n
+    return total
+
+
+def _length_is_known(f: sf.SoundFile) -> bool:
+    """Whether libsndfile's frame count is the file's length: for MP3 it is estimated from the file
+    size and the first frame's bitrate unless a Xing/Info header gives it, and a stream written to
+    a pipe (a FLAC without its total) reports 2**63 - 1."""
+    return f.format != "MP3" and f.frames < _UNKNOWN_FRAMES
 
 
 def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:
