@@ -664,3 +664,46 @@ def test_any_wav_loads_at_16k(tmp_path_factory, frames, channels, rate, subtype,
     assert sr == 16000 and x.dtype == np.float32 and np.isfinite(x).all()
     assert x.ndim == (1 if mono else 2) and (mono or x.shape[0] == channels)
     assert abs(x.shape[-1] - frames * 16000 / rate) <= 1
+
+
+@pytest.fixture()
+def vbr_without_length(tmp_path: Path) -> Path:
+    """A VBR MP3 whose Xing header is blanked (as some cutters and streams leave them): loud noise
+    first, then silence, so libsndfile's estimate from the first frame's bitrate is far too short."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-0.9, 0.9, 16000), np.zeros(9 * 16000)]).astype(np.float32)
+    path = tmp_path / "vbr.mp3"
+    sf.write(path, x, 16000, format="MP3", bitrate_mode="VARIABLE", compression_level=0.5)
+    data = path.read_bytes()
+    assert b"Xing" in data[:2000]
+    path.write_bytes(data.replace(b"Xing", bytes(4), 1))
+    assert sf.info(path).frames < 5 * 16000  # what libsndfile would stop at
+    return path
+
+
+def test_mpeg_frames_are_counted_without_decoding(vbr_without_length, encoded):
+    from musicssl.audio.mpeg import mpeg_samples
+
+    held = mpeg_samples(vbr_without_length)
+    assert 10 * 16000 <= held <= 10 * 16000 + 2 * 1152  # whole frames of 576 samples at 16 kHz
+    assert mpeg_samples(encoded["mp3"]) is None  # a length header: libsndfile's count is exact
+    assert audio_info(vbr_without_length).frames == held
+
+
+@needs_ffmpeg
+def test_vbr_mp3_without_a_length_header_decodes_whole(vbr_without_length, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    x, _ = load_audio(vbr_without_length)
+    assert len(x) >= 10 * 16000 and np.abs(x[:16000]).mean() > 0.1
+    part, _ = load_audio(vbr_without_length, offset=8.0, duration=1.0)  # past libsndfile's estimate
+    assert len(part) == 16000
+
+
+def test_vbr_mp3_without_a_length_header_and_no_fallback_warns(vbr_without_length, no_fallback, caplog):
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(vbr_without_length)
+    assert 0 < len(x) < 5 * 16000
+    assert "vbr.mp3" in caplog.text and "without a length (Xing/Info) header" in caplog.text
+    assert "Install ffmpeg" in caplog.text
+    with pytest.raises(AudioDecodeError, match="offset 8.000 s.*Install ffmpeg"):
+        load_audio(vbr_without_length, offset=8.0)

@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from musicssl.audio.mpeg import mpeg_samples
 from musicssl.errors import AudioDecodeError, AudioInputError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ _UNKNOWN_FRAMES = 1 << 62
 class AudioInfo:
     """What a file holds, read from its header (no decoding where the backend allows).
 
-    ``frames`` counts samples per channel; for mp3 and fallback-decoded files it may be an estimate
-    from the header. ``backend`` is "soundfile", "torchcodec", "ffprobe" or "ffmpeg".
+    ``frames`` counts samples per channel; for files read by a fallback decoder it may be an
+    estimate from the header (an MP3 without a length header is counted from its frame headers). ``backend`` is "soundfile", "torchcodec", "ffprobe" or "ffmpeg".
     """
 
     sample_rate: int
@@ -94,8 +95,7 @@ def audio_info(path: PathLike) -> AudioInfo:
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
-            frames = info.frames if info.frames < _UNKNOWN_FRAMES else _count_frames(p)
-            return _make_info(info.samplerate, frames, info.channels, "soundfile")
+            return _make_info(info.samplerate, _true_frames(p, info), info.channels, "soundfile")
     attempts: list[tuple[str, Callable[[], AudioInfo]]] = []
     decoder_cls = _torchcodec_decoder()
     if decoder_cls is not None:
@@ -346,7 +346,22 @@ def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray,
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
         else:
             with f:
-                return _read_soundfile(f, p, offset, duration), f.samplerate, "soundfile"
+                # libsndfile cannot seek past its estimate of an MP3's length, whatever is there.
+                beyond = f.format == "MP3" and round(offset * f.samplerate) >= f.frames
+                frames = np.zeros((0, f.channels), np.float32) if beyond else _read_soundfile(f, p, offset, duration)
+                short = _mpeg_cut_short(f, p, offset, duration, len(frames))
+            if short is not None:
+                return _decode_whole_mpeg(p, offset, duration, frames, f.samplerate, short)
+            if beyond:
+                raise _offset_past_end(p, offset, f.frames / f.samplerate)
+            return frames, f.samplerate, "soundfile"
+    return _run_fallbacks(p, sndfile_err, _fallback_decoders(p, offset, duration))
+
+
+def _fallback_decoders(
+    p: Path, offset: float, duration: float | None
+) -> list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]]:
+    """The decoders installed besides libsndfile, best first, as (name, decode the span)."""
     attempts: list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]] = []
     decoder_cls = _torchcodec_decoder()
     if decoder_cls is not None:
@@ -354,7 +369,38 @@ def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray,
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is not None:
         attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration)))
-    return _run_fallbacks(p, sndfile_err, attempts)
+    return attempts
+
+
+def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | None, got: int) -> str | None:
+    """Why libsndfile stopped short of the end of an MP3 (its length header is missing and its
+    estimate too low), or None when it did not."""
+    start, sr = round(offset * f.samplerate), f.samplerate
+    if f.format != "MP3" or start + got < f.frames or (duration is not None and got >= round(duration * sr)):
+        return None
+    held = mpeg_samples(p)
+    if held is None or held <= f.frames + 1152:  # a frame's worth: the encoder's padding
+        return None
+    return (f"libsndfile decodes {f.frames / sr:.1f} s of '{p}', whose frames hold {held / sr:.1f} s: it is "
+            "a VBR MP3 without a length (Xing/Info) header")
+
+
+def _decode_whole_mpeg(
+    p: Path, offset: float, duration: float | None, frames: np.ndarray, sr: int, short: str
+) -> tuple[np.ndarray, int, str]:
+    """The span through a fallback decoder, which reads to the real end; without one, what
+    libsndfile gave, with a warning that says what is missing and how to get it."""
+    attempts = _fallback_decoders(p, offset, duration)
+    if attempts:
+        try:
+            return _run_fallbacks(p, None, attempts)
+        except AudioDecodeError as err:
+            log.debug("fallbacks failed on %s: %s", p, err)
+    fix = f"Install ffmpeg (or torchcodec) to decode all of it, or re-encode it with `ffmpeg -i '{p}' out.flac`"
+    if not len(frames):
+        raise AudioDecodeError(f"Cannot read from offset {offset:.3f} s: {short}. {fix}.")
+    log.warning("%s; using that part. %s", short, fix)
+    return frames, sr, "soundfile"
 
 
 def _read_soundfile(
@@ -447,6 +493,15 @@ def _readf(f: sf.SoundFile, out: np.ndarray) -> int:
     if f._errorcode:
         raise sf.LibsndfileError(f._errorcode, prefix="Error reading: ")
     return int(n)
+
+
+def _true_frames(p: Path, info: Any) -> int:
+    """The frame count of `sf.info`, where it is an estimate (an MP3 without a length header) or
+    open (a piped FLAC) counted from the frame headers or by decoding."""
+    if info.frames >= _UNKNOWN_FRAMES:
+        return _count_frames(p)
+    held = mpeg_samples(p) if info.format == "MP3" else None
+    return info.frames if held is None else held
 
 
 def _count_frames(p: Path) -> int:
