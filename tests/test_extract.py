@@ -434,6 +434,26 @@ def test_two_concurrent_runs_share_one_output_folder(tmp_path):
         assert arrays(p)["frames"].shape[-1] == 60
 
 
+def test_a_filesystem_without_locks_still_gets_its_outputs(tmp_path, monkeypatch, caplog):
+    """flock fails with ENOLCK/EOPNOTSUPP on some FUSE and object-store mounts: the run goes on
+    unlocked and says once what that risks."""
+    import errno
+    import logging
+
+    from musicssl.bulk import manifest as mf
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(mf.fcntl, "flock", no_locks)
+    monkeypatch.setattr(mf, "_warned_no_locks", [])
+    corpus(tmp_path / "in", 4)
+    with caplog.at_level(logging.WARNING, logger="musicssl"):
+        res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", num_workers=0)
+    assert res.ok == 4 and len(outputs(tmp_path / "out")) == 4 and len(manifest(tmp_path / "out")) == 4
+    assert caplog.text.count("no file locks") == 1
+
+
 def test_shards_cover_every_file_exactly_once(tmp_path):
     files = corpus(tmp_path / "in", 30, seconds=(0.3, 0.6))
     out = tmp_path / "out"

@@ -8,12 +8,16 @@ filesystem with working locks) interleave whole lines; a line cut short by a kil
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+log = logging.getLogger("musicssl")
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "run.json"
@@ -29,7 +33,7 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        lock(fd, wait=True)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data
@@ -104,9 +108,7 @@ class Claim:
     def acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not lock(fd, wait=False):
             os.close(fd)
             return False
         self.fd = fd
@@ -117,6 +119,29 @@ class Claim:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
+
+
+# What flock raises on filesystems without locks (some FUSE and object-store mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+_warned_no_locks: list[bool] = []
+
+
+def lock(fd: int, wait: bool) -> bool:
+    """An exclusive flock on `fd`: False if another process holds it (only when not `wait`ing). Where
+    the filesystem has no locks the run goes on unlocked, saying once what that risks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+        if not _warned_no_locks:
+            _warned_no_locks.append(True)
+            log.warning("this filesystem has no file locks (%s): the run goes on, but two runs on the same "
+                        "output folder at once could embed a file twice or interleave manifest lines; "
+                        "give each its own --shard", err.strerror)
+    return True
 
 
 def now() -> str:
@@ -132,7 +157,7 @@ class RecordSink:
         if hold:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            lock(self.fd, wait=True)
 
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.fd is None:
@@ -153,9 +178,7 @@ def merge_parts(out_dir: Path) -> int:
     for part in sorted(out_dir.glob(".manifest.*.part.jsonl")):
         fd = os.open(part, os.O_RDONLY)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not lock(fd, wait=False):
                 continue  # still being written by a live run
             append_records(out_dir / MANIFEST, list(read_records(part)))
             part.unlink()
