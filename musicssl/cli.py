@@ -333,7 +333,7 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         shares = sorted(((v, k) for k, v in r.stages.items() if k in STAGES), reverse=True)  # the bound first
         print("time: " + ", ".join(f"{STAGES[k]} {100 * v / total:.0f} %" for v, k in shares))
     speed = f", {r.audio_seconds / r.wall_seconds:.1f}x realtime" if r.audio_seconds else ""
-    stop = " (stopped at the first failure: --fail-fast)" if r.stopped_early else ""
+    stop = f" (stopped {r.stop_reason or 'early'})" if r.stopped_early else ""
     print(f"{r.ok} embedded, {r.skipped} skipped, {r.failed} failed of {r.total} inputs{stop} "
           f"in {r.wall_seconds:.1f} s{speed} -> {r.out_dir}")
     for t in r.tables:

@@ -287,6 +287,32 @@ def test_a_damaged_file_used_in_part_says_so_in_the_manifest(tmp_path, capsys, w
     assert not any("warning" in r for r in records.values())
 
 
+def test_a_full_disk_stops_the_run_and_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    """Every later output would fail too: the run stops, says why, and a rerun finishes the rest."""
+    import errno
+
+    from musicssl.bulk import run as run_module
+
+    corpus(tmp_path / "in", 6)
+    real, written = run_module.write_output, []
+
+    def fills_up(fmt, path, *args):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(fmt, path, *args)
+        written.append(path)
+
+    monkeypatch.setattr(run_module, "write_output", fills_up)
+    out = tmp_path / "out"
+    args = ["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--batch-size", "1"]
+    assert main(args) == 1
+    said = capsys.readouterr().out
+    assert "(stopped because" in said and "No space left on device" in said and "free space" in said
+    assert sorted(outputs(out).values()) == sorted(written) and not leftovers(out)
+    monkeypatch.setattr(run_module, "write_output", real)
+    assert main(args) == 0 and len(outputs(out)) == 6
+
+
 def test_fail_fast_stops_at_the_first_failure(tmp_path, capsys):
     corpus(tmp_path / "in", 4)
     (tmp_path / "in" / "d0" / "a-broken.wav").write_bytes(b"RIFF nonsense")

@@ -12,6 +12,7 @@ share and rank 0 merges the records (distributed.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -55,12 +56,13 @@ class ExtractResult:
     tables: list[Path] = field(default_factory=list)
     audio_seconds: float = 0.0  # audio embedded by this run
     wall_seconds: float = 0.0
-    stopped_early: bool = False  # --fail-fast stopped at the first failure
+    stopped_early: bool = False  # --fail-fast stopped at the first failure, or the output disk is full
     errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) seen by this process
     # Where this process's time went, in seconds: "model" (starting batches and waiting for their
     # results), "decoding" (waiting for decoded audio), "writing" (waiting for the writer threads and
     # the final sync), "host" (the rest: stitching, bookkeeping).
     stages: dict[str, float] = field(default_factory=dict)
+    stop_reason: str = ""  # why this process stopped early, e.g. "at the first failure: --fail-fast"
     warned: int = 0  # embedded, but decoding warned (e.g. a damaged file used up to the damage): see the manifest
 
     @property
@@ -73,7 +75,11 @@ class ExtractResult:
 
 
 class _Stop(Exception):
-    """--fail-fast: the first failure ends the run."""
+    """The run ends early: --fail-fast at the first failure, or an output disk that is full."""
+
+
+# Write errors that every later output would meet too.
+_OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def extract(
@@ -168,15 +174,17 @@ class _Run:
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
         self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
         self.writer, self.lock, self.watch = BackgroundWriter(), threading.Lock(), Stopwatch()
-        stopped, start = False, time.perf_counter()
+        stopped, start, self.stop_reason = False, time.perf_counter(), ""
         try:
             todo = self._skip_finished()
             self._embed(todo, batch_size, self._workers(num_workers))
             with self.watch("writing"):
                 self.writer.close()
-        except _Stop:
-            stopped = True
+        except _Stop as stop:
+            stopped, self.stop_reason = True, str(stop)
         finally:
+            for _, claim in getattr(self, "open", []):  # files a stop left half embedded
+                claim.release()
             with self.watch("writing"):
                 self.writer.close(check=False)
                 if hasattr(os, "sync"):  # the per-file outputs skip fsync (outputs.atomic_write): one sync here
@@ -295,7 +303,13 @@ class _Run:
             meta = self._metadata(job, out["duration"], out["layers"])
             write_output(self.format, job.output, out["frames"], out["timestamps"], out["clip"], meta)
         except OSError as err:
-            return self._record(job, "error", reason=f"cannot write {job.output}: {err}", seconds=seconds)
+            reason = f"cannot write {job.output}: {err}"
+            if err.errno in _OUT_OF_ROOM:
+                with contextlib.suppress(OSError):  # the manifest may not fit either
+                    self._record(job, "error", reason=reason, seconds=seconds)
+                raise _Stop(f"because {self.out_dir} takes no more outputs ({err.strerror}): free space (or "
+                            "remount it writable) and run again; finished outputs are kept") from err
+            return self._record(job, "error", reason=reason, seconds=seconds)
         finally:
             claim.release()
         shapes = {"clip": list(out["clip"].shape)}
@@ -329,7 +343,7 @@ class _Run:
         if status == "error":
             log.info("failed: %s", reason)
             if self.fail_fast:
-                raise _Stop(reason)
+                raise _Stop("at the first failure: --fail-fast")
 
     # --- the end ------------------------------------------------------------------------------
     def _finish(self, table: bool, stopped: bool) -> ExtractResult:
@@ -349,7 +363,7 @@ class _Run:
         return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
                              self.out_dir / MANIFEST, failed_list, tables, counts[3],
                              time.perf_counter() - self.started, bool(counts[4]), self.errors,
-                             dict(self.watch.seconds), int(counts[5]))
+                             dict(self.watch.seconds), self.stop_reason, int(counts[5]))
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
