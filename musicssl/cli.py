@@ -439,6 +439,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Ctrl-C ends with one line and status 130, as a shell's commands do,
+    saying what survives (outputs are renamed into place whole, so nothing is left half-written)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        print(f"\nmusicssl {command}: interrupted{RESUMES.get(command, '')}", file=sys.stderr)
+        sys.exit(130)
+
+
+# What an interrupted command leaves to build on.
+RESUMES = {"embed": "; finished outputs are kept, and the same command carries on from them",
+           "train": "; the same command resumes from the last checkpoint",
+           "eval": "; embeddings computed so far are cached for the next run"}

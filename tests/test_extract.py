@@ -405,14 +405,14 @@ def test_mixed_lengths_pad_little_within_the_memory_bounds():
 # --- processes ----------------------------------------------------------------------------------
 
 def cli_process(args: list[str], slow: float = 0.0, **kw) -> subprocess.Popen:
-    """`musicssl embed ARGS` in a fresh interpreter; `slow` adds seconds per forward pass so a test
-    can act while the run is under way."""
+    """`musicssl embed ARGS` in a fresh interpreter, through the console entry point; `slow` adds
+    seconds per forward pass so a test can act while the run is under way."""
     code = ("import sys, time, musicssl\n"
             f"slow = {slow}\n"
             "real = musicssl.Encoder._launch_windows\n"
             "def run(self, *a):\n    time.sleep(slow)\n    return real(self, *a)\n"
             "musicssl.Encoder._launch_windows = run\n"
-            "from musicssl.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+            "from musicssl.cli import run\nrun()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, "embed", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
@@ -443,6 +443,22 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path, tiny_model):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), rel
     statuses = [r["status"] for r in manifest(tmp_path / "out")]
     assert statuses.count("ok") == len(files) and statuses.count("skipped") == done
+
+
+def test_ctrl_c_ends_with_one_line_and_resumes(tmp_path, tiny_model):
+    corpus(tmp_path / "in", 12, seconds=(1.0, 3.0))
+    args = [str(tmp_path / "in"), "--model", tiny_model, "--batch-size", "1", "-o", str(tmp_path / "out")]
+    proc = cli_process(args, slow=0.2)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(outputs(tmp_path / "out")) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("musicssl embed: interrupted; finished outputs are kept, and the same "
+                                            "command carries on from them")
+    assert 2 <= len(outputs(tmp_path / "out")) < 12 and not leftovers(tmp_path / "out")
+    assert main(["embed", *args]) == 0 and len(outputs(tmp_path / "out")) == 12
 
 
 def test_two_concurrent_runs_share_one_output_folder(tmp_path):
