@@ -9,6 +9,7 @@ unpickle), maps the state dict with its module's `checkpoint_filter_fn`, and loa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -145,7 +146,7 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
     from musicssl.factory import load_release, save_pretrained
 
     folder = converted_folder(spec)
-    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+    if _is_release(folder):
         model = load_release(folder)
         model.spec = spec
         return model
@@ -158,16 +159,30 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
 
 
 def _write_atomically(folder: Path, write: Any) -> None:
-    """Write a folder under a temporary name, then rename it into place (no half-written cache)."""
+    """Write a folder under a temporary name, then rename it into place (no half-written cache).
+
+    Processes that convert at once (the ranks of a torchrun job) each write their own; the first
+    rename wins and the others keep it, so nobody deletes a folder another process is reading.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
         write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        if _is_release(folder):
+            return
+        if folder.exists():  # an incomplete folder, left by hand or by an older version
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError as err:  # another process renamed its copy in between
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _is_release(folder):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_release(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
 def model_card(spec: Any) -> str | None:

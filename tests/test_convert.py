@@ -151,3 +151,24 @@ def test_convert_unknown_family(tmp_path):
 def test_convert_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         convert.convert_local("pesto", [tmp_path / "nope.bin"], tmp_path / "out")
+
+
+def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path):
+    """torchrun ranks convert the same upstream weights at once: the first rename wins, the others
+    neither fail nor delete the folder their peers may be reading."""
+    folder = tmp_path / "converted" / "mert"
+
+    def write(tmp, marker):
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_text(marker)
+
+    def write_while_another_wins(tmp):
+        write(tmp, "ours")
+        convert._write_atomically(folder, lambda other: write(other, "theirs"))
+
+    convert._write_atomically(folder, write_while_another_wins)
+    assert (folder / "model.safetensors").read_text() == "theirs"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["mert"]  # no temporary folder left
+    (folder / "model.safetensors").unlink()  # an incomplete folder is replaced
+    convert._write_atomically(folder, lambda tmp: write(tmp, "again"))
+    assert (folder / "model.safetensors").read_text() == "again"
