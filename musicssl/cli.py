@@ -295,8 +295,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     if not args.inputs and args.files_from is None:
         raise SystemExit("musicssl embed: give audio files or folders, or --files-from LIST")
-    if args.batch_size < 1:
-        raise SystemExit("musicssl embed: --batch-size must be at least 1")
     device = args.device or default_device()
     result = extract(
         args.inputs, args.out, args.model, files_from=args.files_from, root=args.root,

@@ -45,8 +45,7 @@ def load(
     """
     device = check_device(device)  # before any download
     source = os.fspath(name)
-    # Registry names never hold a path separator, so anything that does is meant as a folder.
-    if source.startswith("hf-hub:") or Path(source).is_dir() or "/" in source or os.sep in source:
+    if not is_registry_name(source):
         model = load_release(hub.fetch_release(source, offline=offline))
     else:
         model = _load_registered(source, pretrained, offline, overrides)
@@ -54,6 +53,12 @@ def load(
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model
+
+
+def is_registry_name(source: str) -> bool:
+    """Whether `load(source)` looks it up in the registry rather than on the Hub or on disk:
+    registry names never hold a path separator, so anything that does is meant as a folder."""
+    return not (source.startswith("hf-hub:") or Path(source).is_dir() or "/" in source or os.sep in source)
 
 
 def _load_registered(name: str, pretrained: bool, offline: bool | None, overrides: dict[str, Any]) -> Encoder:

@@ -104,11 +104,11 @@ def evaluate(
 def _check_names(models: Sequence[ModelArg]) -> None:
     """Registry names are checked before the first model runs, so a typo in the last one does not
     cost the others' embedding time (hub ids and folders are checked when they load)."""
+    from musicssl.factory import is_registry_name
+
     for m in models:
-        name = m if isinstance(m, str) else ""
-        if name and not name.startswith("hf-hub:") and "/" not in name and os.sep not in name \
-                and not os.path.isdir(name):
-            model_info(name.removesuffix(RANDOM_SUFFIX))
+        if isinstance(m, str) and is_registry_name(m):
+            model_info(m.removesuffix(RANDOM_SUFFIX))
 
 
 def _load(model: ModelArg, device: Any, dtype: Any, offline: bool | None, seed: int) -> tuple[Encoder, str]:
