@@ -172,6 +172,15 @@ def test_files_from_stdin_root_and_path_traversal(tmp_path, monkeypatch, capsys)
     assert "not inside the root folder" in capsys.readouterr().err
 
 
+def test_a_list_saved_by_a_windows_editor_is_read(tmp_path):
+    """A UTF-8 byte-order mark and CRLF line ends are not part of the names."""
+    files = corpus(tmp_path / "in", 3)
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(os.fsencode(f) for f in files) + b"\r\n")
+    res = extract([], tmp_path / "out", "mfcc", files_from=listing, num_workers=0)
+    assert (res.ok, res.failed) == (3, 0)
+
+
 def test_formats_and_the_clip_table(tmp_path, monkeypatch):
     files = corpus(tmp_path / "in", 4)
     runs = {}

@@ -36,8 +36,10 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
             raw = Path(list_file).read_bytes()
         except OSError as err:
             raise FileNotFoundError(f"cannot read the list of inputs {list_file}: {err}") from err
-    # Bytes to names as the OS does, so names that are not UTF-8 survive. Only line ends are
+    # Bytes to names as the OS does, so names that are not UTF-8 survive; a UTF-8 byte-order mark
+    # (Windows editors write one) is not part of the first name. Only line ends (\n or \r\n) are
     # stripped: a path may begin or end with spaces.
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
     return [os.fsdecode(line) for line in raw.splitlines() if line.strip()]
 
 
