@@ -9,13 +9,17 @@ filesystem with working locks) interleave whole lines; a line cut short by a kil
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go on unlocked (see `lock`)
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger("musicssl")
 
@@ -130,6 +134,8 @@ def lock(fd: int, wait: bool) -> bool:
     """An exclusive flock on `fd`: False if another process holds it (only when not `wait`ing). Where
     the filesystem has no locks the run goes on unlocked, saying once what that risks."""
     try:
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "this system has no flock")
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False

@@ -55,7 +55,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", tem
         # The host and pid in the name say who owns it; the rename is atomic on one filesystem.
         prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600; outputs get the usual permissions (POSIX)
+            os.fchmod(fd, 0o666 & ~_umask())
     else:
         fd, tmp = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), str(temp)
     try:
