@@ -67,8 +67,8 @@ def read_checkpoint(
 
 
 def _load_failure(path: Path, err: BaseException) -> str:
-    """torch's reason in one line. Its first line advises weights_only=False, which would not help
-    a file that is no checkpoint at all, and is unsafe for one that is."""
+    """torch's reason in one line. Its first line advises turning the weights-only unpickler off,
+    which would not help a file that is no checkpoint at all, and is unsafe for one that is."""
     with open(path, "rb") as fh:
         head = fh.read(2)
     # A zip's local-header magic (torch's format), or a pickle's protocol opcode (its legacy one).

@@ -68,7 +68,8 @@ class AudioInfo:
     """What a file holds, read from its header (no decoding where the backend allows).
 
     ``frames`` counts samples per channel; for files read by a fallback decoder it may be an
-    estimate from the header (an MP3 without a length header is counted from its frame headers). ``backend`` is "soundfile", "torchcodec", "ffprobe" or "ffmpeg".
+    estimate from the header (an MP3 without a length header is counted from its frame headers).
+    ``backend`` is "soundfile", "torchcodec", "ffprobe" or "ffmpeg".
     """
 
     sample_rate: int
