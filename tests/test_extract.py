@@ -172,6 +172,13 @@ def test_files_from_stdin_root_and_path_traversal(tmp_path, monkeypatch, capsys)
     assert "not inside the root folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("as_type", [str, Path])
+def test_one_folder_or_file_need_not_be_a_list(tmp_path, as_type):
+    files = corpus(tmp_path / "in", 3)
+    assert extract(as_type(tmp_path / "in"), tmp_path / "a", "mfcc", num_workers=0).ok == 3
+    assert extract(as_type(files[0]), tmp_path / "b", "mfcc", num_workers=0).ok == 1
+
+
 def test_a_list_saved_by_a_windows_editor_is_read(tmp_path):
     """A UTF-8 byte-order mark and CRLF line ends are not part of the names."""
     files = corpus(tmp_path / "in", 3)

@@ -83,7 +83,7 @@ _OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def extract(
-    inputs: Sequence[str | os.PathLike] = (),
+    inputs: str | os.PathLike | Sequence[str | os.PathLike] = (),
     out: str | os.PathLike = "embeddings",
     model: str | os.PathLike | Encoder = DEFAULT_MODEL,
     *,
@@ -106,8 +106,9 @@ def extract(
     log_every: float = 30.0,
     compile: bool = False,
 ) -> ExtractResult:
-    """Embed every audio file of `inputs` (files and folders) and `files_from` (a list file, "-" for
-    stdin) into `out`, mirroring their tree under `root` (default: the deepest folder holding them).
+    """Embed every audio file of `inputs` (a file or folder, or a list of them) and `files_from` (a
+    list file, "-" for stdin) into `out`, mirroring their tree under `root` (default: the deepest
+    folder holding them).
 
     model: a registry name, "hf-hub:org/repo", a release folder, or a loaded Encoder.
     layers, pool: as in `Encoder.embed`; format: "npz", "npy" or "safetensors"; table: also write
@@ -127,6 +128,8 @@ def extract(
     if pool not in (None, "mean", "max"):
         raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
     check_device(device)
+    if isinstance(inputs, (str, os.PathLike)):  # one file or folder, not its characters
+        inputs = [inputs]
     ranks = distributed.from_env()
     if ranks:
         distributed.start(ranks)
