@@ -234,6 +234,7 @@ def test_evaluate_caches_embeddings_per_model_layer_and_file(tmp_path: Path, mon
     cache = tmp_path / "cache"
     first = evaluate(task, ["logmel", "mfcc"], probes=["linear", "knn"], cache=cache)
     assert [m.model for m in first.models] == ["logmel", "mfcc"]
+    assert [m.model for m in evaluate(task, "mfcc", probes=["knn"], cache=cache).models] == ["mfcc"]
     assert first.models[0].best("linear").test["accuracy"] >= 0.75
     assert len(list(cache.glob("*/mean/layer0.npz"))) == 2
 

@@ -57,7 +57,7 @@ class EvalResult:
 
 def evaluate(
     task: str | os.PathLike | Task,
-    models: Sequence[ModelArg],
+    models: ModelArg | Sequence[ModelArg],
     *,
     layers: str | int | Sequence[int] = "recommended",
     probes: Sequence[str] = PROBES,
@@ -74,7 +74,7 @@ def evaluate(
 
     task: a task CSV, a folder per class, or a `Task`; `task_options` go to `load_task` (root,
         kind, label); `seed` also seeds the splits it makes.
-    models: registry names, "hf-hub:" ids, release folders, "NAME:random", or loaded encoders.
+    models: one model or a list: registry names, "hf-hub:" ids, release folders, "NAME:random", or encoders.
     layers: "recommended" (each model's card), "last", "all" (each probed; the best on valid
         is reported) or indices.
     cache: where embeddings are kept (default `<musicssl cache>/embeddings`).
@@ -84,6 +84,8 @@ def evaluate(
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
         raise ValueError(f"unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    if isinstance(models, (str, os.PathLike, Encoder)):  # one model, not the letters of its name
+        models = [models]
     _check_names(models)
     check_device(device)
     y = task.targets()
