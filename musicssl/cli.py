@@ -318,7 +318,12 @@ STAGES = {"model": "model", "decoding": "waiting for decoded audio", "writing": 
 def print_summary(r: Any, args: argparse.Namespace) -> None:
     """The last lines of `musicssl embed`: counts, speed, and where the failures are listed."""
     if r.total == 0:
-        print(f"no audio files found in {', '.join(args.inputs) or args.files_from}", file=sys.stderr)
+        from musicssl.audio.io import AUDIO_EXTENSIONS
+
+        wanted = args.ext or ",".join(sorted(AUDIO_EXTENSIONS))
+        searched = f" (searched every subfolder for {wanted}{'; --ext set this list' if args.ext else ''})"
+        print(f"no audio files found in {', '.join(args.inputs) or args.files_from}{searched if args.inputs else ''}",
+              file=sys.stderr)
         return
     from musicssl.bulk.outputs import printable
 

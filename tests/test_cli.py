@@ -87,6 +87,8 @@ def test_embed_user_errors_exit_cleanly(tmp_path, capsys):
     assert "pretrained=False" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["embed", str(tmp_path / "empty"), "-o", str(tmp_path / "o")]) == 1
+    assert main(["embed", str(EXAMPLES), "-o", str(tmp_path / "o"), "--ext", "mp4a"]) == 1
+    assert "searched every subfolder for mp4a; --ext set this list" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, said", [
