@@ -215,8 +215,8 @@ class _Run:
         return self.out_dir / MANIFEST
 
     def _workers(self, num_workers: int | None) -> int:
-        if num_workers is not None:
-            return max(0, num_workers)
+        if num_workers is not None:  # checked >= 0 by extract()
+            return num_workers
         return default_workers(self.encoder.device, self.ranks.world if self.ranks else 1)
 
     def _skip_finished(self) -> list[Job]:
