@@ -92,6 +92,12 @@ def get_window(window: str | Tensor, win_length: int) -> Tensor:
     return makers[window](win_length, periodic=True, dtype=torch.float64).to(torch.float32)
 
 
+def squared_magnitude(spec: Tensor) -> Tensor:
+    """|X|^2 of a complex tensor, same shape, real. re^2 + im^2 avoids abs()'s sqrt-then-square; as two
+    planes, not a sum over view_as_real's last axis of 2, which took twice an STFT's own time on CPU."""
+    return spec.real.square() + spec.imag.square()
+
+
 class Spectrogram(_Float32Module):
     """Short-time Fourier transform, as ``librosa.stft`` followed by ``abs() ** power``.
 
@@ -152,8 +158,7 @@ class Spectrogram(_Float32Module):
         if self.power is None:
             return spec
         if self.power == 2.0:
-            # re^2 + im^2 avoids the sqrt-then-square round trip of abs() ** 2.
-            return torch.view_as_real(spec).square().sum(-1)
+            return squared_magnitude(spec)
         if self.power == 1.0:
             return spec.abs()
         return spec.abs().pow(self.power)
@@ -704,7 +709,7 @@ class KaldiFbank(_Float32Module):
         if self.use_energy and not self.raw_energy:
             energy = self._log_energy(frames)
         spec = torch.fft.rfft(frames, n=self.padded_length)
-        spec = torch.view_as_real(spec).square().sum(-1)
+        spec = squared_magnitude(spec)
         if not self.use_power:
             spec = spec.sqrt()
         mel = torch.matmul(spec, self.mel_banks.to(torch.float32).T)  # (..., T, n_mels)
