@@ -9,6 +9,7 @@ Model only: every file decoded beforehand (not timed), then `enc.embed(all clips
 End to end: `musicssl.extract(folder, OUT, enc, batch_size=B)` -- what `musicssl embed` runs once the
 model is loaded: decoding in worker processes, windows packed across files, outputs and manifest
 written. Both run alternately `--repeats` times in one process (medians; these machines are noisy),
+with the allocator setting of the `musicssl` command (`musicssl.heap`),
 and the table gives x-realtime (seconds of audio per second) and their ratio (the target: >= 0.8),
 with the rate of decoding + resampling alone, in one process and in the run's decoding processes
 (where the latter is not far above the model's, the run is decode-bound on this machine).
@@ -36,6 +37,7 @@ from musicssl.audio.io import audio_info, find_audio_files, load_audio
 from musicssl.bulk import extract
 from musicssl.bulk.pipeline import decoded_stream
 from musicssl.bulk.run import default_workers
+from musicssl.heap import keep_freed_memory
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dev" / "audio" / "soundtrack"
 
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
+    heap = keep_freed_memory()  # as the `musicssl` command does; both sides below run with it
     enc, weights = encoder(args.model, args.device, getattr(torch, args.dtype))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "music"
@@ -150,7 +153,7 @@ def main() -> None:
             shutil.rmtree(out)
     m, e = seconds / statistics.median(model_t), seconds / statistics.median(e2e_t)
     print(f"{args.model} ({weights} weights), {args.device} {args.dtype}, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, freed memory kept: {heap}")
     print(f"{len(files)} {args.codec} files, {seconds / 60:.1f} min of audio; median of {args.repeats} alternated runs")
     print(f"{'decode x-rt (1 process)':>24} {f'decode x-rt ({workers} workers)':>26} {'model only x-rt':>16} "
           f"{'end to end x-rt':>16} {'ratio':>6}" + ("  GPU util %" if util[0] else ""))

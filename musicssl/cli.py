@@ -444,7 +444,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run() -> None:
     """Console-script entry point. Ctrl-C ends with one line and status 130, as a shell's commands do,
     saying what survives (outputs are renamed into place whole, so nothing is left half-written)."""
+    from musicssl.heap import keep_freed_memory
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_freed_memory()  # this process is ours: reuse freed pages across batches (see heap.py)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
