@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -234,6 +235,38 @@ def test_load_with_resampling(tmp_path):
     assert sr == 16000 and x.shape == (2, 16000) and x.dtype == np.float32
     peaks = [np.argmax(np.abs(np.fft.rfft(ch))) for ch in x]  # 1 Hz bins
     assert peaks == [440, 880]
+
+
+def test_long_file_is_mixed_and_resampled_block_by_block(tmp_path):
+    """Many read blocks: the same samples as decoding whole and resampling in one go, while the
+    memory held is about the 16 kHz mono result, not the file's 48 kHz stereo."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    stereo = rng.uniform(-0.5, 0.5, (48000 * 60, 2)).astype(np.float32)  # 60 s: 11 blocks of 2**18 frames
+    path = tmp_path / "long.wav"
+    sf.write(path, stereo, 48000, subtype="FLOAT")
+    whole = soxr.resample((stereo[:, 0] + stereo[:, 1]) / 2, 48000, 16000, quality="HQ")
+    tracemalloc.start()
+    try:
+        mono, sr = load_audio(path, sr=16000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(mono, whole)
+    assert sr == 16000 and mono.flags.c_contiguous
+    assert peak < 3 * mono.nbytes  # 11.5 MB; the file decoded whole would be 23 MB, and the old way peaked at 2x that
+    both, _ = load_audio(path, sr=16000, mono=False, offset=7.5, duration=20.0)
+    np.testing.assert_array_equal(both, soxr.resample(stereo[360000:1320000], 48000, 16000, quality="HQ").T)
+
+
+def test_nan_in_a_late_block_is_counted(tmp_path):
+    data = np.zeros(3 * (1 << 18), np.float32)
+    data[[5, 1 << 19]] = np.nan
+    path = tmp_path / "late nan.wav"
+    sf.write(path, data, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="'.*late nan.wav': 2 decoded samples are NaN or Inf"):
+        load_audio(path, sr=8000)
 
 
 def test_mono_averages_channels(tmp_path):

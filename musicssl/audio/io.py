@@ -30,6 +30,7 @@ import soundfile as sf
 import soxr
 
 from musicssl.audio.mpeg import mpeg_samples
+from musicssl.audio.sink import FrameSink, mix_down
 from musicssl.errors import AudioDecodeError, AudioInputError
 
 log = logging.getLogger(__name__)
@@ -130,26 +131,18 @@ def load_audio(
         sr = check_rate(sr, "sr")
     _check_span(offset, duration)
     p = _check_path(path)
-    frames, file_sr, backend = _decode(p, offset, duration)
-    n_bad = frames.size - int(np.count_nonzero(np.isfinite(frames)))
-    if n_bad:
+    # Blocks are mixed (before resampling: both are linear, and one channel is cheaper to resample
+    # than C) and resampled as they are decoded, so a long file is never held whole at its own rate.
+    sink = FrameSink(mono, sr)
+    file_sr, backend = _decode(p, offset, duration, sink)
+    if sink.bad:
         raise AudioDecodeError(
-            f"Cannot use audio file '{p}': {n_bad} decoded samples are NaN or Inf (backend: "
+            f"Cannot use audio file '{p}': {sink.bad} decoded samples are NaN or Inf (backend: "
             f"{backend}). The file holds invalid floating-point data: re-export it from its source, "
             f"or re-encode it with `ffmpeg -i '{p}' out.flac`."
         )
-    # Mix before resampling: both are linear, and one channel is cheaper to resample than C.
-    if mono:
-        x = frames[:, 0] if frames.shape[1] == 1 else _mix_down(frames)
-    else:
-        x = frames
-    if sr is not None and sr != file_sr:
-        x = _soxr(x, file_sr, sr)
-    if not mono:
-        x = np.ascontiguousarray(x.T)
-    else:
-        x = np.ascontiguousarray(x)
-    return x, sr if sr is not None else file_sr
+    x = sink.result()
+    return (x if mono else np.ascontiguousarray(x.T)), sr if sr is not None else file_sr
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int, *, quality: str = "HQ") -> np.ndarray:
@@ -180,7 +173,7 @@ def to_mono(x: np.ndarray) -> np.ndarray:
         return x
     if x.ndim != 2:
         raise AudioInputError(f"to_mono expects audio shaped (S,) or (C, S), got shape {x.shape}.")
-    return _mix_down(x.T)
+    return mix_down(x.T)
 
 
 def check_finite(x: Any, what: str) -> None:
@@ -336,8 +329,8 @@ def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> Audi
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray, int, str]:
-    """Decode the span of ``p``: frames (S, C) float32, rate in Hz, backend name."""
+def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> tuple[int, str]:
+    """Decode the span of ``p`` into ``sink``; its rate in Hz and the backend's name."""
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
@@ -347,16 +340,29 @@ def _decode(p: Path, offset: float, duration: float | None) -> tuple[np.ndarray,
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
         else:
             with f:
+                sink.start(f.samplerate, f.channels)
                 # libsndfile cannot seek past its estimate of an MP3's length, whatever is there.
                 beyond = f.format == "MP3" and round(offset * f.samplerate) >= f.frames
-                frames = np.zeros((0, f.channels), np.float32) if beyond else _read_soundfile(f, p, offset, duration)
-                short = _mpeg_cut_short(f, p, offset, duration, len(frames))
+                if not beyond:
+                    _read_soundfile(f, p, offset, duration, sink)
+                short = _mpeg_cut_short(f, p, offset, duration, sink.frames)
             if short is not None:
-                return _decode_whole_mpeg(p, offset, duration, frames, f.samplerate, short)
+                return _decode_whole_mpeg(p, offset, duration, sink, f.samplerate, short)
             if beyond:
                 raise _offset_past_end(p, offset, f.frames / f.samplerate)
-            return frames, f.samplerate, "soundfile"
-    return _run_fallbacks(p, sndfile_err, _fallback_decoders(p, offset, duration))
+            return f.samplerate, "soundfile"
+    return _fallback_into(sink, p, sndfile_err, _fallback_decoders(p, offset, duration))
+
+
+def _fallback_into(
+    sink: FrameSink, p: Path, sndfile_err: Exception | None,
+    attempts: list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]],
+) -> tuple[int, str]:
+    """The first fallback decoder that succeeds fills `sink` afresh; its rate and name."""
+    frames, sr, backend = _run_fallbacks(p, sndfile_err, attempts)
+    sink.start(sr, frames.shape[1])
+    sink.add(frames)
+    return sr, backend
 
 
 def _fallback_decoders(
@@ -387,27 +393,25 @@ def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | N
 
 
 def _decode_whole_mpeg(
-    p: Path, offset: float, duration: float | None, frames: np.ndarray, sr: int, short: str
-) -> tuple[np.ndarray, int, str]:
+    p: Path, offset: float, duration: float | None, sink: FrameSink, sr: int, short: str
+) -> tuple[int, str]:
     """The span through a fallback decoder, which reads to the real end; without one, what
-    libsndfile gave, with a warning that says what is missing and how to get it."""
+    libsndfile gave (already in `sink`), with a warning that says what is missing and how to get it."""
     attempts = _fallback_decoders(p, offset, duration)
     if attempts:
         try:
-            return _run_fallbacks(p, None, attempts)
+            return _fallback_into(sink, p, None, attempts)
         except AudioDecodeError as err:
             log.debug("fallbacks failed on %s: %s", p, err)
     fix = f"Install ffmpeg (or torchcodec) to decode all of it, or re-encode it with `ffmpeg -i '{p}' out.flac`"
-    if not len(frames):
+    if not sink.frames:
         raise AudioDecodeError(f"Cannot read from offset {offset:.3f} s: {short}. {fix}.")
     log.warning("%s; using that part. %s", short, fix)
-    return frames, sr, "soundfile"
+    return sr, "soundfile"
 
 
-def _read_soundfile(
-    f: sf.SoundFile, p: Path, offset: float, duration: float | None
-) -> np.ndarray:
-    """Seek to ``offset`` and read the span: (S, C) float32, cut short where the file is damaged."""
+def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | None, sink: FrameSink) -> None:
+    """Seek to ``offset`` and read the span into ``sink``, cut short where the file is damaged."""
     sr, known = f.samplerate, _length_is_known(f)
     total = f.frames
     if known and total <= 0:
@@ -417,11 +421,9 @@ def _read_soundfile(
         raise _offset_past_end(p, offset, total / sr)
     # A positive duration shorter than one sample still reads one sample.
     limit = None if duration is None else max(1, round(duration * sr))
-    if known:
-        want = total - start if limit is None else min(limit, total - start)
-    else:  # read to the end, or to `limit`: the header's length is a guess, or 2**63 - 1
-        want = limit or max((total if total < _UNKNOWN_FRAMES else 0) - start, sr * 60)
-    out, got, err = _read_span(f, start, want, grow=not known and limit is None)
+    # Without a known length (the header's is a guess, or 2**63 - 1) read to the end, or to `limit`.
+    want = (total - start if limit is None else min(limit, total - start)) if known else limit
+    got, err = _read_into(f, start, sink, want, _READ_BLOCK)
     if err is not None and got == 0 and not known and start > 0:
         raise _offset_past_end(p, offset, None) from err
     if err is not None:
@@ -429,7 +431,8 @@ def _read_soundfile(
         # in small blocks from a fresh handle to keep every frame before the damage.
         try:
             with sf.SoundFile(_sf_path(p)) as again:
-                got, err = _read_into(again, start + got, out, got, _SALVAGE_BLOCK)
+                more, err = _read_into(again, start + got, sink, None if want is None else want - got, _SALVAGE_BLOCK)
+                got += more
         except _SNDFILE_ERRORS as reopen_err:
             err = reopen_err
     if err is not None:
@@ -439,11 +442,12 @@ def _read_soundfile(
                 f"probably truncated or damaged: re-create or re-download it, or re-encode what "
                 f"is left with `ffmpeg -i '{p}' out.flac`."
             ) from err
+        of = f" of {want}" if want is not None else ""
         log.warning(
-            "%s: decoding stopped after %d of %d frames (%s); the file is probably truncated or "
-            "damaged, using the frames before the damage", p, got, want, _cause(err),
+            "%s: decoding stopped after %d%s frames (%s); the file is probably truncated or "
+            "damaged, using the frames before the damage", p, got, of, _cause(err),
         )
-    elif got < want and known:
+    elif known and got < want:
         log.warning(
             "%s: the header promises %d frames but only %d decode; the file is probably "
             "truncated, using the frames present", p, want, got,
@@ -452,35 +456,25 @@ def _read_soundfile(
         _warn_if_wav_truncated(f, p)
     if got == 0:
         raise _no_samples(p, "soundfile")
-    return out[:got]
 
 
-def _read_into(
-    f: sf.SoundFile, frame: int, out: np.ndarray, got: int, block: int
-) -> tuple[int, Exception | None]:
-    """Fill ``out[got:]`` from ``frame`` on; the frames filled, and the error that stopped it."""
+def _read_into(f: sf.SoundFile, frame: int, sink: FrameSink, limit: int | None, block: int) -> tuple[int, Exception | None]:
+    """Read from ``frame`` on into ``sink``, `block` frames at a time, up to `limit` frames (None: to
+    the end); the frames read, and the error that stopped it."""
+    buf = np.empty((block if limit is None else max(1, min(block, limit)), f.channels), dtype=np.float32)
+    got = 0
     try:
         if f.tell() != frame:
             f.seek(frame)
-        while got < len(out):
-            n = _readf(f, out[got : got + block])
+        while limit is None or got < limit:
+            n = _readf(f, buf if limit is None else buf[: limit - got])
             if n == 0:
                 break
+            sink.add(buf[:n])
             got += n
     except _SNDFILE_ERRORS as err:
         return got, err
     return got, None
-
-
-def _read_span(f: sf.SoundFile, start: int, want: int, grow: bool) -> tuple[np.ndarray, int, Exception | None]:
-    """Up to `want` frames (S, C) from `start`, or with `grow` every frame to the end; the buffer,
-    the frames filled and the error that stopped the read."""
-    out = np.empty((want, f.channels), dtype=np.float32)
-    got, err = _read_into(f, start, out, 0, _READ_BLOCK)
-    while grow and err is None and got == len(out):
-        out = np.concatenate([out, np.empty_like(out)])  # doubling: a few copies however long
-        got, err = _read_into(f, start + got, out, got, _READ_BLOCK)
-    return out, got, err
 
 
 def _readf(f: sf.SoundFile, out: np.ndarray) -> int:
@@ -720,16 +714,6 @@ def _make_info(sr: int, frames: int, channels: int, backend: str) -> AudioInfo:
 
 
 # --------------------------------------------------------------------------- signal helpers
-
-
-def _mix_down(frames: np.ndarray) -> np.ndarray:
-    """Average (S, C) frames to (S,); adds columns so no per-frame reduction runs."""
-    out = np.array(frames[:, 0], dtype=np.result_type(frames.dtype, np.float32))
-    for c in range(1, frames.shape[1]):
-        out += frames[:, c]
-    if frames.shape[1] > 1:
-        out /= frames.shape[1]
-    return out
 
 
 def _soxr(x: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> np.ndarray:
