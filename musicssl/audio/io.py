@@ -659,7 +659,8 @@ def _decode_ffmpeg(
     if frames == 0:
         raise _offset_past_end(p, offset, None) if offset > 0 else _no_samples(p, "ffmpeg")
     samples = np.frombuffer(data, dtype="<f4", count=frames * channels)
-    return samples.reshape(frames, channels).astype(np.float32), sr, "ffmpeg"
+    # A read-only view of ffmpeg's output where "<f4" is native: no second copy of a long file.
+    return samples.reshape(frames, channels).astype(np.float32, copy=False), sr, "ffmpeg"
 
 
 def _parse_pipe_wav(buf: bytes) -> tuple[int, int, memoryview]:
