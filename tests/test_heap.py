@@ -40,8 +40,7 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_the_command_sets_it(monkeypatch):
-    import musicssl.cli as cli
-    import musicssl.heap as heap
+    from musicssl import cli, heap
 
     calls = []
     monkeypatch.setattr(heap, "keep_freed_memory", lambda: calls.append(1) or True)

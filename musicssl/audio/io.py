@@ -458,7 +458,9 @@ def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | N
         raise _no_samples(p, "soundfile")
 
 
-def _read_into(f: sf.SoundFile, frame: int, sink: FrameSink, limit: int | None, block: int) -> tuple[int, Exception | None]:
+def _read_into(
+    f: sf.SoundFile, frame: int, sink: FrameSink, limit: int | None, block: int
+) -> tuple[int, Exception | None]:
     """Read from ``frame`` on into ``sink``, `block` frames at a time, up to `limit` frames (None: to
     the end); the frames read, and the error that stopped it."""
     buf = np.empty((block if limit is None else max(1, min(block, limit)), f.channels), dtype=np.float32)
