@@ -423,6 +423,9 @@ def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | N
     limit = None if duration is None else max(1, round(duration * sr))
     # Without a known length (the header's is a guess, or 2**63 - 1) read to the end, or to `limit`.
     want = (total - start if limit is None else min(limit, total - start)) if known else limit
+    guess = want if want is not None else (total - start if total < _UNKNOWN_FRAMES else None)
+    if guess is not None and guess > 0:
+        sink.expect(guess)  # an MP3's guess may be short (no length tag): the rest still fits in
     got, err = _read_into(f, start, sink, want, _READ_BLOCK)
     if err is not None and got == 0 and not known and start > 0:
         raise _offset_past_end(p, offset, None) from err

@@ -2,10 +2,12 @@
 
 A long file is then never held as all its channels at its own rate: an hour of 44.1 kHz stereo is
 1.3 GB of float32, and the 16 kHz mono a model wants is 230 MB. Decoding one such MP3 whole peaked
-at 3.75 GB.
+at 3.75 GB; where the length is known beforehand, the result is the only large buffer.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import soxr
@@ -24,11 +26,19 @@ class FrameSink:
         self.file_sr, self.channels = file_sr, channels
         self.frames = 0  # frames received, at file_sr
         self.bad = 0  # NaN or Inf samples received
-        self._parts: list[np.ndarray] = []
+        self._buf: np.ndarray | None = None  # the result, when its length was expected
+        self._filled = 0
+        self._parts: list[np.ndarray] = []  # what did not fit in _buf, or all of it without one
         self._stream = None
         if self.sr is not None and file_sr > 0 and self.sr != file_sr:
             width = 1 if self.mono else channels
             self._stream = soxr.ResampleStream(file_sr, self.sr, width, dtype="float32", quality="HQ")
+
+    def expect(self, frames: int) -> None:
+        """About `frames` (at the file's rate) will come: write the result into one buffer as it
+        arrives, rather than keep the blocks and join them at the end (twice the memory)."""
+        n = frames if self._stream is None else math.ceil(frames * self.sr / self.file_sr) + 1
+        self._buf = np.empty((n,) if self.mono else (n, self.channels), np.float32)
 
     def add(self, block: np.ndarray) -> None:
         """Take (n, C) frames; the caller may reuse `block` afterwards."""
@@ -42,19 +52,28 @@ class FrameSink:
             x = block[:, 0] if block.shape[1] == 1 else mix_down(block)
         if self._stream is not None:
             x = self._stream.resample_chunk(np.ascontiguousarray(x))
-        elif np.may_share_memory(x, block):
-            x = x.copy()
-        self._parts.append(x)
+        self._keep(x, owned=not np.may_share_memory(x, block))
 
     def result(self) -> np.ndarray:
         """Everything received: (S,) when mono, else (S, C); float32, contiguous."""
         empty = np.zeros((0,) if self.mono else (0, self.channels), np.float32)
         if self._stream is not None:
-            self._parts.append(self._stream.resample_chunk(empty, last=True))
+            self._keep(self._stream.resample_chunk(empty, last=True), owned=True)
             self._stream = None
-        if len(self._parts) == 1:
-            return np.ascontiguousarray(self._parts[0], dtype=np.float32)
-        return np.concatenate(self._parts).astype(np.float32, copy=False) if self._parts else empty
+        parts = ([] if self._buf is None else [self._buf[: self._filled]]) + self._parts
+        if len(parts) != 1:
+            return np.concatenate(parts) if parts else empty
+        if self._buf is not None and self._filled < 0.9 * len(self._buf):
+            return parts[0].copy()  # the expected length was too long: do not keep the rest alive
+        return np.ascontiguousarray(parts[0], dtype=np.float32)
+
+    def _keep(self, x: np.ndarray, owned: bool) -> None:
+        end = self._filled + len(x)
+        if self._buf is not None and not self._parts and end <= len(self._buf):
+            self._buf[self._filled : end] = x
+            self._filled = end
+        else:  # no buffer, or more came than expected: keep the rest as it comes
+            self._parts.append(x if owned else x.copy())
 
 
 def mix_down(frames: np.ndarray) -> np.ndarray:
