@@ -20,6 +20,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +134,7 @@ def load_audio(
     p = _check_path(path)
     # Blocks are mixed (before resampling: both are linear, and one channel is cheaper to resample
     # than C) and resampled as they are decoded, so a long file is never held whole at its own rate.
-    sink = FrameSink(mono, sr)
-    file_sr, backend = _decode(p, offset, duration, sink)
+    sink, file_sr, backend = _decode(p, offset, duration, FrameSink(mono, sr))
     if sink.bad:
         raise AudioDecodeError(
             f"Cannot use audio file '{p}': {sink.bad} decoded samples are NaN or Inf (backend: "
@@ -329,8 +329,9 @@ def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> Audi
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> tuple[int, str]:
-    """Decode the span of ``p`` into ``sink``; its rate in Hz and the backend's name."""
+def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> tuple[FrameSink, int, str]:
+    """Decode the span of ``p`` into ``sink`` (or a fresh one like it, from a fallback decoder); the
+    sink that holds it, the file's rate in Hz and the backend's name."""
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
@@ -350,33 +351,34 @@ def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> 
                 return _decode_whole_mpeg(p, offset, duration, sink, f.samplerate, short)
             if beyond:
                 raise _offset_past_end(p, offset, f.frames / f.samplerate)
-            return f.samplerate, "soundfile"
-    return _fallback_into(sink, p, sndfile_err, _fallback_decoders(p, offset, duration))
-
-
-def _fallback_into(
-    sink: FrameSink, p: Path, sndfile_err: Exception | None,
-    attempts: list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]],
-) -> tuple[int, str]:
-    """The first fallback decoder that succeeds fills `sink` afresh; its rate and name."""
-    frames, sr, backend = _run_fallbacks(p, sndfile_err, attempts)
-    sink.start(sr, frames.shape[1])
-    sink.add(frames)
-    return sr, backend
+            return sink, f.samplerate, "soundfile"
+    fresh = FrameSink(sink.mono, sink.sr)
+    sr, backend = _run_fallbacks(p, sndfile_err, _fallback_decoders(p, offset, duration, fresh))
+    return fresh, sr, backend
 
 
 def _fallback_decoders(
-    p: Path, offset: float, duration: float | None
-) -> list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]]:
-    """The decoders installed besides libsndfile, best first, as (name, decode the span)."""
-    attempts: list[tuple[str, Callable[[], tuple[np.ndarray, int, str]]]] = []
+    p: Path, offset: float, duration: float | None, sink: FrameSink
+) -> list[tuple[str, Callable[[], tuple[int, str]]]]:
+    """The decoders installed besides libsndfile, best first, as (name, decode the span into `sink`
+    and give its rate and the decoder's name)."""
+    attempts: list[tuple[str, Callable[[], tuple[int, str]]]] = []
     decoder_cls = _torchcodec_decoder()
     if decoder_cls is not None:
-        attempts.append(("torchcodec", lambda: _decode_torchcodec(decoder_cls, p, offset, duration)))
+        attempts.append(
+            ("torchcodec", lambda: _whole_into(sink, *_decode_torchcodec(decoder_cls, p, offset, duration)))
+        )
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is not None:
-        attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration)))
+        attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration, sink)))
     return attempts
+
+
+def _whole_into(sink: FrameSink, frames: np.ndarray, sr: int, backend: str) -> tuple[int, str]:
+    """A decoder's whole output (S, C) into `sink`, afresh."""
+    sink.start(sr, frames.shape[1])
+    sink.add(frames)
+    return sr, backend
 
 
 def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | None, got: int) -> str | None:
@@ -394,20 +396,21 @@ def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | N
 
 def _decode_whole_mpeg(
     p: Path, offset: float, duration: float | None, sink: FrameSink, sr: int, short: str
-) -> tuple[int, str]:
+) -> tuple[FrameSink, int, str]:
     """The span through a fallback decoder, which reads to the real end; without one, what
-    libsndfile gave (already in `sink`), with a warning that says what is missing and how to get it."""
-    attempts = _fallback_decoders(p, offset, duration)
+    libsndfile gave (in `sink`), with a warning that says what is missing and how to get it."""
+    fresh = FrameSink(sink.mono, sink.sr)
+    attempts = _fallback_decoders(p, offset, duration, fresh)
     if attempts:
         try:
-            return _fallback_into(sink, p, None, attempts)
+            return fresh, *_run_fallbacks(p, None, attempts)
         except AudioDecodeError as err:
             log.debug("fallbacks failed on %s: %s", p, err)
     fix = f"Install ffmpeg (or torchcodec) to decode all of it, or re-encode it with `ffmpeg -i '{p}' out.flac`"
     if not sink.frames:
         raise AudioDecodeError(f"Cannot read from offset {offset:.3f} s: {short}. {fix}.")
     log.warning("%s; using that part. %s", short, fix)
-    return sr, "soundfile"
+    return sink, sr, "soundfile"
 
 
 def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | None, sink: FrameSink) -> None:
@@ -637,9 +640,10 @@ def _info_torchcodec(decoder_cls: Any, p: Path) -> AudioInfo:
 
 
 def _decode_ffmpeg(
-    ffmpeg: str, p: Path, offset: float, duration: float | None
-) -> tuple[np.ndarray, int, str]:
-    """Decode with the ffmpeg binary to a float32 WAV on stdout.
+    ffmpeg: str, p: Path, offset: float, duration: float | None, sink: FrameSink
+) -> tuple[int, str]:
+    """Decode with the ffmpeg binary to a float32 WAV on stdout, read into `sink` block by block (a
+    long file is never held whole); the rate in Hz and "ffmpeg".
 
     The WAV header gives the rate and channel count without ffprobe; its size fields are
     placeholders on a pipe, so the samples are everything after the data chunk header.
@@ -652,37 +656,69 @@ def _decode_ffmpeg(
     # "file:" keeps ffmpeg from reading a path such as "a:b.m4a" as a protocol.
     cmd += ["-i", "file:" + os.fspath(p.absolute()), "-map", "0:a:0", "-map_metadata", "-1",
             "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
-    try:
-        run = subprocess.run(cmd, capture_output=True, check=False)
-    except OSError as err:
-        raise _BackendFailed(f"could not run {ffmpeg}: {err.strerror}") from err
-    if run.returncode != 0:
-        lines = run.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise _BackendFailed(" / ".join(lines[-3:]) or f"exit status {run.returncode}")
-    sr, channels, data = _parse_pipe_wav(run.stdout)
-    frames = len(data) // (4 * channels)
-    if frames == 0:
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: ffmpeg never blocks on it
+        try:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        except OSError as err:
+            raise _BackendFailed(f"could not run {ffmpeg}: {err.strerror}") from err
+        with proc:
+            sr, unreadable = 0, None
+            try:
+                sr = _pipe_into(proc.stdout, sink)
+            except _BackendFailed as err:
+                unreadable = err
+            code = proc.wait()
+        if code != 0:  # ffmpeg's own message says more than an unreadable stream
+            stderr.seek(0)
+            lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
+            raise _BackendFailed(" / ".join(lines[-3:]) or f"exit status {code}")
+    if unreadable is not None:
+        raise unreadable
+    if sink.frames == 0:
         raise _offset_past_end(p, offset, None) if offset > 0 else _no_samples(p, "ffmpeg")
-    samples = np.frombuffer(data, dtype="<f4", count=frames * channels)
-    # A read-only view of ffmpeg's output where "<f4" is native: no second copy of a long file.
-    return samples.reshape(frames, channels).astype(np.float32, copy=False), sr, "ffmpeg"
+    return sr, "ffmpeg"
 
 
-def _parse_pipe_wav(buf: bytes) -> tuple[int, int, memoryview]:
-    """(rate Hz, channels, sample bytes) of the float WAV that ffmpeg writes to a pipe."""
-    if len(buf) < 12 or buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
+def _pipe_into(stream: Any, sink: FrameSink) -> int:
+    """Read ffmpeg's float WAV from `stream` into `sink`, `_READ_BLOCK` frames at a time; its rate."""
+    head = b""
+    while (parsed := _parse_pipe_wav(head)) is None:
+        more = stream.read(4096)
+        if not more:
+            raise _BackendFailed("ffmpeg did not produce a WAV stream")
+        head += more
+    sr, channels, rest = parsed
+    sink.start(sr, channels)
+    frame_bytes = 4 * channels
+    while True:
+        more = stream.read(_READ_BLOCK * frame_bytes)
+        rest = rest + more if rest else more
+        n = len(rest) // frame_bytes
+        if n:
+            sink.add(np.frombuffer(rest, dtype="<f4", count=n * channels).reshape(n, channels))
+            rest = rest[n * frame_bytes :]
+        if not more:
+            return sr
+
+
+def _parse_pipe_wav(buf: bytes) -> tuple[int, int, bytes] | None:
+    """(rate Hz, channels, the sample bytes that follow) of the float WAV that ffmpeg writes to a
+    pipe, or None while `buf` has not reached its data chunk."""
+    if len(buf) >= 12 and (buf[:4] != b"RIFF" or buf[8:12] != b"WAVE"):
         raise _BackendFailed("ffmpeg did not produce a WAV stream")
     pos, fmt = 12, None
     while pos + 8 <= len(buf):
         chunk, size = buf[pos : pos + 4], struct.unpack_from("<I", buf, pos + 4)[0]
         if chunk == b"data":
             if fmt is None:
-                break
-            return fmt[1], fmt[0], memoryview(buf)[pos + 8 :]
+                raise _BackendFailed("ffmpeg's WAV stream has no fmt chunk")
+            return fmt[1], fmt[0], buf[pos + 8 :]
         if chunk == b"fmt ":
+            if pos + 16 > len(buf):
+                return None
             fmt = struct.unpack_from("<HI", buf, pos + 10)  # channels, sample rate
         pos += 8 + size + (size & 1)  # RIFF chunks are padded to even sizes
-    raise _BackendFailed("ffmpeg's WAV stream has no fmt or data chunk")
+    return None
 
 
 def _info_ffprobe(ffprobe: str, p: Path) -> AudioInfo:
@@ -711,8 +747,9 @@ def _info_ffprobe(ffprobe: str, p: Path) -> AudioInfo:
 
 
 def _info_ffmpeg(ffmpeg: str, p: Path) -> AudioInfo:
-    data, sr, _ = _decode_ffmpeg(ffmpeg, p, 0.0, None)
-    return _make_info(sr, data.shape[0], data.shape[1], "ffmpeg")
+    sink = FrameSink(mono=True, sr=None)  # counts frames; keeps one channel's worth
+    sr, _ = _decode_ffmpeg(ffmpeg, p, 0.0, None, sink)
+    return _make_info(sr, sink.frames, sink.channels, "ffmpeg")
 
 
 def _make_info(sr: int, frames: int, channels: int, backend: str) -> AudioInfo:
