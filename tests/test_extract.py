@@ -4,11 +4,13 @@ process is needed (SIGKILL, two runs at once, torchrun)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -310,13 +312,18 @@ def test_a_full_disk_stops_the_run_and_keeps_what_was_written(tmp_path, monkeypa
     from musicssl.bulk import run as run_module
 
     corpus(tmp_path / "in", 6)
-    real, written = run_module.write_output, []
+    real, written, calls, lock = run_module.write_output, [], itertools.count(), threading.Lock()
 
     def fills_up(fmt, path, *args):
-        if len(written) == 2:
+        # Outputs are written by several threads: count calls under a lock, or two writes in flight
+        # can both pass a check of what is done and the disk never fills.
+        with lock:
+            full = next(calls) >= 2
+        if full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(fmt, path, *args)
-        written.append(path)
+        with lock:
+            written.append(path)
 
     monkeypatch.setattr(run_module, "write_output", fills_up)
     out = tmp_path / "out"
