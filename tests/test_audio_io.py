@@ -237,22 +237,27 @@ def test_load_with_resampling(tmp_path):
     assert peaks == [440, 880]
 
 
+def load_traced(path, **kwargs):
+    """load_audio(path, **kwargs) and the peak of the memory Python and numpy allocated meanwhile."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        audio, sr = load_audio(path, **kwargs)
+        return audio, sr, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_long_file_is_mixed_and_resampled_block_by_block(tmp_path):
     """Many read blocks: the same samples as decoding whole and resampling in one go, while the
     memory held is the 16 kHz mono result and a few blocks, not the file's 48 kHz stereo."""
-    import tracemalloc
-
     rng = np.random.default_rng(5)
     path = tmp_path / "long.wav"  # 3 min: 33 blocks of 2**18 frames
     sf.write(path, rng.uniform(-0.5, 0.5, (48000 * 180, 2)).astype(np.float32), 48000, subtype="PCM_16")
     stereo, _ = sf.read(path, dtype="float32")
     whole = soxr.resample((stereo[:, 0] + stereo[:, 1]) / 2, 48000, 16000, quality="HQ")
-    tracemalloc.start()
-    try:
-        mono, sr = load_audio(path, sr=16000)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    mono, sr, peak = load_traced(path, sr=16000)
     np.testing.assert_array_equal(mono, whole)
     assert sr == 16000 and mono.flags.c_contiguous
     # 11.5 MB and one 2 MB read block with what it makes; joining the blocks at the end would take
@@ -619,8 +624,6 @@ def test_ffmpeg_fallback_decodes_m4a(m4a, clip, monkeypatch):
 def test_ffmpeg_fallback_streams_a_long_file(tmp_path, monkeypatch):
     """ffmpeg's output is read block by block: the same samples as taking it whole, without holding
     the file's 48 kHz stereo (66 MB for these 3 minutes)."""
-    import tracemalloc
-
     monkeypatch.setitem(sys.modules, "torchcodec", None)
     path = tmp_path / "long mix.m4a"
     subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
@@ -631,12 +634,7 @@ def test_ffmpeg_fallback_streams_a_long_file(tmp_path, monkeypatch):
     stereo = np.frombuffer(whole.stdout, dtype="<f4").reshape(-1, 2)
     expected = soxr.resample((stereo[:, 0] + stereo[:, 1]) / 2, 48000, 16000, quality="HQ")
     del whole, stereo
-    tracemalloc.start()
-    try:
-        mono, sr = load_audio(path, sr=16000)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    mono, sr, peak = load_traced(path, sr=16000)
     np.testing.assert_array_equal(mono, expected)
     assert sr == 16000 and peak < 3 * mono.nbytes  # 11.5 MB: blocks joined at the end, and a read block
 
