@@ -35,7 +35,7 @@ import torch
 import musicssl
 from musicssl.audio.io import audio_info, find_audio_files, load_audio
 from musicssl.bulk import extract
-from musicssl.bulk.pipeline import decoded_stream
+from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.run import default_workers
 from musicssl.heap import keep_freed_memory
 
@@ -68,8 +68,9 @@ def stage(files: list[Path], dest: Path, codec: str) -> None:
 def parallel_decode_rate(files: list[Path], sr: int, workers: int) -> float:
     """x-realtime of decoding + resampling alone, in the run's decoding processes (no model)."""
     start, samples = time.perf_counter(), 0
-    for item in decoded_stream([str(f) for f in files], sr, workers):
-        samples += len(item["audio"])
+    with DecoderPool([str(f) for f in files], sr, workers) as pool:
+        for item in pool:
+            samples += len(item["audio"])
     return samples / sr / (time.perf_counter() - start)
 
 

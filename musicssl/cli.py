@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass, packed across files (default 8)")
     s.add_argument("--num-workers", type=int, default=None,
                    help="decoding processes (default: up to 8 on a GPU; on CPU 1, or 0 with two cores or "
-                        "fewer, where a decoder would slow the model more than it saves; 0 decodes in the main process)")
+                        "fewer, where a decoder beside the model slows it more than it saves). In a process, a "
+                        "file that crashes or hangs its decoder fails alone; 0 decodes in the main process")
+    s.add_argument("--decode-timeout", type=_seconds_or_none, default=600.0, metavar="SECONDS",
+                   help="with decoding processes: stop and fail a file whose decoding takes longer "
+                        "(default 600; 0: no limit)")
     s.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile, batches padded to a few shapes so it compiles once")
     s.add_argument("--shard", metavar="K/N", help="embed only shard K of N (K from 0), split deterministically "
@@ -194,6 +198,17 @@ def add_finetune_parser(sub: Any) -> None:
     s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
 
 
+def _seconds_or_none(text: str) -> float | None:
+    """--decode-timeout: seconds > 0, or 0 for no limit."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), not {text!r}")
+    return value or None
+
+
 def parse_layers(text: str, command: str = "embed", named: tuple[str, ...] = ("last", "all")) -> Any:
     if text in named:
         return text
@@ -300,7 +315,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         args.inputs, args.out, args.model, files_from=args.files_from, root=args.root,
         extensions=args.ext.split(",") if args.ext else None, layers=parse_layers(args.layers),
         pool=None if args.pool == "none" else args.pool, format=args.format, table=args.table,
-        batch_size=args.batch_size, num_workers=args.num_workers, device=device,
+        batch_size=args.batch_size, num_workers=args.num_workers, decode_timeout=args.decode_timeout, device=device,
         dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite, shard=args.shard,
         fail_fast=args.fail_fast, offline=args.offline or None, progress=args.progress, log_every=args.log_every,
         compile=args.compile,
@@ -327,8 +342,8 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         return
     from musicssl.bulk.outputs import printable
 
-    for path, reason in r.errors[:10]:
-        print(printable(f"error: {path}: {reason}"), file=sys.stderr)
+    for path, reason in r.errors[:10]:  # reasons mostly name their file already
+        print(printable(f"error: {reason if reason.startswith(path) else f'{path}: {reason}'}"), file=sys.stderr)
     if len(r.errors) > 10:
         print(f"... and {len(r.errors) - 10} more errors", file=sys.stderr)
     if r.audio_seconds and sum(r.stages.values()) > 0:

@@ -56,3 +56,9 @@ class DeviceError(MusicsslError, ValueError):
 
 class OutputPathError(MusicsslError, OSError):
     """The output folder cannot be made or written (names the path and the cause)."""
+
+
+def describe(err: BaseException) -> str:
+    """One line for a manifest: our own errors already name the file, cause and fix."""
+    text = " ".join(str(err).split()) or repr(err)
+    return text if isinstance(err, MusicsslError) else f"{type(err).__name__}: {text}"

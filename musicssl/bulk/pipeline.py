@@ -1,5 +1,5 @@
-"""The moving parts of a run: files decoded in worker processes, their windows packed into batches
-across files, batches run with a fallback to smaller batches, and frames stitched back per file.
+"""The moving parts of a run once files are decoded (bulk/decoders.py): their windows packed into
+batches across files, batches run with a fallback to smaller batches, and frames stitched back per file.
 
 Sizes: audio (S,) float32 at the model's rate; a window is at most `context_seconds` of it; a batch
 is (b, S_max) zero-padded; a file's frames buffer is (T, L, D) with L the kept layers.
@@ -10,80 +10,15 @@ from __future__ import annotations
 import bisect
 import contextlib
 import itertools
-import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from musicssl.errors import describe
 from musicssl.models.base import Encoder, _Launched, _Window
-
-
-class DecodeFiles(Dataset):
-    """Item i -> {"index", "audio" (S,) float32 mono at `sample_rate`, "error" ("" if none), "warning"
-    (what the decoder warned of, e.g. a truncated file decoded in part; "" if nothing), "seconds"}.
-    Runs in DataLoader workers; a file that cannot be decoded becomes an error, never an exception."""
-
-    def __init__(self, paths: list[str], sample_rate: int) -> None:
-        self.paths, self.sample_rate = paths, sample_rate
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        from musicssl.audio.io import load_audio
-
-        start = time.perf_counter()
-        with _warnings_of("musicssl.audio") as warned:
-            try:
-                audio, _ = load_audio(self.paths[i], sr=self.sample_rate, mono=True)
-                audio, error = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)), ""
-            # A worker isolates one file: whatever a decoder raises for it is that file's error.
-            except Exception as err:  # noqa: BLE001
-                audio, error = torch.empty(0), describe(err)
-        return {"index": i, "audio": audio, "error": error, "warning": " ".join(warned),
-                "seconds": time.perf_counter() - start}
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(" ".join(record.getMessage().split()))
-
-
-@contextlib.contextmanager
-def _warnings_of(logger: str) -> Iterator[list[str]]:
-    """The warnings `logger` logs inside the block (they are still printed as usual): a run keeps
-    them in its manifest, where a worker's stderr would lose them."""
-    handler = _Collect()
-    logging.getLogger(logger).addHandler(handler)
-    try:
-        yield handler.messages
-    finally:
-        logging.getLogger(logger).removeHandler(handler)
-
-
-def describe(err: BaseException) -> str:
-    """One line for the manifest: our own errors already name the file, cause and fix."""
-    from musicssl.errors import MusicsslError
-
-    text = " ".join(str(err).split()) or repr(err)
-    return text if isinstance(err, MusicsslError) else f"{type(err).__name__}: {text}"
-
-
-def decoded_stream(paths: list[str], sample_rate: int, num_workers: int) -> DataLoader:
-    """Decoded files in order, `num_workers` processes ahead of the model (0: decode in this process)."""
-    return DataLoader(
-        DecodeFiles(paths, sample_rate), batch_size=None, shuffle=False, num_workers=num_workers,
-        prefetch_factor=4 if num_workers else None,
-    )
 
 
 @dataclass(eq=False)

@@ -1,0 +1,128 @@
+"""Decoding processes of `musicssl embed`: a file that crashes, kills or hangs its decoder fails
+alone, in its place in the order, and every other file arrives whole."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import musicssl.bulk.decoders as decoders
+import musicssl.bulk.run as bulk_run
+from decode_faults import faulty
+from musicssl.audio.worker import decode_one
+from musicssl.bulk import extract
+from musicssl.bulk.decoders import DecoderPool
+from musicssl.cli import main
+
+pytestmark = pytest.mark.skipif(not decoders.ISOLATED, reason="decoding processes need POSIX")
+SR = 16000
+
+
+def clip(path: Path, seconds: float, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)
+    return str(path)
+
+
+def items(paths: list[str], workers: int, **kw) -> list[dict]:
+    with DecoderPool(paths, SR, workers, decode=faulty, **kw) as pool:
+        return list(pool)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_file_that_crashes_or_kills_its_decoder_fails_alone(tmp_path, workers):
+    names = ["a", "crash1", "b", "killed1", "c", "crash2", "d", "e", "f"]
+    paths = [clip(tmp_path / f"{n}.wav", 0.5 + i / 10, i) for i, n in enumerate(names)]
+    (tmp_path / "text.wav").write_text("not audio")
+    paths.insert(2, str(tmp_path / "text.wav"))
+    got = items(paths, workers)
+    assert [it["index"] for it in got] == list(range(len(paths)))
+    for path, it in zip(paths, got):
+        name = Path(path).stem
+        if name.startswith("crash"):
+            assert it["error"].startswith(f"{path}: the decoder crashed on this file (SIGSEGV)")
+        elif name.startswith("killed"):
+            assert "SIGKILL" in it["error"] and "memory" in it["error"]
+        elif name == "text":
+            assert it["error"] == decode_one(path, SR)["error"] and it["error"]
+        else:  # whole, and the same samples as decoding here
+            assert not it["error"] and np.array_equal(it["audio"].numpy(), decode_one(path, SR)["audio"])
+        assert len(it["audio"]) == 0 or not it["error"]
+
+
+def test_a_hung_decoder_is_stopped_after_the_timeout(tmp_path):
+    paths = [clip(tmp_path / f"{n}.wav", 0.5, i) for i, n in enumerate(["a", "hang", "b", "c"])]
+    got = items(paths, 2, timeout=1.0)
+    assert [bool(it["error"]) for it in got] == [False, True, False, False]
+    assert "did not finish within 1 s" in got[1]["error"] and "--decode-timeout" in got[1]["error"]
+
+
+def test_audio_longer_than_a_slot_comes_through_the_socket(tmp_path, monkeypatch):
+    monkeypatch.setattr(decoders, "SLOT", 3000)
+    paths = [clip(tmp_path / "short.wav", 0.1, 0), clip(tmp_path / "long.wav", 2.0, 1),
+             clip(tmp_path / "x.wav", 0.2, 2)]
+    got = items(paths, 1)
+    for path, it in zip(paths, got):
+        assert np.array_equal(it["audio"].numpy(), decode_one(path, SR)["audio"])
+    assert len(got[1]["audio"]) > 3000 >= len(got[0]["audio"])
+
+
+def test_a_file_decoded_before_a_crash_is_kept(tmp_path, monkeypatch):
+    """Its process dies on the next file before we read it: its samples are in our memory."""
+    real_wait = decoders.wait
+
+    def slow_wait(*a, **kw):
+        time.sleep(0.3)  # the process decodes "a", then crashes on the next, before we look
+        return real_wait(*a, **kw)
+
+    monkeypatch.setattr(decoders, "wait", slow_wait)
+    paths = [clip(tmp_path / "a.wav", 0.5, 0), clip(tmp_path / "crash.wav", 0.5, 1), clip(tmp_path / "b.wav", 0.5, 2)]
+    got = items(paths, 1)
+    assert np.array_equal(got[0]["audio"].numpy(), decode_one(paths[0], SR)["audio"]) and not got[0]["error"]
+    assert "SIGSEGV" in got[1]["error"] and not got[2]["error"]
+
+
+def test_processes_end_with_the_pool(tmp_path):
+    paths = [clip(tmp_path / f"{i}.wav", 0.2, i) for i in range(6)]
+    with DecoderPool(paths, SR, 2) as pool:
+        next(pool)  # stop early: the processes hold queued files
+        procs = [w.process for w in pool.workers]
+    for p in procs:
+        assert p.wait(timeout=10) is not None
+
+
+def test_embed_goes_on_past_a_crashing_decoder(tmp_path, monkeypatch, capsys):
+    for i in range(4):
+        clip(tmp_path / "in" / f"t{i}.wav", 1.0 + i / 4, i)
+    ref = tmp_path / "ref"
+    assert main(["embed", str(tmp_path / "in"), "-o", str(ref), "--model", "mfcc", "--num-workers", "2"]) == 0
+    clip(tmp_path / "in" / "crash.wav", 1.0, 9)
+    monkeypatch.setattr(bulk_run, "DecoderPool", functools.partial(DecoderPool, decode=faulty))
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'in' / 'crash.wav'}: the decoder crashed on this file (SIGSEGV)" in err
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted((x["input"].rsplit("/", 1)[1], x["status"]) for x in lines) == [
+        ("crash.wav", "error"), *((f"t{i}.wav", "ok") for i in range(4))]
+    for i in range(4):
+        a, b = np.load(ref / f"t{i}.wav.npz"), np.load(out / f"t{i}.wav.npz")
+        assert np.array_equal(a["frames"], b["frames"])
+
+
+def test_decode_timeout_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["embed", str(tmp_path), "--decode-timeout", "-1"])
+    assert "expected seconds >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["embed", str(tmp_path), "--decode-timeout", "soon"])
+    assert "expected a number of seconds" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="decode_timeout"):
+        extract([tmp_path], tmp_path / "out", "mfcc", decode_timeout=0)
