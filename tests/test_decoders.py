@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,3 +128,31 @@ def test_decode_timeout_is_checked(tmp_path, capsys):
     assert "expected a number of seconds" in capsys.readouterr().err
     with pytest.raises(ValueError, match="decode_timeout"):
         extract([tmp_path], tmp_path / "out", "mfcc", decode_timeout=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_hung_decoder_dies_with_a_killed_run(tmp_path):
+    """A run killed with SIGKILL cannot stop its processes; one stuck in a read must not outlive it."""
+    clip(tmp_path / "hang.wav", 0.5, 0)
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from decode_faults import faulty\nfrom musicssl.bulk.decoders import DecoderPool\n"
+              f"pool = DecoderPool([{str(tmp_path / 'hang.wav')!r}], 16000, 1, decode=faulty)\n"
+              "print(pool.workers[0].process.pid, flush=True)\nnext(pool)\n")
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(run.stdout.readline())
+    time.sleep(1.0)  # it is inside the hanging decode by now
+    assert _alive(worker)
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left for init to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -11,10 +11,12 @@ cannot take them back), or follow on the socket as raw bytes because they do not
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import logging
 import mmap
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -90,10 +92,21 @@ def shared_slots(fd: int, n: int, length: int) -> np.ndarray:
 
 
 def main(spec: str) -> None:
-    """Entry point: `spec` is JSON {"fd", "slots_fd", "slots": [n, L], "sample_rate", "decode": "module:name"}."""
+    """Entry point: `spec` is JSON {"fd", "slots_fd", "slots": [n, L], "sample_rate", "decode":
+    "module:name", "parent": pid}."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle; it stops us
     args = json.loads(spec)
+    _die_with(args["parent"])
     module, name = args["decode"].split(":")
     decode = getattr(importlib.import_module(module), name)
     serve(Connection(args["fd"]), args["sample_rate"], shared_slots(args["slots_fd"], *args["slots"]), decode)
+
+
+def _die_with(parent: int) -> None:
+    """Be killed when the run dies (Linux), even while stuck in a read that never returns: a run
+    killed with SIGKILL cannot stop us, and its socket's end closing reaches us only between files."""
+    with contextlib.suppress(Exception):  # no prctl outside Linux: there the socket's end is all we have
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
 

@@ -119,7 +119,8 @@ class DecoderPool:
         """(Re)start `w`'s process and send it the files it still holds."""
         ours, theirs = socket.socketpair()
         spec = {"fd": theirs.fileno(), "slots_fd": w.slots_fd, "slots": list(w.slots.shape),
-                "sample_rate": self.sample_rate, "decode": f"{self.decode.__module__}:{self.decode.__qualname__}"}
+                "sample_rate": self.sample_rate, "decode": f"{self.decode.__module__}:{self.decode.__qualname__}",
+                "parent": os.getpid()}
         w.process = subprocess.Popen(
             [sys.executable, "-c", BOOT, json.dumps([p for p in sys.path if isinstance(p, str)]), json.dumps(spec)],
             pass_fds=(theirs.fileno(), w.slots_fd), stdin=subprocess.DEVNULL,
