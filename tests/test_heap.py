@@ -35,8 +35,10 @@ def test_freed_memory_is_reused_without_page_faults():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
     plain, kept, took = (int(v) if v.isdigit() else v for v in out.split())
     assert took == "True"
-    assert plain > 5000, f"{plain} page faults per call: glibc kept the memory anyway"
-    assert kept < plain / 10
+    # Without it, glibc gives memory back and each call faults it in again: 2 000-52 000 faults per
+    # call over runs on one machine (its trimming depends on which thread frees what, and when).
+    assert plain >= 1000, f"only {plain} page faults per call without the setting: the probe measures nothing"
+    assert kept <= 200, f"{kept} page faults per call with the setting (without: {plain})"
 
 
 def test_the_command_sets_it(monkeypatch):
