@@ -699,8 +699,23 @@ def test_find_audio_files(tmp_path):
 
 
 def test_audio_extensions():
-    assert {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac", ".wma", ".webm", ".mka"} <= AUDIO_EXTENSIONS
+    wanted = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".mp2", ".m4a", ".aac", ".wma", ".webm", ".mka"}
+    assert wanted <= AUDIO_EXTENSIONS
     assert all(e == e.lower() and e.startswith(".") for e in AUDIO_EXTENSIONS)
+
+
+def test_mpeg_layer_2(tmp_path):
+    """Broadcast archives keep MPEG-1/2 layer II (.mp2): found in folders and decoded (libsndfile's
+    mpg123), the encoder's 481-sample delay aside, like the source."""
+    src = DATA / "soundtrack_cut.mp2"  # the first 2 s of soundtrack_cut.flac, 32 kb/s (ffmpeg's mp2)
+    (tmp_path / "a").mkdir()
+    shutil.copy(src, tmp_path / "a" / "x.mp2")
+    assert find_audio_files(tmp_path) == [tmp_path / "a" / "x.mp2"]
+    x, sr = load_audio(src)
+    ref, _ = load_audio(DATA / "soundtrack_cut.flac", duration=2.0)
+    assert sr == 16000 and abs(len(x) - len(ref)) <= 1152  # whole frames of 1152 samples
+    lag = max(range(0, 1200), key=lambda k: float(np.dot(x[k : k + 30000], ref[:30000])))
+    assert np.corrcoef(x[lag : lag + 30000], ref[:30000])[0, 1] > 0.98
 
 
 # --------------------------------------------------------------------------- property

@@ -40,7 +40,7 @@ PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 
 AUDIO_EXTENSIONS: frozenset[str] = frozenset({
-    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".au",
+    ".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".mp2", ".aiff", ".aif", ".aifc", ".au",
     ".caf", ".w64", ".m4a", ".m4b", ".aac", ".wma", ".webm", ".mka", ".mp4",
 })
 
