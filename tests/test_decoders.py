@@ -130,6 +130,18 @@ def test_decode_timeout_is_checked(tmp_path, capsys):
         extract([tmp_path], tmp_path / "out", "mfcc", decode_timeout=0)
 
 
+def test_processes_that_cannot_start_leave_decoding_to_the_run(tmp_path, monkeypatch, caplog):
+    """An interpreter that is not Python, or a path without musicssl: every process exits at once.
+    The files are decoded in the run's process rather than all failed."""
+    monkeypatch.setattr(decoders, "BOOT", "import sys; sys.exit(3)")
+    paths = [clip(tmp_path / f"{i}.wav", 0.3, i) for i in range(5)]
+    with DecoderPool(paths, SR, 2) as pool:
+        got = list(pool)
+    assert [it["index"] for it in got] == list(range(5)) and not any(it["error"] for it in got)
+    assert all(np.array_equal(it["audio"].numpy(), decode_one(p, SR)["audio"]) for p, it in zip(paths, got))
+    assert "decoding processes exit at start here (exit code 3" in caplog.text
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_hung_decoder_dies_with_a_killed_run(tmp_path):
     """A run killed with SIGKILL cannot stop its processes; one stuck in a read must not outlive it."""

@@ -53,6 +53,7 @@ class _Worker:
     tasks: deque[tuple[int, int]] = field(default_factory=deque)  # (index, slot) sent, in decoding order
     sent: int = 0  # tasks sent so far: the next one takes slot `sent % n`
     started: float = 0.0  # when it began the first of `tasks` (as far as we can tell)
+    served: bool = False  # its process has handed back a file
 
 
 class DecoderPool:
@@ -95,12 +96,13 @@ class DecoderPool:
         if index == len(self.paths):
             raise StopIteration
         self.position += 1
-        if not self.workers:
-            return _as_item(index, self.decode(self.paths[index], self.sample_rate))
-        self._send_tasks(index)
-        while index not in self.done:
+        if self.workers:
+            self._send_tasks(index)
+        while self.workers and index not in self.done:
             self._collect(index)
-        return self.done.pop(index)
+        if index in self.done:
+            return self.done.pop(index)
+        return _as_item(index, self.decode(self.paths[index], self.sample_rate))  # no processes (left)
 
     def close(self) -> None:
         """Stop the processes: idle ones are told to end (not waited for: subprocess reaps them);
@@ -127,7 +129,7 @@ class DecoderPool:
             start_new_session=True,  # Ctrl-C at a terminal is for the run, which then stops its processes
         )
         theirs.close()
-        w.conn, w.started = Connection(ours.detach()), time.monotonic()
+        w.conn, w.started, w.served = Connection(ours.detach()), time.monotonic(), False
         for task in w.tasks:
             self._post(w, task)
         return w
@@ -164,8 +166,8 @@ class DecoderPool:
         ready = wait([w.conn for w in busy], left)
         for w in busy:
             if w.conn in ready and not self._receive(w):  # it died: the file it was on failed
-                self._fail_head(w, _crash_reason(w.process.wait()))
-        if not ready:
+                self._died(w, w.process.wait())
+        if not ready and self.workers:
             _stop(holder.process)
             self._fail_head(holder, (
                 f"decoding did not finish within {self.timeout:g} s and was stopped (a stalled read, or a "
@@ -185,8 +187,18 @@ class DecoderPool:
             return False
         w.tasks.popleft()
         self.done[item["index"]] = {**item, "audio": audio}
-        w.started = time.monotonic()
+        w.started, w.served = time.monotonic(), True
         return True
+
+    def _died(self, w: _Worker, code: int) -> None:
+        """A process that exits on its own before any file cannot start here (an interpreter that is
+        not Python, a path without musicssl): decode in this process instead of failing every file."""
+        if code > 0 and not w.served and self.workers:
+            log.warning("decoding in the main process: decoding processes exit at start here (exit code %d; "
+                        "their error is above)", code)
+            self.close()
+        elif self.workers:
+            self._fail_head(w, _crash_reason(code))
 
     def _fail_head(self, w: _Worker, reason: str) -> None:
         """`w`'s process is gone while on its first file: that file failed; a new process takes the rest."""
