@@ -168,3 +168,37 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+CRASHING_RUN = """
+import functools, sys
+sys.path.insert(0, {tests!r})
+from decode_faults import faulty
+import musicssl.bulk.run as bulk_run
+from musicssl.bulk.decoders import DecoderPool
+from musicssl.cli import main
+bulk_run.DecoderPool = functools.partial(DecoderPool, decode=faulty)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_file_that_crashed_a_run_decoding_in_its_own_process_is_left_out_next_time(tmp_path):
+    """--num-workers 0 has no isolation: the crash ends the run. The next run must not end the same way."""
+    for name in ["a", "b", "crash", "c", "d"]:
+        clip(tmp_path / "in" / f"{name}.wav", 1.0, len(name))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", CRASHING_RUN.format(tests=str(Path(__file__).parent)), "embed",
+           str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", "0", "--batch-size", "1"]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode < 0, first.stderr  # killed by the segfault, with no word
+    assert [p.name for p in out.glob(".decoding.*")]  # what it was decoding is written down
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 1, second.stderr
+    status = {}
+    for line in (out / "manifest.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        status[Path(rec["input"]).name] = (rec["status"], rec["reason"])
+    assert sorted(k for k, v in status.items() if v[0] == "error") == ["crash.wav"]
+    assert sorted(p.name for p in out.glob("*.npz")) == ["a.wav.npz", "b.wav.npz", "c.wav.npz", "d.wav.npz"]
+    assert "SIGSEGV" in status["crash.wav"][1] and "ended an earlier run" in status["crash.wav"][1]
+    assert not list(out.glob(".decoding.*"))

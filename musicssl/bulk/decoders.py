@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from musicssl.audio.worker import decode_one, shared_slots
+from musicssl.bulk.trail import Trail
 from musicssl.errors import describe
 
 AHEAD = 4  # files queued per decoding process when decoding runs beside the model
@@ -65,12 +66,14 @@ class DecoderPool:
     but a decoder that crashes or hangs takes the run with it.
     timeout: seconds a file may take to decode before its process is killed (None: no limit).
     decode: path, rate -> item without its index; a module-level function, imported by the processes.
+    trail: where to name each file decoded in this process, for the next run should it crash here.
     Use as a context manager, so that its processes stop with the run.
     """
 
     def __init__(self, paths: list[str], sample_rate: int, workers: int, timeout: float | None = None,
-                 decode: Callable[[str, int], dict[str, Any]] = decode_one) -> None:
+                 decode: Callable[[str, int], dict[str, Any]] = decode_one, trail: Trail | None = None) -> None:
         self.paths, self.sample_rate, self.timeout, self.decode = paths, sample_rate, timeout, decode
+        self.trail = trail
         self.workers: list[_Worker] = []
         try:
             for _ in range(min(workers, len(paths)) if ISOLATED else 0):
@@ -102,7 +105,15 @@ class DecoderPool:
             self._collect(index)
         if index in self.done:
             return self.done.pop(index)
-        return _as_item(index, self.decode(self.paths[index], self.sample_rate))  # no processes (left)
+        return self._decode_here(index)  # no processes (left)
+
+    def _decode_here(self, index: int) -> dict[str, Any]:
+        if self.trail:
+            self.trail.mark(self.paths[index])
+        item = _as_item(index, self.decode(self.paths[index], self.sample_rate))
+        if self.trail:
+            self.trail.clear()
+        return item
 
     def close(self) -> None:
         """Stop the processes: idle ones are told to end (not waited for: subprocess reaps them);

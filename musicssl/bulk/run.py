@@ -35,6 +35,7 @@ from musicssl.bulk.outputs import FORMATS, looks_complete, make_out_dir, read_cl
 from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
+from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
 from musicssl.models.base import Encoder, LayersArg, _single_layer, check_batch_size
@@ -248,9 +249,10 @@ class _Run:
         packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
         runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
         self.open: list[tuple[OpenFile, Claim]] = []
+        todo = self._retry_crashed(todo, timeout)
         paths = [str(j.source) for j in todo]
-        with torch.inference_mode(), _threads_beside(workers), \
-                DecoderPool(paths, self.encoder.sample_rate, workers, timeout) as stream:
+        with torch.inference_mode(), _threads_beside(workers), contextlib.closing(Trail(self.out_dir)) as trail, \
+                DecoderPool(paths, self.encoder.sample_rate, workers, timeout, trail=trail) as stream:
             for seq, item in enumerate(self.watch.each("decoding", stream)):
                 self._admit(todo, item, seq, packer)
                 while packer.ready():
@@ -261,6 +263,22 @@ class _Run:
                 self._finish_files(todo)
             runner.flush()
             self._finish_files(todo)
+
+    def _retry_crashed(self, todo: list[Job], timeout: float | None) -> list[Job]:
+        """Files that a dead run was decoding in its own process when it ended: each is decoded once
+        in a decoding process first, and left out as failed if it crashes that one too."""
+        suspects = left_by_dead_runs(self.out_dir)
+        keep = []
+        for job in todo:
+            if str(job.source) in suspects:
+                with DecoderPool([str(job.source)], self.encoder.sample_rate, 1, timeout) as probe:
+                    error = next(probe)["error"]
+                if error:
+                    self._record(job, "error", reason=f"{error} (it also ended an earlier run, which decoded "
+                                                      "in its own process: --num-workers 0)")
+                    continue
+            keep.append(job)
+        return keep
 
     def _admit(self, todo: list[Job], item: dict[str, Any], seq: int, packer: WindowPacker) -> None:
         """A decoded file: claim its output, then queue its windows (or record why not)."""

@@ -1,0 +1,58 @@
+"""The file a run decodes in its own process, written down where the next run can read it.
+
+Decoding in the run's process (`--num-workers 0`) has no isolation: a decoder that crashes there
+ends the run, and a resumed run would decode the same file first and end again. So while a run
+decodes a file itself, `OUT/.decoding.*` names it; the run holds that file locked while it lives.
+A later run that finds such a file unlocked (its run is dead) decodes the named file once in a
+decoding process first: if that crashes too, the file is recorded as failed and left out.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from musicssl.bulk.manifest import lock
+
+
+class Trail:
+    """`OUT/.decoding.<pid>.<random>`: empty, or the path being decoded in this process."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / f".decoding.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        lock(self.fd, wait=False)  # new and ours: free (or no locks here, which lock() has said)
+
+    def mark(self, path: str) -> None:
+        name = os.fsencode(path)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, name)
+        os.ftruncate(self.fd, len(name))
+
+    def clear(self) -> None:
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
+def left_by_dead_runs(out_dir: Path) -> set[str]:
+    """The files that runs now dead were decoding in their own process when they ended (their
+    trails are removed)."""
+    found = set()
+    for trail in out_dir.glob(".decoding.*"):
+        try:
+            fd = os.open(trail, os.O_RDWR)
+        except FileNotFoundError:  # another run took it first
+            continue
+        try:
+            if lock(fd, wait=False):  # its run is gone
+                name = os.read(fd, 1 << 16)
+                trail.unlink(missing_ok=True)
+                if name:
+                    found.add(os.fsdecode(name))
+        finally:
+            os.close(fd)
+    return found
