@@ -145,8 +145,8 @@ def extract(
         run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
         return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
                            num_workers=num_workers, decode_timeout=decode_timeout, device=device, dtype=dtype,
-                           fail_fast=fail_fast,
-                           offline=offline, progress=progress, log_every=log_every, compile=compile)
+                           fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
+                           compile=compile)
     finally:
         if ranks:
             distributed.stop()
@@ -174,8 +174,8 @@ class _Run:
     # --- the run ------------------------------------------------------------------------------
     def execute(self, model: Any, *, layers: LayersArg, pool: str | None, table: bool, batch_size: int,
                 num_workers: int | None, decode_timeout: float | None, device: str | None,
-                dtype: torch.dtype | None, fail_fast: bool,
-                offline: bool | None, progress: bool | None, log_every: float, compile: bool) -> ExtractResult:
+                dtype: torch.dtype | None, fail_fast: bool, offline: bool | None, progress: bool | None,
+                log_every: float, compile: bool) -> ExtractResult:
         self.pool, self.fail_fast = pool, fail_fast
         self.encoder, info = self._load(model, layers, pool, device, dtype, offline)
         if compile:
@@ -451,8 +451,9 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     up to 8, leaving a core to this loop. More did not help on a 16-core H100 machine (14 decoders:
     the same rate for MERT, 27 % less for the default model, bench/RESULTS.md). On CPU the model's
     threads use every core: with two or fewer, a decoding process preempts them (each stall holds up
-    all of the model's threads), and decoding between batches here is faster: on 2 cores, 20 min of
-    44.1 kHz MP3 in 4.8 s against 5.5 s with one process (FLAC: the same), at the price of isolation.
+    all of the model's threads), and decoding between batches here is faster, at the price of
+    isolation: on 2 cores, 20 min of FLAC in 3.9 s against 6.0 s with one process, of 44.1 kHz MP3
+    in 4.6 s against 5.2 s (bench/decode_workers.py).
     """
     cores = _cores()
     if device.type == "cuda":
