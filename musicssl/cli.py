@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file that crashes or hangs its decoder fails alone; 0 decodes in the main process")
     s.add_argument("--decode-timeout", type=_seconds_or_none, default=600.0, metavar="SECONDS",
                    help="with decoding processes: stop and fail a file whose decoding takes longer "
-                        "(default 600; 0: no limit)")
+                        "(default 600; 0: no limit). With --num-workers 0 the file is named in the log instead")
     s.add_argument("--compile", action="store_true",
                    help="run the model through torch.compile, batches padded to a few shapes so it compiles once")
     s.add_argument("--shard", metavar="K/N", help="embed only shard K of N (K from 0), split deterministically "

@@ -14,7 +14,7 @@ from musicssl.audio.worker import decode_one
 
 def faulty(path: str, sample_rate: int) -> dict[str, Any]:
     """decode_one, except for files named crash* (a real segfault in C), killed* (SIGKILL, as the
-    out-of-memory killer sends) and hang* (never returns)."""
+    out-of-memory killer sends), hang* (never returns) and slow* (takes 2 s)."""
     name = os.path.basename(path)
     if name.startswith("crash"):
         ctypes.string_at(0)  # reads address 0
@@ -22,4 +22,6 @@ def faulty(path: str, sample_rate: int) -> dict[str, Any]:
         os.kill(os.getpid(), signal.SIGKILL)
     if name.startswith("hang"):
         time.sleep(3600)
+    if name.startswith("slow"):
+        time.sleep(2.0)
     return decode_one(path, sample_rate)

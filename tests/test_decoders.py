@@ -3,6 +3,7 @@ alone, in its place in the order, and every other file arrives whole."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -20,6 +21,7 @@ from decode_faults import faulty
 from musicssl.audio.worker import decode_one
 from musicssl.bulk import extract
 from musicssl.bulk.decoders import DecoderPool
+from musicssl.bulk.trail import Trail
 from musicssl.cli import main
 
 pytestmark = pytest.mark.skipif(not decoders.ISOLATED, reason="decoding processes need POSIX")
@@ -65,6 +67,19 @@ def test_a_hung_decoder_is_stopped_after_the_timeout(tmp_path):
     got = items(paths, 2, timeout=3.0)
     assert [bool(it["error"]) for it in got] == [False, True, False, False]
     assert "did not finish within 3 s" in got[1]["error"] and "--decode-timeout" in got[1]["error"]
+
+
+@pytest.mark.parametrize("trail", [False, True])
+def test_a_slow_decode_in_the_run_is_named_once_it_passes_the_timeout(tmp_path, caplog, trail):
+    """In the run's own process a decode cannot be stopped, but the log says which file it is and
+    what to do: with a trail (a CLI run), a restart fails it; else decoding processes would."""
+    paths = [clip(tmp_path / "a.wav", 0.5, 0), clip(tmp_path / "slow.wav", 0.5, 1), clip(tmp_path / "b.wav", 0.5, 2)]
+    with contextlib.closing(Trail(tmp_path)) if trail else contextlib.nullcontext() as kept:
+        got = items(paths, 0, timeout=0.5, trail=kept)
+    assert not any(it["error"] for it in got)
+    said = [r.getMessage() for r in caplog.records if "still decoding" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(paths[1]) and "--num-workers 1" in said[0]
+    assert ("start it again" in said[0]) == trail
 
 
 def test_audio_longer_than_a_slot_comes_through_the_socket(tmp_path, monkeypatch):

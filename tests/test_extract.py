@@ -573,6 +573,28 @@ def test_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
     assert (tmp_path / "x.npy").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="syncfs is Linux's")
+def test_the_run_flushes_its_own_filesystem_only(tmp_path, monkeypatch):
+    """One flush at the end, of the filesystem holding OUT: sync(2) would wait for every disk of a
+    shared machine."""
+    import ctypes
+
+    from musicssl.bulk import outputs as outputs_module
+
+    flushed, real = [], ctypes.CDLL(None).syncfs
+
+    class Libc:
+        def syncfs(self, fd: int) -> int:
+            flushed.append(os.fstat(fd).st_dev)
+            return real(fd)
+
+    monkeypatch.setattr(outputs_module.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(os, "sync", lambda: pytest.fail("sync(2) flushes every filesystem"))
+    corpus(tmp_path / "in", 2)
+    assert extract(tmp_path / "in", tmp_path / "out", "mfcc").ok == 2
+    assert flushed == [(tmp_path / "out").stat().st_dev]
+
+
 @pytest.mark.parametrize("cores, device, world, expected", [(2, "cpu", 1, 0), (1, "cpu", 1, 0), (8, "cpu", 1, 1),
                                                             (16, "cuda", 1, 8), (4, "cuda", 1, 3), (16, "cuda", 4, 3),
                                                             (1, "cuda", 1, 1)])

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -64,7 +65,8 @@ class DecoderPool:
     workers == 0: each file is decoded here when it is asked for. On two cores that is fastest (a
     decoder beside the model preempts its threads, and a process costs ~1 ms per file to talk to),
     but a decoder that crashes or hangs takes the run with it.
-    timeout: seconds a file may take to decode before its process is killed (None: no limit).
+    timeout: seconds a file may take to decode before its process is killed (None: no limit); a file
+        decoded here that takes longer is named in a warning instead.
     decode: path, rate -> item without its index; a module-level function, imported by the processes.
     trail: where to name each file decoded in this process, for the next run should it crash here.
     Use as a context manager, so that its processes stop with the run.
@@ -74,6 +76,7 @@ class DecoderPool:
                  decode: Callable[[str, int], dict[str, Any]] = decode_one, trail: Trail | None = None) -> None:
         self.paths, self.sample_rate, self.timeout, self.decode = paths, sample_rate, timeout, decode
         self.trail = trail
+        self.watch: _SlowDecodeWatch | None = None  # started by the first file decoded here, with a timeout
         self.workers: list[_Worker] = []
         try:
             for _ in range(min(workers, len(paths)) if ISOLATED else 0):
@@ -108,16 +111,25 @@ class DecoderPool:
         return self._decode_here(index)  # no processes (left)
 
     def _decode_here(self, index: int) -> dict[str, Any]:
-        if self.trail:
-            self.trail.mark(self.paths[index])
-        item = _as_item(index, self.decode(self.paths[index], self.sample_rate))
-        if self.trail:
-            self.trail.clear()
-        return item
+        path = self.paths[index]
+        if self.timeout is not None and self.watch is None:
+            self.watch = _SlowDecodeWatch(self.timeout, restart_retries=self.trail is not None)
+        for note in (self.trail, self.watch):
+            if note:
+                note.begin(path)
+        try:
+            return _as_item(index, self.decode(path, self.sample_rate))
+        finally:
+            for note in (self.trail, self.watch):
+                if note:
+                    note.end()
 
     def close(self) -> None:
         """Stop the processes: idle ones are told to end (not waited for: subprocess reaps them);
         busy ones, left by a run that stopped early, are killed. Safe to call again."""
+        if self.watch:
+            self.watch.close()
+            self.watch = None
         workers, self.workers = self.workers, []
         for w in workers:
             if w.tasks:
@@ -218,6 +230,44 @@ class DecoderPool:
                                             "warning": "", "seconds": 0.0})
         w.conn.close()
         self._start(w)
+
+
+class _SlowDecodeWatch:
+    """Says which file is at fault when one decoded in the run's own process takes longer than the
+    timeout: there it cannot be stopped (a stalled read, or a decoder stuck in C code, holds the
+    process), but its name and what to do can be logged, once per file, from a thread of our own."""
+
+    def __init__(self, timeout: float, restart_retries: bool) -> None:
+        self.timeout, self.restart_retries = timeout, restart_retries
+        self.current: tuple[str, float] | None = None  # (path, when it began), while one is decoding
+        self.stopped = threading.Event()
+        threading.Thread(target=self._run, name="musicssl-decode-watch", daemon=True).start()
+
+    def begin(self, path: str) -> None:
+        self.current = path, time.monotonic()
+
+    def end(self) -> None:
+        self.current = None
+
+    def close(self) -> None:
+        self.stopped.set()
+
+    def _run(self) -> None:
+        warned = None
+        while not self.stopped.wait(min(1.0, self.timeout)):  # looks once a second: free next to decoding
+            now = self.current
+            if now is not None and now is not warned and time.monotonic() - now[1] > self.timeout:
+                warned = now
+                log.warning("%s", self._message(now[0]))
+
+    def _message(self, path: str) -> str:
+        head = (f"{path}: still decoding after {self.timeout:g} s in the run's own process (--num-workers 0), "
+                f"where a decode cannot be stopped. If it hangs, end the run (kill {os.getpid()})")
+        if self.restart_retries:
+            return (f"{head} and start it again: the new run decodes this file first in a separate process, "
+                    "stops it after --decode-timeout and records it as failed. With --num-workers 1 or more, "
+                    "such a file is stopped and fails without a restart")
+        return f"{head} and run again with --num-workers 1 or more: such a file is then stopped and fails alone"
 
 
 def _new_worker(slots: int) -> _Worker:

@@ -9,6 +9,7 @@ mid-run can leave.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import os
@@ -69,6 +70,25 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", tem
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_outputs(out_dir: Path) -> None:
+    """Flush what the run wrote to disk: on Linux only the filesystem holding `out_dir` (syncfs),
+    so that a shared machine's other disks, busy with other jobs, are not waited for; elsewhere
+    every filesystem (sync); on Windows nothing (no call for it)."""
+    syncfs = getattr(ctypes.CDLL(None), "syncfs", None) if os.name == "posix" else None
+    if syncfs is not None:
+        try:
+            fd = os.open(out_dir, os.O_RDONLY)
+        except OSError:  # the folder is gone: nothing of ours is left to flush
+            return
+        try:
+            if syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    if hasattr(os, "sync"):  # no syncfs (macOS), or it failed
+        os.sync()
 
 
 @functools.lru_cache(maxsize=1)

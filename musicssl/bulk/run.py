@@ -31,7 +31,8 @@ from musicssl import __version__
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
-from musicssl.bulk.outputs import FORMATS, looks_complete, make_out_dir, read_clip, write_output, write_table
+from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
+                                   write_table)
 from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
@@ -120,7 +121,7 @@ def extract(
         (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; 0 decodes in this
         process). In a decoding process, a file that crashes or hangs its decoder fails alone.
     decode_timeout: with decoding processes, seconds one file may take to decode before it is
-        stopped and failed (None: no limit).
+        stopped and failed (None: no limit); decoding in this process, the file is named in a warning.
     compile: run the model through `torch.compile` with padded batches (`Encoder.compile_windows`).
     shard: "K/N" takes the K-th of N deterministic parts (K from 0); under torchrun each process
         then takes its share of that.
@@ -200,8 +201,7 @@ class _Run:
                 claim.release()
             with self.watch("writing"):
                 self.writer.close(check=False)
-                if hasattr(os, "sync"):  # the per-file outputs skip fsync (outputs.atomic_write): one sync here
-                    os.sync()
+                sync_outputs(self.out_dir)  # the per-file outputs skip fsync (outputs.atomic_write)
             self.sink.close()
             self.progress.close()
         self.watch.seconds["writing"] += self.writer.waited

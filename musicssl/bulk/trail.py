@@ -24,13 +24,13 @@ class Trail:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         lock(self.fd, wait=False)  # new and ours: free (or no locks here, which lock() has said)
 
-    def mark(self, path: str) -> None:
+    def begin(self, path: str) -> None:
         name = os.fsencode(path)
         os.lseek(self.fd, 0, os.SEEK_SET)
         os.write(self.fd, name)
         os.ftruncate(self.fd, len(name))
 
-    def clear(self) -> None:
+    def end(self) -> None:
         os.ftruncate(self.fd, 0)
 
     def close(self) -> None:
