@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="context windows per forward pass, packed across files (default 8)")
     s.add_argument("--num-workers", type=int, default=None,
                    help="decoding processes (default: up to 8 on a GPU; on CPU 1, or 0 with two cores or "
-                        "fewer, where a decoder beside the model slows it more than it saves). In a process, a "
-                        "file that crashes or hangs its decoder fails alone; 0 decodes in the main process")
+                        "fewer, where a decoder beside the model slows it more than it saves; by default more "
+                        "are added while the run waits for decoded audio). In a process, a file that crashes or "
+                        "hangs its decoder fails alone; 0 decodes in the main process")
     s.add_argument("--decode-timeout", type=_seconds_or_none, default=600.0, metavar="SECONDS",
                    help="with decoding processes: stop and fail a file whose decoding takes longer "
                         "(default 600; 0: no limit). With --num-workers 0 the file is named in the log instead")

@@ -4,6 +4,7 @@ processes, which import them by name (this folder is on the path pytest gives th
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import time
@@ -14,7 +15,8 @@ from musicssl.audio.worker import decode_one
 
 def faulty(path: str, sample_rate: int) -> dict[str, Any]:
     """decode_one, except for files named crash* (a real segfault in C), killed* (SIGKILL, as the
-    out-of-memory killer sends), hang* (never returns) and slow* (takes 2 s)."""
+    out-of-memory killer sends), hang* (never returns), slow* (takes 2 s), lag*
+    (takes 50 ms) and serial* (takes 50 ms, one at a time across processes, as on one slow disk)."""
     name = os.path.basename(path)
     if name.startswith("crash"):
         ctypes.string_at(0)  # reads address 0
@@ -24,4 +26,10 @@ def faulty(path: str, sample_rate: int) -> dict[str, Any]:
         time.sleep(3600)
     if name.startswith("slow"):
         time.sleep(2.0)
+    if name.startswith("lag"):
+        time.sleep(0.05)
+    if name.startswith("serial"):
+        with open(os.path.join(os.path.dirname(path), ".serial.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            time.sleep(0.05)
     return decode_one(path, sample_rate)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import musicssl.bulk.decoders as decoders
 import musicssl.bulk.run as bulk_run
@@ -133,6 +134,34 @@ def test_embed_goes_on_past_a_crashing_decoder(tmp_path, monkeypatch, capsys):
     for i in range(4):
         a, b = np.load(ref / f"t{i}.wav.npz"), np.load(out / f"t{i}.wav.npz")
         assert np.array_equal(a["frames"], b["frames"])
+
+
+@pytest.mark.parametrize("kind", ["lag", "serial"])
+def test_a_run_held_up_by_decoding_adds_decoding_processes(tmp_path, monkeypatch, caplog, kind):
+    """By default a run adds processes while it waits for decoded audio, here as if each file took
+    50 ms to decode ("lag"), up to half the cores on CPU; it stops adding once one did not help
+    (files decoded one at a time across processes, "serial"). The outputs stay the same."""
+    n = 200 if kind == "lag" else 100  # 5 s either way
+    paths = [clip(tmp_path / "in" / f"{kind}{i:03d}.wav", 0.2, i) for i in range(n)]
+    ref = tmp_path / "ref"
+    assert extract(tmp_path / "in", ref, "mfcc", num_workers=0).ok == n
+    monkeypatch.setattr(bulk_run, "_cores", lambda: 8)  # starts with 1 process, may grow to 4
+    monkeypatch.setattr(decoders, "GROW_EVERY", 1.0)  # 20 files of 1 process, each a 5 % step of its rate
+    monkeypatch.setattr(bulk_run, "DecoderPool", functools.partial(DecoderPool, decode=faulty))
+    started = []
+    monkeypatch.setattr(DecoderPool, "_start", lambda self, w, real=DecoderPool._start: started.append(1) or real(self, w))
+    threads = torch.get_num_threads()
+    with caplog.at_level("INFO", logger="musicssl"):
+        assert extract(tmp_path / "in", tmp_path / "out", "mfcc").ok == n
+    grown = [r.getMessage() for r in caplog.records if "decoding processes now" in r.getMessage()]
+    assert len(started) == 1 + len(grown) and torch.get_num_threads() == threads  # threads given back at the end
+    if kind == "lag":  # 2 processes decode twice as fast as 1
+        assert 2 <= len(grown) <= 3 and "did not speed the run up" not in caplog.text, grown
+    else:
+        assert len(grown) == 1 and "did not speed the run up: 2 decoding processes" in caplog.text, grown
+    for path in paths:
+        name = Path(path).name + ".npz"
+        assert np.array_equal(np.load(ref / name)["frames"], np.load(tmp_path / "out" / name)["frames"])
 
 
 def test_decode_timeout_is_checked(tmp_path, capsys):

@@ -595,21 +595,22 @@ def test_the_run_flushes_its_own_filesystem_only(tmp_path, monkeypatch):
     assert flushed == [(tmp_path / "out").stat().st_dev]
 
 
-@pytest.mark.parametrize("cores, device, world, expected", [(2, "cpu", 1, 0), (1, "cpu", 1, 0), (8, "cpu", 1, 1),
-                                                            (16, "cuda", 1, 8), (4, "cuda", 1, 3), (16, "cuda", 4, 3),
-                                                            (1, "cuda", 1, 1)])
+@pytest.mark.parametrize("cores, device, world, start, most", [
+    (2, "cpu", 1, 0, 0), (1, "cpu", 1, 0, 0), (8, "cpu", 1, 1, 4), (16, "cuda", 1, 8, 15), (4, "cuda", 1, 3, 3),
+    (16, "cuda", 4, 3, 3), (1, "cuda", 1, 1, 1)])
 def test_default_decoders_follow_cores_and_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str,
-                                                  world: int, expected: int) -> None:
-    """CPU: a decoding process only where a core is left for it; GPU: enough to keep it fed (at most
-    8, a core left to the loop, shared by the runs on the machine)."""
+                                                  world: int, start: int, most: int) -> None:
+    """CPU: a decoding process only where a core is left for it, growing to half the cores; GPU:
+    enough to keep it fed (at most 8 to start, a core left to the loop, shared by the runs on the
+    machine). A number given is kept."""
     from types import SimpleNamespace
 
-    from musicssl.bulk.run import _Run, default_workers
+    from musicssl.bulk.run import _Run
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    assert default_workers(torch.device(device), world) == expected
-    run = SimpleNamespace(encoder=SimpleNamespace(device=torch.device(device)), ranks=None)
-    assert _Run._workers(run, 3) == 3
+    run = SimpleNamespace(encoder=SimpleNamespace(device=torch.device(device)), ranks=SimpleNamespace(world=world))
+    assert _Run._workers(run, None) == (start, most)
+    assert _Run._workers(run, 3) == (3, 3)
 
 
 def test_compile_flag_gives_the_same_outputs(tmp_path, tiny_model, monkeypatch):

@@ -33,7 +33,7 @@ from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatibl
                                     write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
                                    write_table)
-from musicssl.bulk.decoders import DecoderPool
+from musicssl.bulk.decoders import DecoderPool, Growth
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
@@ -118,8 +118,9 @@ def extract(
     layers, pool: as in `Encoder.embed`; format: "npz", "npy" or "safetensors"; table: also write
         the clip embeddings of every input as one table (Parquet, or .npy plus an index).
     batch_size: windows per forward pass, packed across files; num_workers: decoding processes
-        (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; 0 decodes in this
-        process). In a decoding process, a file that crashes or hangs its decoder fails alone.
+        (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; by default more are added
+        while the run waits for decoded audio; 0 decodes in this process). In a decoding process, a
+        file that crashes or hangs its decoder fails alone.
     decode_timeout: with decoding processes, seconds one file may take to decode before it is
         stopped and failed (None: no limit); decoding in this process, the file is named in a warning.
     compile: run the model through `torch.compile` with padded batches (`Encoder.compile_windows`).
@@ -191,7 +192,7 @@ class _Run:
         stopped, start, self.stop_reason = False, time.perf_counter(), ""
         try:
             todo = self._skip_finished()
-            self._embed(todo, batch_size, self._workers(num_workers), decode_timeout)
+            self._embed(todo, batch_size, *self._workers(num_workers), decode_timeout)
             with self.watch("writing"):
                 self.writer.close()
         except _Stop as stop:
@@ -224,10 +225,13 @@ class _Run:
             return self.out_dir / f".manifest.{self.ranks.run_id}.rank{self.ranks.rank}.part.jsonl"
         return self.out_dir / MANIFEST
 
-    def _workers(self, num_workers: int | None) -> int:
+    def _workers(self, num_workers: int | None) -> tuple[int, int]:
+        """Decoding processes to start with, and at most (more are added while decoding holds the run
+        up); a number given is kept."""
         if num_workers is not None:  # checked >= 0 by extract()
-            return num_workers
-        return default_workers(self.encoder.device, self.ranks.world if self.ranks else 1)
+            return num_workers, num_workers
+        world = self.ranks.world if self.ranks else 1
+        return default_workers(self.encoder.device, world), most_workers(self.encoder.device, world)
 
     def _skip_finished(self) -> list[Job]:
         """Record inputs whose output exists whole as skipped; return the rest (a cut-short output,
@@ -244,7 +248,7 @@ class _Run:
     def _done(self, job: Job) -> bool:
         return job.output.exists() and looks_complete(self.format, job.output)
 
-    def _embed(self, todo: list[Job], batch_size: int, workers: int, timeout: float | None) -> None:
+    def _embed(self, todo: list[Job], batch_size: int, workers: int, most: int, timeout: float | None) -> None:
         # Enough open files that most windows find company of their length (see WindowPacker).
         packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
         runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
@@ -253,7 +257,9 @@ class _Run:
         paths = [str(j.source) for j in todo]
         with torch.inference_mode(), _threads_beside(workers), contextlib.closing(Trail(self.out_dir)) as trail, \
                 DecoderPool(paths, self.encoder.sample_rate, workers, timeout, trail=trail) as stream:
+            growth = Growth(stream, most, waited=lambda: self.watch.seconds["decoding"])
             for seq, item in enumerate(self.watch.each("decoding", stream)):
+                growth.check()
                 self._admit(todo, item, seq, packer)
                 while packer.ready():
                     runner.run(packer.take())
@@ -459,6 +465,16 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     if device.type == "cuda":
         return max(1, min(8, cores // world - 1))
     return 1 if cores > 2 else 0
+
+
+def most_workers(device: torch.device, world: int = 1) -> int:
+    """The most decoding processes a run on `device` grows to while it waits for decoded audio
+    (decoders.Growth): on a GPU every core but the loop's, on CPU half the cores (the model keeps
+    the rest). None are added where the run starts without (two cores or fewer)."""
+    if not default_workers(device, world):
+        return 0
+    cores = _cores() // world
+    return max(1, cores - 1) if device.type == "cuda" else max(1, cores // 2)
 
 
 @contextlib.contextmanager
