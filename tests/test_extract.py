@@ -597,12 +597,12 @@ def test_the_run_flushes_its_own_filesystem_only(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("cores, device, world, start, most", [
     (2, "cpu", 1, 0, 0), (1, "cpu", 1, 0, 0), (8, "cpu", 1, 1, 4), (16, "cuda", 1, 8, 15), (4, "cuda", 1, 3, 3),
-    (16, "cuda", 4, 3, 3), (1, "cuda", 1, 1, 1)])
+    (16, "cuda", 4, 3, 3), (1, "cuda", 1, 1, 1), (8, "cpu", 4, 0, 0), (16, "cpu", 2, 1, 4)])
 def test_default_decoders_follow_cores_and_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str,
                                                   world: int, start: int, most: int) -> None:
-    """CPU: a decoding process only where a core is left for it, growing to half the cores; GPU:
-    enough to keep it fed (at most 8 to start, a core left to the loop, shared by the runs on the
-    machine). A number given is kept."""
+    """Cores are shared by the runs on the machine. CPU: a decoding process only with more than two
+    cores per run, growing to half of them; GPU: enough to keep it fed (at most 8 to start), a core
+    left to the loop. A number given is kept."""
     from types import SimpleNamespace
 
     from musicssl.bulk.run import _Run

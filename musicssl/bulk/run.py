@@ -456,14 +456,14 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     A GPU needs several decoders to stay fed (MP3 decodes and resamples at ~600x realtime per core):
     up to 8, leaving a core to this loop. More did not help on a 16-core H100 machine (14 decoders:
     the same rate for MERT, 27 % less for the default model, bench/RESULTS.md). On CPU the model's
-    threads use every core: with two or fewer, a decoding process preempts them (each stall holds up
-    all of the model's threads), and decoding between batches here is faster, at the price of
-    isolation: on 2 cores, 20 min of FLAC in 3.9 s against 6.0 s with one process, of 44.1 kHz MP3
+    threads use every core: with two or fewer per run, a decoding process preempts them (each stall
+    holds up all of the model's threads), and decoding between batches here is faster, at the price
+    of isolation: on 2 cores, 20 min of FLAC in 3.9 s against 6.0 s with one process, of 44.1 kHz MP3
     in 4.6 s against 5.2 s (bench/decode_workers.py).
     """
-    cores = _cores()
+    cores = _cores() // world
     if device.type == "cuda":
-        return max(1, min(8, cores // world - 1))
+        return max(1, min(8, cores - 1))
     return 1 if cores > 2 else 0
 
 
