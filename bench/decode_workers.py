@@ -1,13 +1,16 @@
-"""`musicssl embed` with decoding in the run's own process (--num-workers 0) against decoding
-processes (--num-workers N), which isolate a file that crashes or hangs its decoder.
+"""`musicssl embed` with decoding in the run's own process (--num-workers 0), one file at a time or
+several on threads, against decoding processes (--num-workers N), which isolate a file that crashes
+or hangs its decoder.
 
     python bench/decode_workers.py                     # soundtrack FLACs as they are, and as 44.1 kHz stereo MP3
-    python bench/decode_workers.py --workers 1 2 --minutes 10
+    python bench/decode_workers.py --setups 0/1 0 1 2 --minutes 10
 
-For each codec, `musicssl.extract(folder, OUT, model)` runs once per worker count per round, in
-alternating order, `--rounds` times in one process (medians: these machines are noisy). The model's
-threads are what the run gives it (`_threads_beside`: one core left per decoding process). Each run
-starts its own processes, so their start (~0.2 s) is in the time, as it is in a real run.
+A setup is "N" (N decoding processes; with 0, the run's own threads, as many as it picks) or "0/T"
+(in the run's process, T files at a time). For each codec, `musicssl.extract(folder, OUT, model)`
+runs once per setup per round, in alternating order, `--rounds` times in one process (medians: these
+machines are noisy). The model's threads are what the run gives it (`_threads_beside`: one core left
+per decoding process). Each run starts its own processes, so their start (~0.2 s) is in the time, as
+it is in a real run.
 """
 
 from __future__ import annotations
@@ -23,24 +26,36 @@ import torch
 
 import musicssl
 from musicssl.bulk import extract
+from musicssl.bulk import run as bulk_run
 from musicssl.heap import keep_freed_memory
 
 from extract_speed import DATA, pick_files, stage
 
 
-def compare(folder: Path, enc: musicssl.Encoder, counts: list[int], rounds: int, tmp: Path) -> dict[int, list[float]]:
-    """Wall seconds of the whole run per worker count, alternating the order every round."""
-    times: dict[int, list[float]] = {n: [] for n in counts}
+def compare(folder: Path, enc: musicssl.Encoder, setups: list[str], rounds: int, tmp: Path) -> dict[str, list[float]]:
+    """Wall seconds of the whole run per setup, alternating the order every round."""
+    times: dict[str, list[float]] = {s: [] for s in setups}
     files = len(list(folder.iterdir()))
+    default_threads = bulk_run.LOCAL_THREADS
     for r in range(rounds):
-        for n in counts if r % 2 == 0 else counts[::-1]:
-            out = tmp / f"out-{n}-{r}"
+        for setup in setups if r % 2 == 0 else setups[::-1]:
+            workers, _, threads = setup.partition("/")
+            bulk_run.LOCAL_THREADS = int(threads) if threads else default_threads
+            out = tmp / f"out-{r}"
             start = time.perf_counter()
-            res = extract([folder], out, enc, num_workers=n, progress=False)
-            times[n].append(time.perf_counter() - start)
+            res = extract([folder], out, enc, num_workers=int(workers), progress=False)
+            times[setup].append(time.perf_counter() - start)
             assert res.ok == files, f"{res.failed} files failed"
             shutil.rmtree(out)
+    bulk_run.LOCAL_THREADS = default_threads
     return times
+
+
+def label(setup: str) -> str:
+    workers, _, threads = setup.partition("/")
+    if threads:
+        return f"in the run, {threads} at once"
+    return "in the run" if workers == "0" else f"{workers} processes"
 
 
 def main() -> None:
@@ -49,15 +64,15 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--minutes", type=float, default=20.0)
     p.add_argument("--codecs", nargs="+", default=["copy", "mp3"], choices=["copy", "mp3", "opus"])
-    p.add_argument("--workers", type=int, nargs="+", default=[1], help="process counts to set against 0")
+    p.add_argument("--setups", nargs="+", default=["0/1", "0", "1"], help="N processes, or 0/T threads in the run")
     p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args()
     keep_freed_memory()
     enc = musicssl.load(args.model).eval()
-    counts = [0, *args.workers]
+    setups = args.setups
     print(f"{args.model}, {args.minutes:g} min of audio, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median of {args.rounds} alternated runs (s), x-realtime, and time against --num-workers 0")
-    print(f"{'codec':>6} " + " ".join(f"{f'{n} workers':>22}" for n in counts))
+          f"median of {args.rounds} alternated runs (s), x-realtime, and time against the first")
+    print(f"{'codec':>6} " + " ".join(f"{label(s):>22}" for s in setups))
     with tempfile.TemporaryDirectory() as tmp:
         for codec in args.codecs:
             folder = Path(tmp) / codec
@@ -66,8 +81,8 @@ def main() -> None:
             seconds = sum(musicssl.audio.io.audio_info(f).duration for f in folder.iterdir())
             extract([folder], Path(tmp) / "warm", enc, num_workers=0, progress=False)  # warm-up
             shutil.rmtree(Path(tmp) / "warm")
-            t = {n: statistics.median(v) for n, v in compare(folder, enc, counts, args.rounds, Path(tmp)).items()}
-            cells = [f"{t[n]:.2f} s {seconds / t[n]:.0f}x {t[n] / t[0]:.2f}" for n in counts]
+            t = {s: statistics.median(v) for s, v in compare(folder, enc, setups, args.rounds, Path(tmp)).items()}
+            cells = [f"{t[s]:.2f} s {seconds / t[s]:.0f}x {t[s] / t[setups[0]]:.2f}" for s in setups]
             print(f"{codec:>6} " + " ".join(f"{c:>22}" for c in cells))
 
 

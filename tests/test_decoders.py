@@ -22,7 +22,7 @@ from decode_faults import faulty
 from musicssl.audio.worker import decode_one
 from musicssl.bulk import extract
 from musicssl.bulk.decoders import DecoderPool
-from musicssl.bulk.trail import Trail
+from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.cli import main
 
 pytestmark = pytest.mark.skipif(not decoders.ISOLATED, reason="decoding processes need POSIX")
@@ -81,6 +81,46 @@ def test_a_slow_decode_in_the_run_is_named_once_it_passes_the_timeout(tmp_path, 
     said = [r.getMessage() for r in caplog.records if "still decoding" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(paths[1]) and "--num-workers 1" in said[0]
     assert ("start it again" in said[0]) == trail
+
+
+def test_files_decoded_here_on_threads_come_in_order_and_are_all_named(tmp_path):
+    """workers=0, threads=3: files are decoded three at a time, handed out in order, each the same
+    as alone, and the trail names every file in hand while they decode."""
+    paths = [clip(tmp_path / f"{i}.wav", 0.2 + i / 10, i) for i in range(7)]
+    trail, seen = Trail(tmp_path), []
+
+    def peek(path: str, sr: int) -> dict:
+        time.sleep(0.05)  # the others of its group have begun by now
+        seen.append(trail.path.read_bytes().split(b"\0"))
+        return decode_one(path, sr)
+
+    with contextlib.closing(trail), DecoderPool(paths, SR, 0, decode=peek, trail=trail, threads=3) as pool:
+        got = list(pool)
+    assert [it["index"] for it in got] == list(range(7))
+    assert all(np.array_equal(it["audio"].numpy(), decode_one(p, SR)["audio"]) for p, it in zip(paths, got))
+    assert max(len(names) for names in seen) == 3 and not trail.path.exists()
+
+
+def test_groups_decoded_here_are_bounded_by_size_on_disk(tmp_path):
+    """Small files go 4 per thread at a time; large ones one per thread, so a group's audio stays bounded."""
+    small = [clip(tmp_path / f"s{i}.wav", 0.1, i) for i in range(10)]
+    large = []
+    for i in range(4):
+        large.append(str(tmp_path / f"l{i}.wav"))
+        with open(large[-1], "wb") as fh:
+            fh.truncate(decoders.GROUP_BYTES)  # sparse: its size on disk is what counts
+    with DecoderPool(small + large, SR, 0, threads=2) as pool:
+        assert pool._group(0) == range(0, 8) and pool._group(8) == range(8, 10)
+        assert pool._group(10) == range(10, 12)  # one per thread even past the bound
+
+
+def test_every_file_a_dead_run_had_in_hand_is_a_suspect(tmp_path):
+    names = [str(tmp_path / "a b.wav"), str(tmp_path / "c\nd.wav")]  # a line break is a legal name
+    script = ("import sys, os, pathlib\nfrom musicssl.bulk.trail import Trail\n"
+              "t = Trail(pathlib.Path(sys.argv[1]))\nfor n in sys.argv[2:]:\n    t.begin(n)\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), *names], check=True)
+    assert left_by_dead_runs(tmp_path) == set(names)
+    assert left_by_dead_runs(tmp_path) == set()  # taken once
 
 
 def test_audio_longer_than_a_slot_comes_through_the_socket(tmp_path, monkeypatch):

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,9 +33,13 @@ import numpy as np
 import torch
 
 from musicssl.audio.worker import decode_one, shared_slots
+from musicssl.bulk.local import LocalDecoding
 from musicssl.bulk.trail import Trail
 from musicssl.errors import describe
 
+# Files decoded here at once: up to GROUP_FILES per thread, beyond one per thread only while their
+# size on disk stays under GROUP_BYTES (the run holds a group's audio, ~3x an MP3's size, at once).
+GROUP_FILES, GROUP_BYTES = 4, 32 << 20
 AHEAD = 4  # files queued per decoding process when decoding runs beside the model
 SLOT = 1 << 22  # samples of one slot of shared memory (16 MiB: 4.4 min at 16 kHz); longer audio takes the socket
 ISOLATED = os.name == "posix"  # pass_fds and fork-free process starts
@@ -64,21 +67,23 @@ class DecoderPool:
     """Decodes `paths` in `workers` processes and hands out their items in order.
 
     workers >= 1: each process keeps `AHEAD` files queued, decoding while the model runs.
-    workers == 0: each file is decoded here when it is asked for. On two cores that is fastest (a
-    decoder beside the model preempts its threads, and a process costs ~1 ms per file to talk to),
-    but a decoder that crashes or hangs takes the run with it.
+    workers == 0: files are decoded here when asked for, `threads` at a time (local.LocalDecoding).
+    On two cores that is fastest (a decoder beside the model preempts its threads, and a process
+    costs ~1 ms per file to talk to), but a decoder that crashes or hangs takes the run with it.
     timeout: seconds a file may take to decode before its process is killed (None: no limit); a file
         decoded here that takes longer is named in a warning instead.
     decode: path, rate -> item without its index; a module-level function, imported by the processes.
     trail: where to name each file decoded in this process, for the next run should it crash here.
+    threads: files decoded at once in this process.
     Use as a context manager, so that its processes stop with the run.
     """
 
     def __init__(self, paths: list[str], sample_rate: int, workers: int, timeout: float | None = None,
-                 decode: Callable[[str, int], dict[str, Any]] = decode_one, trail: Trail | None = None) -> None:
+                 decode: Callable[[str, int], dict[str, Any]] = decode_one, trail: Trail | None = None,
+                 threads: int = 1) -> None:
         self.paths, self.sample_rate, self.timeout, self.decode = paths, sample_rate, timeout, decode
-        self.trail = trail
-        self.watch: _SlowDecodeWatch | None = None  # started by the first file decoded here, with a timeout
+        self.trail, self.threads = trail, threads
+        self.here: LocalDecoding | None = None  # made when the first file is decoded in this process
         self.workers: list[_Worker] = []
         try:
             for _ in range(min(workers, len(paths)) if ISOLATED else 0):
@@ -114,27 +119,33 @@ class DecoderPool:
         return self._decode_here(index)  # no processes (left)
 
     def _decode_here(self, index: int) -> dict[str, Any]:
-        path = self.paths[index]
-        if self.timeout is not None and self.watch is None:
-            self.watch = _SlowDecodeWatch(self.timeout, restart_retries=self.trail is not None)
-        for note in (self.trail, self.watch):
-            if note:
-                note.begin(path)
-        try:
-            item = _as_item(index, self.decode(path, self.sample_rate))
-            self.decoded += len(item["audio"])
-            return item
-        finally:
-            for note in (self.trail, self.watch):
-                if note:
-                    note.end()
+        """Decode `index` here, and with it the next files, one per thread."""
+        if self.here is None:
+            self.here = LocalDecoding(self.sample_rate, self.decode, self.threads, self.timeout, self.trail)
+        wanted = [k for k in self._group(index) if k not in self.done]
+        for k, decoded in zip(wanted, self.here.decode([self.paths[k] for k in wanted])):
+            self.done[k] = _as_item(k, decoded)
+            self.decoded += len(decoded["audio"])
+        return self.done.pop(index)
+
+    def _group(self, index: int) -> range:
+        """The files decoded here with `index`: one per thread, then more up to GROUP_FILES per thread
+        while their size on disk allows (GROUP_BYTES): a group's start costs ~1 ms, and a few 10 s
+        clips per thread take 2-4 ms each."""
+        end, size = index, 0
+        while end < len(self.paths) and end - index < self.threads * GROUP_FILES:
+            size += _size(self.paths[end])
+            if end - index >= self.threads and size > GROUP_BYTES:
+                break
+            end += 1
+        return range(index, end)
 
     def close(self) -> None:
         """Stop the processes: idle ones are told to end (not waited for: subprocess reaps them);
         busy ones, left by a run that stopped early, are killed. Safe to call again."""
-        if self.watch:
-            self.watch.close()
-            self.watch = None
+        if self.here:
+            self.here.close()
+            self.here = None
         workers, self.workers = self.workers, []
         for w in workers:
             if w.tasks:
@@ -298,44 +309,6 @@ class Growth:
                      torch.get_num_threads())
 
 
-class _SlowDecodeWatch:
-    """Says which file is at fault when one decoded in the run's own process takes longer than the
-    timeout: there it cannot be stopped (a stalled read, or a decoder stuck in C code, holds the
-    process), but its name and what to do can be logged, once per file, from a thread of our own."""
-
-    def __init__(self, timeout: float, restart_retries: bool) -> None:
-        self.timeout, self.restart_retries = timeout, restart_retries
-        self.current: tuple[str, float] | None = None  # (path, when it began), while one is decoding
-        self.stopped = threading.Event()
-        threading.Thread(target=self._run, name="musicssl-decode-watch", daemon=True).start()
-
-    def begin(self, path: str) -> None:
-        self.current = path, time.monotonic()
-
-    def end(self) -> None:
-        self.current = None
-
-    def close(self) -> None:
-        self.stopped.set()
-
-    def _run(self) -> None:
-        warned = None
-        while not self.stopped.wait(min(1.0, self.timeout)):  # looks once a second: free next to decoding
-            now = self.current
-            if now is not None and now is not warned and time.monotonic() - now[1] > self.timeout:
-                warned = now
-                log.warning("%s", self._message(now[0]))
-
-    def _message(self, path: str) -> str:
-        head = (f"{path}: still decoding after {self.timeout:g} s in the run's own process (--num-workers 0), "
-                f"where a decode cannot be stopped. If it hangs, end the run (kill {os.getpid()})")
-        if self.restart_retries:
-            return (f"{head} and start it again: the new run decodes this file first in a separate process, "
-                    "stops it after --decode-timeout and records it as failed. With --num-workers 1 or more, "
-                    "such a file is stopped and fails without a restart")
-        return f"{head} and run again with --num-workers 1 or more: such a file is then stopped and fails alone"
-
-
 def _new_worker(slots: int) -> _Worker:
     """A worker with `slots` slots of shared memory (anonymous where the system allows: no /dev/shm
     size limit, as in containers, applies)."""
@@ -347,6 +320,13 @@ def _new_worker(slots: int) -> _Worker:
         os.unlink(name)
     os.ftruncate(fd, size)  # sparse: memory is taken only where samples are written
     return _Worker(fd, shared_slots(fd, slots, SLOT))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:  # decoding it will say why
+        return 0
 
 
 def _as_item(index: int, decoded: dict[str, Any]) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class _Stop(Exception):
     """The run ends early: --fail-fast at the first failure, or an output disk that is full."""
 
 
+# Threads that decode files when the run decodes in its own process (local.py), one per core up to
+# this: the run holds a group of decoded files at once.
+LOCAL_THREADS = 4
+
 # Write errors that every later output would meet too.
 _OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
@@ -256,7 +260,8 @@ class _Run:
         todo = self._retry_crashed(todo, timeout)
         paths = [str(j.source) for j in todo]
         with torch.inference_mode(), _threads_beside(workers), contextlib.closing(Trail(self.out_dir)) as trail, \
-                DecoderPool(paths, self.encoder.sample_rate, workers, timeout, trail=trail) as stream:
+                DecoderPool(paths, self.encoder.sample_rate, workers, timeout, trail=trail,
+                            threads=min(LOCAL_THREADS, _cores())) as stream:
             growth = Growth(stream, most, waited=lambda: self.watch.seconds["decoding"])
             for seq, item in enumerate(self.watch.each("decoding", stream)):
                 growth.check()
@@ -457,9 +462,9 @@ def default_workers(device: torch.device, world: int = 1) -> int:
     up to 8, leaving a core to this loop. More did not help on a 16-core H100 machine (14 decoders:
     the same rate for MERT, 27 % less for the default model, bench/RESULTS.md). On CPU the model's
     threads use every core: with two or fewer per run, a decoding process preempts them (each stall
-    holds up all of the model's threads), and decoding between batches here is faster, at the price
-    of isolation: on 2 cores, 20 min of FLAC in 3.9 s against 6.0 s with one process, of 44.1 kHz MP3
-    in 4.6 s against 5.2 s (bench/decode_workers.py).
+    holds up all of the model's threads), and decoding between batches here (on threads, local.py)
+    is faster, at the price of isolation: on 2 cores, 20 min of FLAC in 2.9 s against 4.4 s with one
+    process, of 44.1 kHz MP3 in 3.5 s against 4.6 s (bench/decode_workers.py).
     """
     cores = _cores() // world
     if device.type == "cuda":
