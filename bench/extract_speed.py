@@ -36,7 +36,7 @@ import musicssl
 from musicssl.audio.io import audio_info, find_audio_files, load_audio
 from musicssl.bulk import extract
 from musicssl.bulk.decoders import DecoderPool
-from musicssl.bulk.run import default_workers
+from musicssl.bulk.run import LOCAL_THREADS, _cores, default_workers
 from musicssl.heap import keep_freed_memory
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "dev" / "audio" / "soundtrack"
@@ -66,9 +66,10 @@ def stage(files: list[Path], dest: Path, codec: str) -> None:
 
 
 def parallel_decode_rate(files: list[Path], sr: int, workers: int) -> float:
-    """x-realtime of decoding + resampling alone, in the run's decoding processes (no model)."""
+    """x-realtime of decoding + resampling alone, as the run decodes (no model): in its decoding
+    processes, or with none on its own threads."""
     start, samples = time.perf_counter(), 0
-    with DecoderPool([str(f) for f in files], sr, workers) as pool:
+    with DecoderPool([str(f) for f in files], sr, workers, threads=min(LOCAL_THREADS, _cores())) as pool:
         for item in pool:
             samples += len(item["audio"])
     return samples / sr / (time.perf_counter() - start)
