@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import musicssl.bulk.decoders as decoders
+import musicssl.bulk.growth as growth
 import musicssl.bulk.run as bulk_run
 from decode_faults import faulty
 from musicssl.audio.worker import decode_one
@@ -186,7 +187,7 @@ def test_a_run_held_up_by_decoding_adds_decoding_processes(tmp_path, monkeypatch
     ref = tmp_path / "ref"
     assert extract(tmp_path / "in", ref, "mfcc", num_workers=0).ok == n
     monkeypatch.setattr(bulk_run, "_cores", lambda: 8)  # starts with 1 process, may grow to 4
-    monkeypatch.setattr(decoders, "GROW_EVERY", 1.0)  # 20 files of 1 process, each a 5 % step of its rate
+    monkeypatch.setattr(growth, "GROW_EVERY", 1.0)  # 20 files of 1 process, each a 5 % step of its rate
     monkeypatch.setattr(bulk_run, "DecoderPool", functools.partial(DecoderPool, decode=faulty))
     started = []
     monkeypatch.setattr(DecoderPool, "_start", lambda self, w, real=DecoderPool._start: started.append(1) or real(self, w))

@@ -43,8 +43,6 @@ GROUP_FILES, GROUP_BYTES = 4, 32 << 20
 AHEAD = 4  # files queued per decoding process when decoding runs beside the model
 SLOT = 1 << 22  # samples of one slot of shared memory (16 MiB: 4.4 min at 16 kHz); longer audio takes the socket
 ISOLATED = os.name == "posix"  # pass_fds and fork-free process starts
-# A run that waits for decoded audio more than GROW_SHARE of GROW_EVERY seconds adds a process (Growth).
-GROW_EVERY, GROW_SHARE = 5.0, 0.2
 log = logging.getLogger("musicssl")
 # A process's whole program: our path (so the same musicssl, and `decode`'s module, are found), then the worker.
 BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
@@ -92,7 +90,7 @@ class DecoderPool:
             log.warning("decoding in the main process: could not start a decoding process (%s)", describe(err))
             self.close()
         self.done: dict[int, dict[str, Any]] = {}
-        self.decoded = 0  # samples decoded so far (by the processes: when they hand a file back)
+        self.decoded = 0  # samples decoded so far (here, or as the processes hand files back)
         self.next_task = 0  # the first file not yet sent
         self.position = 0  # the next file to hand out
 
@@ -259,54 +257,6 @@ class DecoderPool:
                                             "warning": "", "seconds": 0.0})
         w.conn.close()
         self._start(w)
-
-
-class Growth:
-    """Adds decoding processes while the run waits for decoded audio: how many a machine needs depends
-    on its cores, the files' format and the model, which no fixed default knows (one MP3 decoder
-    gives ~600x realtime; the default model on many cores can take more).
-
-    Every GROW_EVERY seconds of the run, if it waited for decoded audio more than GROW_SHARE of that
-    time, one process is added, up to `cap`, and the model gets one thread fewer (a core per decoder,
-    as at the start). Once an added process does not raise the rate of decoded audio by a tenth
-    (judged over the interval after the one it started in; the cores may be all busy), no more are
-    added. `waited`: the run's seconds spent waiting so far.
-    """
-
-    def __init__(self, pool: DecoderPool, cap: int, waited: Callable[[], float]) -> None:
-        self.pool, self.cap, self.waited, self.every = pool, cap, waited, GROW_EVERY
-        self.since: float | None = None  # the start of this interval (from the first file: not the processes' start)
-        self.waited_before, self.decoded_before = 0.0, 0  # at its start
-        self.rate_before: float | None = None  # samples decoded per s in the interval before the last process came
-        self.settled, self.warming = cap <= len(pool.workers), False
-
-    def check(self) -> None:
-        """After each file handed out."""
-        if self.settled:
-            return
-        now = time.perf_counter()
-        if self.since is not None:
-            if now - self.since < self.every:
-                return
-            span = now - self.since
-            self._look(now, (self.pool.decoded - self.decoded_before) / span, (self.waited() - self.waited_before) / span)
-        self.since, self.waited_before, self.decoded_before = now, self.waited(), self.pool.decoded
-
-    def _look(self, now: float, rate: float, share: float) -> None:
-        if self.warming:  # the interval in which the last process started and filled its queue
-            self.warming = False
-            return
-        if self.rate_before is not None and rate < 1.1 * self.rate_before:
-            self.settled = True
-            log.info("another decoding process did not speed the run up: %d decoding processes", len(self.pool.workers))
-            return
-        self.rate_before = None
-        if share > GROW_SHARE and self.pool.grow():
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
-            self.rate_before, self.warming, self.settled = rate, True, len(self.pool.workers) >= self.cap
-            log.info("waited for decoded audio %.0f %% of the last %.0f s: %d decoding processes now, %d "
-                     "threads for the model", 100 * share, now - self.since, len(self.pool.workers),
-                     torch.get_num_threads())
 
 
 def _new_worker(slots: int) -> _Worker:

@@ -33,7 +33,8 @@ from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatibl
                                     write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
                                    write_table)
-from musicssl.bulk.decoders import DecoderPool, Growth
+from musicssl.bulk.decoders import DecoderPool
+from musicssl.bulk.growth import Growth
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
@@ -474,7 +475,7 @@ def default_workers(device: torch.device, world: int = 1) -> int:
 
 def most_workers(device: torch.device, world: int = 1) -> int:
     """The most decoding processes a run on `device` grows to while it waits for decoded audio
-    (decoders.Growth): on a GPU every core but the loop's, on CPU half the cores (the model keeps
+    (growth.Growth): on a GPU every core but the loop's, on CPU half the cores (the model keeps
     the rest). None are added where the run starts without (two cores or fewer)."""
     if not default_workers(device, world):
         return 0
