@@ -27,7 +27,8 @@ class LocalDecoding:
     def __init__(self, sample_rate: int, decode: Callable[[str, int], dict[str, Any]], threads: int,
                  timeout: float | None, trail: Trail | None) -> None:
         self.sample_rate, self.decode_file = sample_rate, decode
-        self.notes = [n for n in (trail, _SlowDecodeWatch(timeout, trail is not None) if timeout else None) if n]
+        self.watch = _SlowDecodeWatch(timeout, restart_retries=trail is not None) if timeout else None
+        self.notes = [n for n in (trail, self.watch) if n]  # told of each file as it begins and ends
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="musicssl-decode") if threads > 1 else None
 
     def decode(self, paths: list[str]) -> list[dict[str, Any]]:
@@ -47,9 +48,8 @@ class LocalDecoding:
 
     def close(self) -> None:
         """Stop the watch; a thread stuck in a decode is not waited for."""
-        for note in self.notes:
-            if isinstance(note, _SlowDecodeWatch):
-                note.close()
+        if self.watch:
+            self.watch.close()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
 

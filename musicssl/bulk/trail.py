@@ -40,7 +40,7 @@ class Trail:
 
     def _write(self) -> None:
         data = b"\0".join(self.names)
-        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.lseek(self.fd, 0, os.SEEK_SET)  # not pwrite: Windows has none
         os.write(self.fd, data)
         os.ftruncate(self.fd, len(data))
 
