@@ -91,7 +91,7 @@ def test_files_decoded_here_on_threads_come_in_order_and_are_all_named(tmp_path)
     trail, seen = Trail(tmp_path), []
 
     def peek(path: str, sr: int) -> dict:
-        time.sleep(0.05)  # the others of its group have begun by now
+        time.sleep(0.2)  # the others of its group have begun by now
         seen.append(trail.path.read_bytes().split(b"\0"))
         return decode_one(path, sr)
 
