@@ -29,7 +29,7 @@ class Growth:
     """
 
     def __init__(self, pool: DecoderPool, cap: int, waited: Callable[[], float]) -> None:
-        self.pool, self.cap, self.waited, self.every = pool, cap, waited, GROW_EVERY
+        self.pool, self.cap, self.waited = pool, cap, waited
         self.since: float | None = None  # the start of this interval (from the first file: not the processes' start)
         self.waited_before, self.decoded_before = 0.0, 0  # at its start
         self.rate_before: float | None = None  # samples decoded per s in the interval before the last process came
@@ -41,7 +41,7 @@ class Growth:
             return
         now = time.perf_counter()
         if self.since is not None:
-            if now - self.since < self.every:
+            if now - self.since < GROW_EVERY:
                 return
             span = now - self.since
             self._look(now, (self.pool.decoded - self.decoded_before) / span, (self.waited() - self.waited_before) / span)
