@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import musicssl
 from musicssl.models import music2latent as m2l
 from musicssl.errors import AudioInputError
+from musicssl.models.base import BATCH_MIN_SHARE
 
 SR = 16000
 ALL = musicssl.list_models(pretrained=False)
@@ -279,6 +280,23 @@ def test_uncompiled_batches_are_not_padded(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(enc, "forward_features", lambda wav, n: shapes.append(tuple(wav.shape)) or forward(wav, n))
     enc.embed([np.zeros(8000, np.float32)] * 3, sr=enc.sample_rate, batch_size=4)
     assert shapes == [(3, 8000)]
+
+
+def test_windows_of_very_different_lengths_run_in_separate_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A window shorter than BATCH_MIN_SHARE of its batch's longest starts a new batch rather than run
+    padded; windows of similar length still share one, up to batch_size."""
+    enc = musicssl.load("simclr-mini")
+    sr, W = enc.sample_rate, enc._window_plan()[0]
+    shapes = []
+    forward = enc.forward_features
+    monkeypatch.setattr(enc, "forward_features", lambda wav, n: shapes.append(tuple(wav.shape)) or forward(wav, n))
+    short = int(W * BATCH_MIN_SHARE) - 1  # just too short to join full windows
+    clips = [np.zeros(n, np.float32) for n in (W, W, W, short, short - 100, W // 4)]
+    enc.embed(clips, sr=sr, batch_size=2)
+    assert shapes == [(2, W), (1, W), (2, short), (1, W // 4)]
+    shapes.clear()
+    enc.embed(clips[:4], sr=sr, batch_size=8)
+    assert shapes == [(3, W), (1, short)]
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -145,7 +145,8 @@ class Encoder(nn.Module):
         sr: sample rate of arrays/tensors in Hz (required for them; paths carry their own).
         layers: "last", "all", an index or a list of indices (negative counts from the end).
         pool: None keeps frames; "mean" or "max" returns only the pooled clip embedding.
-        batch_size: windows of `context_seconds` run through the model at once.
+        batch_size: the most windows of `context_seconds` run through the model at once; a window
+            under BATCH_MIN_SHARE of its batch's longest starts the next batch instead of being padded.
         """
         from musicssl.audio.inputs import prepare_items
 
@@ -218,8 +219,9 @@ class Encoder(nn.Module):
                 self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
 
         pending, overlap = None, self.device.type == "cuda"  # a CPU has nothing to overlap
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
+        # A compiled model pads every batch to full windows anyway: splitting by length would only add batches.
+        min_share = 0.0 if getattr(self, "_compiled_features", None) is not None else BATCH_MIN_SHARE
+        for batch in _length_batches(order, batch_size, min_share):
             wav = self._stack_windows([items[w.item] for w in batch], batch)
             launched = self._launch_windows(wav, [w.length for w in batch], keep)
             if pending:  # stitched while the device runs the batch just launched
@@ -336,6 +338,25 @@ def conv_frames(lengths: torch.Tensor, hop: int, patch: int = 1) -> torch.Tensor
 def _is_int(x: Any) -> bool:
     """An int or numpy integer, not a bool (True would quietly mean layer 1)."""
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+# A window joins a batch only if it is at least this share of the batch's longest: padding is compute
+# thrown away (a 60 s clip's 10 s last window padded to 30 s beside two full ones costs 90 s, not 70),
+# and on a CPU a larger batch gains little. Sorted windows of similar length still share batches.
+BATCH_MIN_SHARE = 0.8
+
+
+def _length_batches(windows: list[_Window], batch_size: int, min_share: float) -> list[list[_Window]]:
+    """Windows sorted longest first -> batches of at most `batch_size`, none shorter than `min_share`
+    of its batch's first."""
+    batches: list[list[_Window]] = []
+    for w in windows:
+        last = batches[-1] if batches else None
+        if last is None or len(last) == batch_size or w.length < min_share * last[0].length:
+            batches.append([w])
+        else:
+            last.append(w)
+    return batches
 
 
 def check_batch_size(batch_size: Any) -> None:
