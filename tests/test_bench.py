@@ -27,3 +27,14 @@ def test_bench_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
     assert all(r["x_rt_batch1"] > 0 and r["best_batch"] in (1, 2) and r["tflops"] > 0 for r in row["runs"])
     memory = row["memory"]["cpu"]
     assert set(memory) == {"1min", "0.5min"} and all("host_mb" in m and m["output_mb"] > 0 for m in memory.values())
+
+
+def test_embed_batches_compares_both_batchings() -> None:
+    """bench/embed_batches.py runs both batchings and reports less padding for batching by length."""
+    cmd = [sys.executable, "bench/embed_batches.py", "--models", "simclr-mini", "--repeats", "1", "--dtype", "float32"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| simclr-mini |")]
+    assert [r[2] for r in rows] == ["filled in order (before)", "by length (now)"] * 2
+    padded = [float(r[3].rstrip("%")) for r in rows]
+    assert padded[0] > padded[1] == 0 and padded[2] > padded[3] == 0
