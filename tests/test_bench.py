@@ -38,3 +38,12 @@ def test_embed_batches_compares_both_batchings() -> None:
     assert [r[2] for r in rows] == ["filled in order (before)", "by length (now)"] * 2
     padded = [float(r[3].rstrip("%")) for r in rows]
     assert padded[0] > padded[1] == 0 and padded[2] > padded[3] == 0
+
+
+def test_load_time_times_both_ways_of_loading() -> None:
+    """bench/load_time.py loads one release folder both ways in fresh processes and prints the row."""
+    cmd = [sys.executable, "bench/load_time.py", "--models", "jepa-tiny", "--repeats", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (row,) = [line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| jepa-tiny |")]
+    assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -30,6 +31,34 @@ def test_release_round_trip_gives_identical_embeddings(tmp_path):
     assert not again.training
     torch.testing.assert_close(again.embed(clip(), sr=16000).frames, enc.embed(clip(), sr=16000).frames)
     assert again.spec.name == "jepa-tiny" and "# jepa-tiny" in (folder / "README.md").read_text()
+
+
+def test_load_skips_random_init_it_would_overwrite(tmp_path, monkeypatch):
+    """Random weights are drawn for pretrained=False only; a release's are loaded, never drawn first."""
+    calls = []
+    original = torch.nn.init.kaiming_uniform_
+    counted = lambda t, *a, **kw: calls.append(t.shape) or original(t, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counted)
+    enc = musicssl.load("jepa-tiny", pretrained=False, depth=2)
+    built = len(calls)
+    assert built > 0
+    again = musicssl.load(musicssl.save_pretrained(enc, tmp_path / "release"))
+    assert len(calls) == built and torch.nn.init.kaiming_uniform_ is counted  # skipped, then put back
+    for (key, a), b in zip(enc.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_skipping_init_in_one_thread_leaves_other_threads_alone():
+    from musicssl.factory import skip_weight_init
+
+    seen = {}
+    other = threading.Thread(target=lambda: seen.update(other=torch.nn.init.ones_(torch.zeros(3))))
+    with skip_weight_init():
+        seen["this"] = torch.nn.init.ones_(torch.zeros(3))
+        other.start()
+        other.join()
+    assert seen["this"].sum() == 0 and seen["other"].sum() == 3
+    assert torch.nn.init.ones_(torch.zeros(3)).sum() == 3
 
 
 def test_fp16_release_is_half_size_and_close(tmp_path):

@@ -14,8 +14,8 @@ import torch
 import musicssl
 from musicssl.cli import main
 from musicssl.errors import ReleaseFormatError, TaskFormatError
+from musicssl.factory import skip_weight_init
 from musicssl.finetune import Classifier, apply_freeze, finetune, layer_groups, param_groups, train_mode
-from test_registry import _no_weight_init  # the released sizes, unfilled: cheap to build
 
 SR = 16000
 PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
@@ -61,7 +61,7 @@ def trained(task_csv, tmp_path_factory):
 
 @pytest.mark.parametrize("name", musicssl.list_models(pretrained=False))
 def test_layer_groups_cover_every_parameter_once(name):
-    with _no_weight_init():  # the released sizes, unfilled: cheap to build
+    with skip_weight_init():  # the released sizes, unfilled: cheap to build
         enc = musicssl.load(name, pretrained=False)
     groups = layer_groups(enc)
     names = [n for g in groups for n in g]
@@ -79,7 +79,7 @@ def test_layer_groups_cover_every_parameter_once(name):
 def test_pre_ln_final_norm_trains_with_the_last_layer():
     """MERT-330M (pre-LN) applies the encoder's shared norm after its last layer, MERT-95M before its first."""
     for name, group in (("mert-v1-330m", -1), ("mert-v1-95m", 0)):
-        with _no_weight_init():
+        with skip_weight_init():
             enc = musicssl.load(name, pretrained=False, num_hidden_layers=2)
         assert "encoder.layer_norm.weight" in layer_groups(enc)[group], name
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from unittest import mock
 
 import pytest
-import torch
 
 import musicssl
 from musicssl.errors import UnknownModelError
+from musicssl.factory import skip_weight_init
 from musicssl.registry import canonical, model_info
 
 CARDS = Path(__file__).resolve().parent.parent / "weights_cards"
@@ -47,13 +46,6 @@ def test_unknown_name_suggests_close_ones():
     assert "'jepa-tiny'" in str(err.value) and "musicssl list" in str(err.value)
 
 
-def _no_weight_init():
-    """torch.nn.init's random fillers as no-ops: allocating untouched memory is nearly free."""
-    fillers = ("kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "uniform_", "normal_",
-               "trunc_normal_", "orthogonal_")
-    return mock.patch.multiple(torch.nn.init, **{f: (lambda t, *a, **kw: t) for f in fillers})
-
-
 @pytest.mark.parametrize("name", musicssl.list_models(pretrained=False))
 def test_spec_is_json_serialisable_and_consistent(name):
     spec = model_info(name)
@@ -61,7 +53,7 @@ def test_spec_is_json_serialisable_and_consistent(name):
     for key in ("sample_rate", "frame_rate", "embed_dim", "num_layers", "recommended_layer", "context_seconds",
                 "license", "source", "revision", "files", "citation", "pretrained"):
         assert key in d
-    with _no_weight_init():  # builds the released size (up to 600M parameters) without filling it
+    with skip_weight_init():  # builds the released size (up to 600M parameters) without filling it
         enc = musicssl.load(name, pretrained=False)
     assert (enc.sample_rate, enc.embed_dim, enc.num_layers) == (spec.sample_rate, spec.embed_dim, spec.num_layers)
     assert enc.frame_rate == pytest.approx(spec.frame_rate)
