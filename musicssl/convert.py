@@ -122,9 +122,11 @@ def converted_folder(spec: Any) -> Path:
 
 def convert_files(spec: Any, files: Mapping[str, Path]) -> Any:
     """Build `spec`'s architecture and load the upstream `files` ({name: path}) into it strictly."""
+    from musicssl.factory import skip_weight_init
     from musicssl.registry import builder
 
-    model = builder(spec.name)(**spec.args)
+    with skip_weight_init():  # every port's load_upstream loads strictly: each weight comes from `files`
+        model = builder(spec.name)(**spec.args)
     model.load_upstream(dict(files))
     model.spec = spec
     return model.eval()
