@@ -133,6 +133,7 @@ _INIT_FUNCTIONS = (
 _skipping = threading.local()
 _patch_lock = threading.Lock()
 _patch_users = 0
+_guards: dict[str, tuple[Any, Any]] = {}  # name -> (guard, the function it wraps)
 
 
 @contextlib.contextmanager
@@ -149,11 +150,11 @@ def skip_weight_init() -> Iterator[None]:
         if _patch_users == 0:
             _install_init_guards()
         _patch_users += 1
-    _skipping.on = True
+    outer, _skipping.on = getattr(_skipping, "on", False), True
     try:
         yield
     finally:
-        _skipping.on = False
+        _skipping.on = outer  # a nested use leaves the outer one skipping
         with _patch_lock:
             _patch_users -= 1
             if _patch_users == 0:
@@ -167,13 +168,15 @@ def _install_init_guards() -> None:
         def guard(tensor: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> torch.Tensor:
             return tensor if getattr(_skipping, "on", False) else _original(tensor, *args, **kwargs)
 
-        guard.__wrapped__ = original  # type: ignore[attr-defined]
+        _guards[name] = (guard, original)
         setattr(torch.nn.init, name, guard)
 
 
 def _remove_init_guards() -> None:
-    for name in _INIT_FUNCTIONS:
-        setattr(torch.nn.init, name, getattr(torch.nn.init, name).__wrapped__)
+    for name, (guard, original) in _guards.items():
+        if getattr(torch.nn.init, name) is guard:  # leave alone what someone else put there since
+            setattr(torch.nn.init, name, original)
+    _guards.clear()
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

@@ -54,7 +54,9 @@ def test_skipping_init_in_one_thread_leaves_other_threads_alone():
     seen = {}
     other = threading.Thread(target=lambda: seen.update(other=torch.nn.init.ones_(torch.zeros(3))))
     with skip_weight_init():
-        seen["this"] = torch.nn.init.ones_(torch.zeros(3))
+        with skip_weight_init():
+            pass
+        seen["this"] = torch.nn.init.ones_(torch.zeros(3))  # still skipped after a nested use
         other.start()
         other.join()
     assert seen["this"].sum() == 0 and seen["other"].sum() == 3
