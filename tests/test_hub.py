@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -93,6 +94,45 @@ def test_sha256_file_streams_large_files(tmp_path: Path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(data)
     assert hub.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def _aged(path: Path) -> Path:
+    """Set the mtime a minute back: file_sha256 remembers only files not written just now."""
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    return path
+
+
+def test_file_sha256_reads_a_large_file_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "_MEMO_MIN_BYTES", 1024)
+    reads: list[str] = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda p: reads.append(p) or real(p))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(4096))
+    _aged(path)
+    first = hub.file_sha256(path)
+    assert hub.file_sha256(path) == first == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(reads) == 1
+    with open(path, "r+b") as f:  # changed in place, same size
+        f.write(b"\0" * 16)
+    assert hub.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != first
+    assert len(reads) == 2
+    fresh = tmp_path / "fresh.bin"  # written just now: hashed every time until it settles
+    fresh.write_bytes(os.urandom(4096))
+    assert hub.file_sha256(fresh) == hub.file_sha256(fresh)
+    assert len(reads) == 4
+
+
+def test_file_sha256_without_a_writable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "not-a-folder"))
+    monkeypatch.setattr(hub, "_MEMO_MIN_BYTES", 1024)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(4096))
+    _aged(path)
+    assert hub.file_sha256(path) == hub.file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -243,6 +283,22 @@ def test_corrupted_same_size_download_is_caught_and_removed(
     assert _blobs() == []
     fake_hub.corrupt = False
     assert hub.fetch_hf(REPO, MODEL, sha256=sha).read_bytes() == data
+
+
+def test_a_remembered_cache_hit_corrupted_later_is_still_caught(
+    fake_hub: FakeHub, release: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hub, "_MEMO_MIN_BYTES", 1)
+    path = hub.fetch_hf(REPO, MODEL, release.commit, release.sha[MODEL])
+    blob = _aged(path.resolve())
+    assert hub.fetch_hf(REPO, MODEL, release.commit, release.sha[MODEL]) == path  # hashed and remembered
+    assert list((hub.cache_dir() / "sha256").glob("*.json"))
+    with open(blob, "r+b") as f:  # a flipped byte in the cached weights
+        f.seek(len(release.files[MODEL]) // 2)
+        f.write(bytes([f.read(1)[0] ^ 0xFF]))
+    with pytest.raises(ChecksumError):
+        hub.fetch_hf(REPO, MODEL, release.commit, release.sha[MODEL])
+    assert not blob.exists()  # the corrupted copy was removed
 
 
 def test_server_down_with_nothing_cached(fake_hub: FakeHub, release: SimpleNamespace) -> None:
