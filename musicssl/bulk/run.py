@@ -452,7 +452,8 @@ def model_sha256(enc: Encoder) -> str:
     for name, t in sorted(enc.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
+        if t.numel():  # the array itself, not a bytes copy of it (0-d tensors reshape to one element)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
