@@ -102,6 +102,35 @@ def test_files_decoded_here_on_threads_come_in_order_and_are_all_named(tmp_path)
     assert max(len(names) for names in seen) == 3 and not trail.path.exists()
 
 
+def test_a_warning_stays_with_the_file_whose_thread_logged_it(monkeypatch):
+    """Two files decoding at once on threads: only the damaged one's manifest line gets the warning."""
+    import logging
+    import threading
+
+    import musicssl.audio.io as audio_io
+
+    warned = threading.Event()
+
+    def load(path, sr, mono):
+        if path == "damaged.flac":
+            logging.getLogger("musicssl.audio.io").warning("damaged.flac: decoding stopped after 10 frames")
+            warned.set()
+        else:
+            assert warned.wait(10)  # the other thread's warning comes while this file decodes
+        return np.zeros(160, np.float32), sr
+
+    monkeypatch.setattr(audio_io, "load_audio", load)
+    got = {}
+    names = ("good.wav", "damaged.flac")
+    threads = [threading.Thread(target=lambda p=p: got.update({p: decode_one(p, SR)})) for p in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got["good.wav"]["warning"] == "" and got["good.wav"]["error"] == ""
+    assert got["damaged.flac"]["warning"] == "damaged.flac: decoding stopped after 10 frames"
+
+
 def test_groups_decoded_here_are_bounded_by_size_on_disk(tmp_path):
     """Small files go 4 per thread at a time; large ones one per thread, so a group's audio stays bounded."""
     small = [clip(tmp_path / f"s{i}.wav", 0.1, i) for i in range(10)]

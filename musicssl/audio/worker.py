@@ -18,6 +18,7 @@ import logging
 import mmap
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
@@ -45,12 +46,17 @@ def decode_one(path: str, sample_rate: int) -> dict[str, Any]:
 
 
 class _Collect(logging.Handler):
+    """Warnings logged by the thread that made it: a run decodes several files at once on threads
+    (`--num-workers 0`), and one file's warning must not land in another's manifest line."""
+
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(" ".join(record.getMessage().split()))
+        if record.thread == self.thread:
+            self.messages.append(" ".join(record.getMessage().split()))
 
 
 @contextlib.contextmanager
