@@ -60,7 +60,10 @@ def run_child(way: str, folder: str) -> None:
     import musicssl.factory  # noqa: F401  (torch and the zoo, outside the timing)
 
     start = time.perf_counter()
-    load_with_init(folder) if way == "init" else musicssl.load(folder)
+    if way == "init":
+        load_with_init(folder)
+    else:
+        musicssl.load(folder)
     print(json.dumps(time.perf_counter() - start))
 
 
