@@ -477,7 +477,9 @@ def test_ctrl_c_ends_with_one_line_and_resumes(tmp_path, tiny_model):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err
+    # The run's own stderr in the message: one CI run saw exit status 0 here, not reproduced since.
+    done = len(outputs(tmp_path / "out"))
+    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, done, err[-3000:])
     assert err.strip().splitlines()[-1] == ("musicssl embed: interrupted; finished outputs are kept, and the same "
                                             "command carries on from them")
     assert 2 <= len(outputs(tmp_path / "out")) < 12 and not leftovers(tmp_path / "out")
