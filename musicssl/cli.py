@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from typing import Any, Sequence
 
 from musicssl import __version__
@@ -464,12 +466,41 @@ def run() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep_freed_memory()  # this process is ours: reuse freed pages across batches (see heap.py)
+    interrupts = _remember_interrupts()
     try:
-        sys.exit(main())
+        code = main()
+        if interrupts:  # a Ctrl-C that Python dropped (see _remember_interrupts) still ends as one
+            raise KeyboardInterrupt
+        sys.exit(code)
     except KeyboardInterrupt:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         print(f"\nmusicssl {command}: interrupted{RESUMES.get(command, '')}", file=sys.stderr)
         sys.exit(130)
+
+
+def _remember_interrupts() -> list[int]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also recorded in the returned list.
+
+    Python prints and drops a KeyboardInterrupt raised while it runs a finaliser (soundfile's
+    `SoundFile.__del__`, say), and the command would go on and end with status 0. A caller's own
+    SIGINT handler is left alone; so is a call from a thread other than the main one.
+    """
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return seen
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def quiet(unraisable: Any, hook: Any = sys.unraisablehook) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # that one, run() reports
+            hook(unraisable)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = quiet
+    return seen
 
 
 # What an interrupted command leaves to build on.

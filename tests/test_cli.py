@@ -113,3 +113,26 @@ def test_console_entry_points(tmp_path):
         res = subprocess.run(cmd, capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
         assert "musicssl" in res.stdout
+
+
+def test_ctrl_c_that_python_drops_in_a_finaliser_still_ends_the_command_as_interrupted():
+    """CPython prints and drops a KeyboardInterrupt raised inside a __del__ (soundfile's SoundFile has
+    one); the command must still end with status 130 and its one line, not with 0."""
+    code = (
+        "import os, signal, sys\n"
+        "import musicssl.cli as cli\n"
+        "class Finalised:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while Python runs a finaliser\n"
+        "        sum(range(1000))\n"
+        "def main(argv=None):\n"
+        "    Finalised()\n"
+        "    return 0\n"
+        "cli.main = main\n"
+        "sys.argv = ['musicssl', 'embed']\n"
+        "cli.run()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("musicssl embed: interrupted")
