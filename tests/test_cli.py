@@ -120,6 +120,7 @@ def test_ctrl_c_that_python_drops_in_a_finaliser_still_ends_the_command_as_inter
     one); the command must still end with status 130 and its one line, not with 0."""
     code = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see cli_process)\n"
         "import musicssl.cli as cli\n"
         "class Finalised:\n"
         "    def __del__(self):\n"
