@@ -460,37 +460,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """Console-script entry point. Ctrl-C ends with one line and status 130, as a shell's commands do,
-    saying what survives (outputs are renamed into place whole, so nothing is left half-written)."""
+    """Console-script entry point. Ctrl-C (or SIGTERM) ends with one line and status 130 (143), as a
+    shell's commands do, saying what survives (outputs are renamed into place whole, so nothing is
+    left half-written)."""
     from musicssl.heap import keep_freed_memory
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep_freed_memory()  # this process is ours: reuse freed pages across batches (see heap.py)
-    interrupts = _remember_interrupts()
+    stops = _catch_stop_signals()
     try:
         code = main()
-        if interrupts:  # a Ctrl-C that Python dropped (see _remember_interrupts) still ends as one
+        if stops:  # a signal whose KeyboardInterrupt Python dropped (see _catch_stop_signals) still ends it
             raise KeyboardInterrupt
         sys.exit(code)
     except KeyboardInterrupt:
+        what, status = STOP_SIGNALS[stops[0] if stops else signal.SIGINT]
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        print(f"\nmusicssl {command}: interrupted{RESUMES.get(command, '')}", file=sys.stderr)
-        sys.exit(130)
+        print(f"\nmusicssl {command}: {what}{RESUMES.get(command, '')}", file=sys.stderr)
+        sys.exit(status)
 
 
-def _remember_interrupts() -> list[int]:
-    """Ctrl-C raises KeyboardInterrupt as usual and is also recorded in the returned list.
+# Signals that end a command with its one line: Ctrl-C, and the SIGTERM that a batch scheduler
+# (SLURM at a time limit or on preemption) or torchrun sends some seconds before it kills.
+STOP_SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
 
-    Python prints and drops a KeyboardInterrupt raised while it runs a finaliser (soundfile's
-    `SoundFile.__del__`, say), and the command would go on and end with status 0. A caller's own
-    SIGINT handler is left alone; so is a call from a thread other than the main one.
+
+def _catch_stop_signals() -> list[int]:
+    """Make STOP_SIGNALS raise KeyboardInterrupt, recording each in the returned list.
+
+    SIGTERM would otherwise end the process at once, skipping the run's cleanup and last lines. The
+    record matters because Python prints and drops a KeyboardInterrupt raised while it runs a
+    finaliser (soundfile's `SoundFile.__del__`, say): the command would go on and end with status 0.
+    A signal with a handler of the caller's own, or ignored (as under nohup), is left alone, and so
+    is everything when this is not the main thread.
     """
     seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
         return seen
 
-    def on_interrupt(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         seen.append(signum)
         raise KeyboardInterrupt
 
@@ -498,8 +506,12 @@ def _remember_interrupts() -> list[int]:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # that one, run() reports
             hook(unraisable)
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    sys.unraisablehook = quiet
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    caught = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
+    for sig in caught:
+        signal.signal(sig, on_signal)
+    if caught:
+        sys.unraisablehook = quiet
     return seen
 
 

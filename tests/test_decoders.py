@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -185,6 +186,19 @@ def test_processes_end_with_the_pool(tmp_path):
         procs = [w.process for w in pool.workers]
     for p in procs:
         assert p.wait(timeout=10) is not None
+
+
+def test_decoding_processes_leave_sigterm_to_the_run(tmp_path):
+    """A scheduler's SIGTERM reaches every process of a job: the run stops its decoders itself, so
+    one signalled first must not die under a file and have it recorded as failed."""
+    paths = [clip(tmp_path / f"{name}.wav", 0.2, i) for i, name in enumerate(["a", "slow1", "b"])]
+    with DecoderPool(paths, SR, 1, decode=faulty) as pool:
+        got = [next(pool)]  # the process is serving, its handlers set, and now 2 s into slow1
+        time.sleep(0.3)
+        pool.workers[0].process.send_signal(signal.SIGTERM)
+        got += list(pool)
+    assert [it["error"] for it in got] == [""] * 3
+    assert all(np.array_equal(it["audio"].numpy(), decode_one(p, SR)["audio"]) for p, it in zip(paths, got))
 
 
 def test_embed_goes_on_past_a_crashing_decoder(tmp_path, monkeypatch, capsys):

@@ -471,21 +471,28 @@ def test_killed_run_resumes_to_identical_outputs(tmp_path, tiny_model):
     assert statuses.count("ok") == len(files) and statuses.count("skipped") == done
 
 
-def test_ctrl_c_ends_with_one_line_and_resumes(tmp_path, tiny_model):
+@pytest.mark.parametrize("sig, status, what", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_ends_with_one_line_and_resumes(tmp_path, tiny_model, sig, status, what):
+    """Ctrl-C, or the SIGTERM a scheduler sends before it kills: one line, every output whole, and
+    a manifest line for each output written."""
     corpus(tmp_path / "in", 12, seconds=(1.0, 3.0))
     args = [str(tmp_path / "in"), "--model", tiny_model, "--batch-size", "1", "-o", str(tmp_path / "out")]
     proc = cli_process(args, slow=0.2)
     deadline = time.time() + 120
     while time.time() < deadline and len(outputs(tmp_path / "out")) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     # Status, outputs and the run's stderr in the message, should it fail.
     done = len(outputs(tmp_path / "out"))
-    assert proc.returncode == 130 and "Traceback" not in err, (proc.returncode, done, err[-3000:])
-    assert err.strip().splitlines()[-1] == ("musicssl embed: interrupted; finished outputs are kept, and the same "
+    assert proc.returncode == status and "Traceback" not in err, (proc.returncode, done, err[-3000:])
+    assert err.strip().splitlines()[-1] == (f"musicssl embed: {what}; finished outputs are kept, and the same "
                                             "command carries on from them")
-    assert 2 <= len(outputs(tmp_path / "out")) < 12 and not leftovers(tmp_path / "out")
+    assert 2 <= done < 12 and not leftovers(tmp_path / "out")
+    recorded = {r["output"] for r in manifest(tmp_path / "out") if r["status"] == "ok"}
+    assert recorded == set(outputs(tmp_path / "out"))
     assert main(["embed", *args]) == 0 and len(outputs(tmp_path / "out")) == 12
 
 

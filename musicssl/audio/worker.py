@@ -100,7 +100,8 @@ def shared_slots(fd: int, n: int, length: int) -> np.ndarray:
 def main(spec: str) -> None:
     """Entry point: `spec` is JSON {"fd", "slots_fd", "slots": [n, L], "sample_rate", "decode":
     "module:name", "parent": pid}."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle; it stops us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a scheduler's SIGTERM: the run's to handle; it stops us
+        signal.signal(sig, signal.SIG_IGN)
     args = json.loads(spec)
     _die_with(args["parent"])
     module, name = args["decode"].split(":")
