@@ -261,6 +261,18 @@ def train(recipe: str, *, preset: str | None = None, progress: bool | None = Non
     A run folder that already holds a checkpoint is resumed exactly where it stopped. `until` stops
     (with a checkpoint) after that step, as if the job had been cut there.
     """
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(recipe, preset, progress, until, overrides)
+    finally:
+        # A process group left to the interpreter's exit can abort it (SIGABRT, "terminate called
+        # without an active exception") while gloo's threads still hold tensors: end the one we began.
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(recipe: str, preset: str | None, progress: bool | None, until: int | None,
+           overrides: dict[str, Any]) -> Path:
     from musicssl.recipes.data import make_loader
 
     tcfg, rcfg = resolve_configs(recipe, preset, overrides)
