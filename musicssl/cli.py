@@ -9,10 +9,9 @@ import os
 import shlex
 import signal
 import sys
-import threading
 from typing import Any, Sequence
 
-from musicssl import __version__
+from musicssl import __version__, signals
 from musicssl.registry import DEFAULT_MODEL
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -467,52 +466,16 @@ def run() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     keep_freed_memory()  # this process is ours: reuse freed pages across batches (see heap.py)
-    stops = _catch_stop_signals()
+    stops = signals.catch()
     try:
         code = main()
-        if stops:  # a signal whose KeyboardInterrupt Python dropped (see _catch_stop_signals) still ends it
-            raise KeyboardInterrupt
+        signals.check()  # a signal whose KeyboardInterrupt was lost (see musicssl.signals) still ends it
         sys.exit(code)
     except KeyboardInterrupt:
-        what, status = STOP_SIGNALS[stops[0] if stops else signal.SIGINT]
+        what, status = signals.STOP_SIGNALS[stops[0] if stops else signal.SIGINT]
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         print(f"\nmusicssl {command}: {what}{RESUMES.get(command, '')}", file=sys.stderr)
         sys.exit(status)
-
-
-# Signals that end a command with its one line: Ctrl-C, and the SIGTERM that a batch scheduler
-# (SLURM at a time limit or on preemption) or torchrun sends some seconds before it kills.
-STOP_SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
-
-
-def _catch_stop_signals() -> list[int]:
-    """Make STOP_SIGNALS raise KeyboardInterrupt, recording each in the returned list.
-
-    SIGTERM would otherwise end the process at once, skipping the run's cleanup and last lines. The
-    record matters because Python prints and drops a KeyboardInterrupt raised while it runs a
-    finaliser (soundfile's `SoundFile.__del__`, say): the command would go on and end with status 0.
-    A signal with a handler of the caller's own, or ignored (as under nohup), is left alone, and so
-    is everything when this is not the main thread.
-    """
-    seen: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        return seen
-
-    def on_signal(signum: int, frame: Any) -> None:
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    def quiet(unraisable: Any, hook: Any = sys.unraisablehook) -> None:
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # that one, run() reports
-            hook(unraisable)
-
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    caught = [sig for sig, default in defaults.items() if signal.getsignal(sig) is default]
-    for sig in caught:
-        signal.signal(sig, on_signal)
-    if caught:
-        sys.unraisablehook = quiet
-    return seen
 
 
 # What an interrupted command leaves to build on.

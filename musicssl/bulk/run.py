@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from musicssl import __version__
+from musicssl import __version__, signals
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
                                     write_failed, write_run_info)
@@ -265,6 +265,7 @@ class _Run:
                             threads=min(LOCAL_THREADS, _cores())) as stream:
             growth = Growth(stream, most, waited=lambda: self.watch.seconds["decoding"])
             for seq, item in enumerate(self.watch.each("decoding", stream)):
+                signals.check()  # a Ctrl-C or SIGTERM whose KeyboardInterrupt was lost (musicssl.signals)
                 growth.check()
                 self._admit(todo, item, seq, packer)
                 while packer.ready():

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from musicssl import __version__
+from musicssl import __version__, signals
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device
 from musicssl.recipes import RECIPES
@@ -312,6 +312,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     t0 = time.perf_counter()
     last = tcfg.steps if until is None else min(until, tcfg.steps)
     for step, batch in zip(range(start, last), loader):
+        signals.check()  # a Ctrl-C or SIGTERM whose KeyboardInterrupt was lost (musicssl.signals)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         for group in opt.param_groups:
             group["lr"] = tcfg.lr * lr_factor(step, tcfg)
