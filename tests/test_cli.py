@@ -69,7 +69,7 @@ def test_embed_mirrors_the_tree_skips_done_and_reports_bad_files(tmp_path, capsy
     assert "musicssl_version" in meta and not list(out.rglob("*.part"))
     # A second run skips finished outputs and still reports the broken file.
     (src / "notes" / "broken.wav").unlink()
-    assert main(["embed", str(src), "-o", str(out), "--model", "mfcc"]) == 0
+    assert main(["embed", str(src), "-o", str(out), "--model", "mfcc", "--layers", "all"]) == 0
     assert "0 embedded, 3 skipped, 0 failed of 3 inputs" in capsys.readouterr().out
 
 

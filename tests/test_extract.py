@@ -127,6 +127,20 @@ def test_names_that_are_not_utf8_are_embedded_listed_and_retried(tmp_path, capsy
     assert (out / (bad.name + ".npz")).is_file() and not (out / "failed.txt").exists()
 
 
+def test_an_output_path_longer_than_the_system_takes_fails_that_file_only(tmp_path, capsys):
+    """A deep tree mirrored under a long -o gives one output path over PATH_MAX (4096 on Linux)."""
+    deep = tmp_path / "in" / Path(*["d" * 200] * 19)
+    tone(tmp_path / "in" / "top.wav", 0.5)
+    deep.mkdir(parents=True)
+    os.replace(tone(tmp_path / "x.wav", 0.5, seed=1), deep / "x.wav")  # libsndfile opens no path this long to write
+    out = tmp_path / ("o" * 250)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc"]) == 1
+    text = capsys.readouterr()
+    assert "1 embedded, 0 skipped, 1 failed of 2 inputs" in text.out
+    assert "File name too long (use a shorter -o or --root path)" in text.err
+    assert (out / "top.wav.npz").is_file()
+
+
 def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, capsys):
     """A run slowed in its model, then in its decoding: the slowed stage holds that time, and the
     summary names the share of each stage."""
@@ -236,6 +250,47 @@ def test_skip_overwrite_and_settings_guard(tmp_path, capsys):
     assert "holds embeddings made with other settings" in capsys.readouterr().err
     statuses = [r["status"] for r in manifest(out)]
     assert statuses == ["ok"] * 3 + ["skipped"] * 3 + ["ok"] * 3
+    assert "model: 'mfcc' there, 'logmel' now" in main_err(tmp_path / "in", out, "--model", "logmel")
+    # --layers -1 names the same layer as "last" but gives (1, T, D) frames, not (T, D): refused too.
+    assert "layer_axis: False there, True now" in main_err(tmp_path / "in", out, "--model", "mfcc", "--layers", "-1")
+
+
+def main_err(inputs: Path, out: Path, *args: str) -> str:
+    """stderr of an `embed` run that must be refused (status 2)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["embed", str(inputs), "-o", str(out), *args]) == 2
+    return err.getvalue()
+
+
+def test_outputs_an_overwrite_left_with_other_settings_are_made_again(tmp_path, caplog):
+    """--overwrite with other settings over part of the inputs (or cut short) leaves the rest as they
+    were made; a later run with the new settings makes those again instead of skipping them."""
+    files = corpus(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    assert extract([tmp_path / "in"], out, "mfcc", num_workers=0).ok == 3
+    with caplog.at_level("WARNING", logger="musicssl"):
+        assert extract(files[:1], out, "mfcc", root=tmp_path / "in", layers="all", overwrite=True, num_workers=0).ok == 1
+    assert "outputs of other inputs stay as they were" in caplog.text
+    res = extract([tmp_path / "in"], out, "mfcc", layers="all", table=True, num_workers=0)
+    assert (res.ok, res.skipped) == (2, 1)
+    dims = {k: arrays(p)["frames"].ndim for k, p in outputs(out).items()}
+    assert set(dims.values()) == {3}, dims  # all (L, T, D) now
+    assert extract([tmp_path / "in"], out, "mfcc", layers="all", num_workers=0).skipped == 3
+
+
+def test_a_table_of_clips_of_other_shapes_names_the_odd_output(tmp_path, monkeypatch):
+    from musicssl.bulk.outputs import write_table
+
+    rows = [("a.wav", "a.wav.npz", np.zeros(4, np.float32)), ("b.wav", "b.wav.npz", np.zeros((2, 4), np.float32))]
+    with pytest.raises(ValueError, match=r"b\.wav\.npz holds a clip shaped \(2, 4\) and a\.wav\.npz one shaped \(4,\)"):
+        write_table(tmp_path, "clips", rows, [0, 1])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # the .npy table's index keeps names as they are
+    write_table(tmp_path, "clips", [("dé\tjà.wav", "dé\tjà.wav.npz", np.zeros(4, np.float32))], [0])
+    assert (tmp_path / "clips.index.tsv").read_text(encoding="utf-8").splitlines()[1] == "dé\\tjà.wav\tdé\\tjà.wav.npz"
 
 
 @pytest.mark.parametrize("fmt", ["npz", "npy", "safetensors"])

@@ -9,6 +9,7 @@ filesystem with working locks) interleave whole lines; a line cut short by a kil
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,20 @@ log = logging.getLogger("musicssl")
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "run.json"
 # Keys of run.json that must agree for a new run to add to (and skip on) existing outputs.
-SAME_RUN_KEYS = ("model_sha256", "layers", "pool", "format", "dtype")
+# layer_axis: whether frames carry a layer axis (--layers 5 gives (1, T, D) where "last" gives (T, D)).
+SAME_RUN_KEYS = ("model_sha256", "layers", "layer_axis", "pool", "format", "dtype")
+
+
+def settings_id(info: dict[str, Any]) -> str:
+    """A short digest of run.json's SAME_RUN_KEYS, stamped on each output's manifest line: a run
+    tells outputs made with other settings (by an --overwrite run over part of the inputs, or one
+    cut short) from its own."""
+    return hashlib.sha256(json.dumps([info.get(k) for k in SAME_RUN_KEYS]).encode()).hexdigest()[:16]
+
+
+def stamps(path: Path) -> dict[str, str]:
+    """input path -> the settings stamp of its latest `ok` record ("" for a record older than stamps)."""
+    return {r["input"]: r.get("settings", "") for r in read_records(path) if r.get("status") == "ok" and "input" in r}
 
 
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:
@@ -68,21 +82,30 @@ def latest_status(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_compatible(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix outputs of different models or settings in one OUT (unless `overwrite`)."""
+    """Refuse to mix outputs of different models or settings in one OUT (unless `overwrite`, which
+    only says what stays as it was)."""
     path = out_dir / RUN_INFO
-    if overwrite or not path.exists():
+    if not path.exists():
         return
     try:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return  # unreadable: written by something else; the outputs themselves carry metadata
     diff = [k for k in SAME_RUN_KEYS if k in old and old[k] != info.get(k)]
-    if diff:
-        shown = ", ".join(f"{k}: {old[k]!r} there, {info.get(k)!r} now" for k in diff)
-        raise ValueError(
-            f"{out_dir} holds embeddings made with other settings ({shown}); existing outputs would be "
-            f"skipped and mixed with new ones. Use another -o, or --overwrite to redo every file."
-        )
+    if "model_sha256" in diff and old.get("model") != info.get("model"):
+        diff.insert(0, "model")  # the names say more than the digests
+    if not diff:
+        return
+    shown = ", ".join(f"{k}: {old.get(k)!r} there, {info.get(k)!r} now" for k in diff)
+    if overwrite:
+        log.warning("%s holds embeddings made with other settings (%s): --overwrite redoes this run's inputs; "
+                    "outputs of other inputs stay as they were, and a later run over them makes them again",
+                    out_dir, shown)
+        return
+    raise ValueError(
+        f"{out_dir} holds embeddings made with other settings ({shown}); existing outputs would be "
+        f"skipped and mixed with new ones. Use another -o, or --overwrite to redo every file."
+    )
 
 
 def write_run_info(out_dir: Path, info: dict[str, Any]) -> None:

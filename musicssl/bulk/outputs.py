@@ -195,7 +195,14 @@ def printable(text: str) -> str:
 
 def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]]) -> np.ndarray:
     """The rows' clips stacked: (N, D) or (N, L, D) float32."""
-    return np.stack([r[2] for r in rows]).astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    odd = next((r for r in rows if r[2].shape != rows[0][2].shape), None)
+    if odd is not None:
+        raise ValueError(f"{printable(odd[1])} holds a clip shaped {odd[2].shape} and {printable(rows[0][1])} one "
+                         f"shaped {rows[0][2].shape}: they were made with other settings. Make them again with "
+                         "the same settings (--overwrite) before writing a table of them.")
+    return np.stack([r[2] for r in rows]).astype(np.float32)
 
 
 def _fixed_lists(pa: Any, matrix: np.ndarray) -> Any:
@@ -204,8 +211,14 @@ def _fixed_lists(pa: Any, matrix: np.ndarray) -> Any:
 
 def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]]) -> list[Path]:
     matrix = _clip_matrix(rows)
-    index = "".join(f"{json.dumps(r[0])[1:-1]}\t{json.dumps(r[1])[1:-1]}\n" for r in rows)
+    index = "".join(f"{_tsv_field(r[0])}\t{_tsv_field(r[1])}\n" for r in rows)
     npy, tsv = out_dir / f"{name}.npy", out_dir / f"{name}.index.tsv"
     atomic_write(npy, lambda fh: np.save(fh, matrix))
-    atomic_write(tsv, lambda fh: fh.write("path\toutput\n" + index), mode="w")
+    atomic_write(tsv, lambda fh: fh.write(("path\toutput\n" + index).encode()))
     return [npy, tsv]
+
+
+def _tsv_field(text: str) -> str:
+    """A name as one TSV field: UTF-8 as it is (as Parquet stores it), with tabs, newlines and
+    backslashes escaped as in JSON."""
+    return json.dumps(printable(text), ensure_ascii=False)[1:-1]

@@ -30,7 +30,7 @@ import torch
 from musicssl import __version__, signals
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
-                                    write_failed, write_run_info)
+                                    settings_id, stamps, write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
                                    write_table)
 from musicssl.bulk.decoders import DecoderPool
@@ -189,6 +189,7 @@ class _Run:
             self.encoder.compile_windows()
         self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
+        self.settings = info["settings_id"]
         if not self.ranks or self.ranks.rank == 0:
             write_run_info(self.out_dir, info)
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
@@ -241,17 +242,26 @@ class _Run:
     def _skip_finished(self) -> list[Job]:
         """Record inputs whose output exists whole as skipped; return the rest (a cut-short output,
         which only a machine crash mid-run can leave, is made again)."""
+        self.remade: set[Path] = set()  # outputs made with other settings: made again
         if self.overwrite:
             return list(self.mine)
+        made = stamps(self.out_dir / MANIFEST)
+        self.remade = {j.source for j in self.mine if made.get(str(j.source), "") not in ("", self.settings)}
+        if self.remade:
+            log.info("%d outputs in %s were made with other settings (by an --overwrite run over part of the inputs, "
+                     "or one cut short): they are made again", len(self.remade), self.out_dir)
         todo, done = [], []
         for job in self.mine:
-            (done if self._done(job) else todo).append(job)
+            (done if job.source not in self.remade and self._done(job) else todo).append(job)
         for job in done:
             self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
 
     def _done(self, job: Job) -> bool:
-        return job.output.exists() and looks_complete(self.format, job.output)
+        try:
+            return job.output.exists() and looks_complete(self.format, job.output)
+        except OSError:  # a path the system cannot take: not done (claiming it says why)
+            return False
 
     def _embed(self, todo: list[Job], batch_size: int, workers: int, most: int, timeout: float | None) -> None:
         # Enough open files that most windows find company of their length (see WindowPacker).
@@ -299,9 +309,12 @@ class _Run:
         if item["error"]:
             return self._record(job, "error", reason=item["error"], seconds=seconds)
         claim = Claim(job.output)
-        if not claim.acquire():
-            return self._record(job, "skipped", reason="another run is embedding it")
-        if not self.overwrite and self._done(job):  # finished by another run since we planned
+        try:
+            if not claim.acquire():
+                return self._record(job, "skipped", reason="another run is embedding it")
+        except OSError as err:  # e.g. a path longer than the system takes: this output only
+            return self._cannot_write(job, err, seconds)
+        if not self.overwrite and job.source not in self.remade and self._done(job):  # another run made it since
             claim.release()
             return self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         audio = item["audio"]
@@ -347,21 +360,26 @@ class _Run:
             meta = self._metadata(job, out["duration"], out["layers"])
             write_output(self.format, job.output, out["frames"], out["timestamps"], out["clip"], meta)
         except OSError as err:
-            reason = f"cannot write {job.output}: {err}"
-            if err.errno in _OUT_OF_ROOM:
-                with contextlib.suppress(OSError):  # the manifest may not fit either
-                    self._record(job, "error", reason=reason, seconds=seconds)
-                raise _Stop(f"because {self.out_dir} takes no more outputs ({err.strerror}): free space (or "
-                            "remount it writable) and run again; finished outputs are kept") from err
-            return self._record(job, "error", reason=reason, seconds=seconds)
+            return self._cannot_write(job, err, seconds)
         finally:
             claim.release()
         shapes = {"clip": list(out["clip"].shape)}
         if out["frames"] is not None:
             shapes["frames"] = list(out["frames"].shape)
         said = {"warning": warning} if warning else {}
-        self._record(job, "ok", duration=round(out["duration"], 3), shapes=shapes,
+        self._record(job, "ok", duration=round(out["duration"], 3), shapes=shapes, settings=self.settings,
                      seconds=seconds + time.perf_counter() - start, **said)
+
+    def _cannot_write(self, job: Job, err: OSError, seconds: float) -> None:
+        """Record an output that cannot be written; stop the run if no output can be (a full disk)."""
+        hint = " (use a shorter -o or --root path)" if err.errno == errno.ENAMETOOLONG else ""
+        reason = f"cannot write {job.output}: {err.strerror or err}{hint}"
+        if err.errno in _OUT_OF_ROOM:
+            with contextlib.suppress(OSError):  # the manifest may not fit either
+                self._record(job, "error", reason=reason, seconds=seconds)
+            raise _Stop(f"because {self.out_dir} takes no more outputs ({err.strerror}): free space (or "
+                        "remount it writable) and run again; finished outputs are kept") from err
+        self._record(job, "error", reason=reason, seconds=seconds)
 
     def _metadata(self, job: Job, duration: float, layers: list[int]) -> dict[str, Any]:
         spec = self.encoder.spec
@@ -434,16 +452,17 @@ def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: 
              run: _Run) -> dict[str, Any]:
     """run.json: what made the outputs, enough to redo them."""
     spec = enc.spec
-    return {
+    info = {
         "model": name, "family": enc.family, "revision": spec.revision if spec else None,
         "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
-        "layers": enc._layer_indices(layers), "pool": pool, "format": fmt,
+        "layers": enc._layer_indices(layers), "layer_axis": not _single_layer(layers), "pool": pool, "format": fmt,
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "sample_rate": enc.sample_rate, "frame_rate": enc.frame_rate, "context_seconds": enc.context_seconds,
         "root": str(run.root), "shard": run.shard, "processes": run.ranks.world if run.ranks else 1,
         "inputs": len(run.jobs), "musicssl_version": __version__, "torch_version": torch.__version__,
         "python": sys.version.split()[0], "started": now(), "command": sys.argv,
     }
+    return {**info, "settings_id": settings_id(info)}
 
 
 def model_sha256(enc: Encoder) -> str:
