@@ -7,6 +7,7 @@ A release folder is `config.json` (family, constructor args, spec, provenance) +
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from musicssl import __version__, hub
 from musicssl.devices import check_device
 from musicssl.errors import ReleaseFormatError, WeightsUnavailableError
 from musicssl.models.base import Encoder
-from musicssl.registry import DEFAULT_MODEL, ModelSpec, builder, family_class, model_info
+from musicssl.registry import DEFAULT_MODEL, ModelSpec, builder, family_class, is_registered, model_info
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ def load(
     device = check_device(device)  # before any download
     source = os.fspath(name)
     if not is_registry_name(source):
+        if not pretrained or overrides:  # a release is rebuilt from its own config.json
+            given = ["pretrained=False"] * (not pretrained) + [f"{k}=" for k in sorted(overrides)]
+            raise ValueError(f"load({source!r}, {', '.join(given)}): pretrained=False and constructor arguments apply "
+                             f"only to registry names, and {source} is a release, loaded as saved. Build an "
+                             "architecture with musicssl.load(NAME, pretrained=False, ...) instead.")
         model = load_release(hub.fetch_release(source, offline=offline))
     else:
         model = _load_registered(source, pretrained, offline, overrides)
@@ -60,12 +66,19 @@ def load(
 
 def is_registry_name(source: str) -> bool:
     """Whether `load(source)` looks it up in the registry rather than on the Hub or on disk:
-    registry names never hold a path separator, so anything that does is meant as a folder."""
-    return not (source.startswith("hf-hub:") or Path(source).is_dir() or "/" in source or os.sep in source)
+    registry names never hold a path separator, so anything that does is meant as a folder. A
+    folder in the working directory named like a model (`musicssl embed ... -o logmel --model
+    logmel` makes one) hides the model only if it is a release (holds config.json)."""
+    if source.startswith("hf-hub:") or "/" in source or os.sep in source:
+        return False
+    if not Path(source).is_dir():
+        return True
+    return is_registered(source) and not (Path(source) / "config.json").is_file()
 
 
 def _load_registered(name: str, pretrained: bool, offline: bool | None, overrides: dict[str, Any]) -> Encoder:
     spec = model_info(name)
+    _check_overrides(spec, overrides)
     if overrides and pretrained and spec.needs_weights:
         raise ValueError(f"constructor overrides {sorted(overrides)} only apply with pretrained=False")
     if not pretrained or not spec.needs_weights:
@@ -92,6 +105,19 @@ def _load_registered(name: str, pretrained: bool, offline: bool | None, override
     return model
 
 
+def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
+    """Refuse keywords that neither load() nor the architecture's constructor takes (a typo such as
+    `offlin=True` would otherwise read as a constructor override)."""
+    params = inspect.signature(family_class(spec.family).__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        takes = ", ".join(k for k in params if k != "self")
+        raise TypeError(f"load() got unknown keyword arguments {unknown} for {spec.name!r}: load() takes pretrained, "
+                        f"device, dtype and offline, and with pretrained=False the constructor arguments {takes}")
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a release folder, checked for the keys `load` needs."""
     path = Path(folder) / "config.json"
@@ -99,9 +125,15 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ReleaseFormatError(f"cannot read {path}: {err}. A release folder is written by musicssl.save_pretrained().") from err
-    missing = [k for k in ("family", "args") if k not in config]
+    missing = [k for k in ("family", "args") if k not in config] if isinstance(config, dict) else ["family", "args"]
     if missing:
         raise ReleaseFormatError(f"{path} lacks {missing}; it was not written by musicssl.save_pretrained()")
+    if config.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        raise ReleaseFormatError(f"{path} has format_version {config['format_version']}, newer than this musicssl "
+                                 f"reads ({FORMAT_VERSION}): upgrade musicssl (pip install -U musicssl)")
+    wrong = [k for k in ("args", "spec") if k in config and not isinstance(config[k], dict)]
+    if wrong:
+        raise ReleaseFormatError(f"{path}: {wrong} must be JSON objects; it was not written by musicssl.save_pretrained()")
     return config
 
 
@@ -117,11 +149,16 @@ def load_release(folder: str | os.PathLike) -> Encoder:
         state = load_file(str(weights))
     except (OSError, SafetensorError) as err:
         raise ReleaseFormatError(f"cannot read {weights}: {err}. Download or export it again.") from err
-    with skip_weight_init():  # the strict load below overwrites every parameter and buffer
-        model: Encoder = family_class(config["family"])(**config["args"])
+    try:
+        with skip_weight_init():  # the strict load below overwrites every parameter and buffer
+            model: Encoder = family_class(config["family"])(**config["args"])
+        spec = ModelSpec.from_dict(config["spec"]) if "spec" in config else None
+    except (TypeError, ValueError) as err:  # arguments this family's constructor (or ModelSpec) does not take
+        raise ReleaseFormatError(f"{folder / 'config.json'} does not describe a {config['family']!r} model this "
+                                 f"musicssl builds: {err}. Export it again with musicssl.save_pretrained().") from err
     load_state_strict(model, state, where=str(weights))
-    if "spec" in config:
-        model.spec = ModelSpec.from_dict(config["spec"])
+    if spec is not None:
+        model.spec = spec
     return model
 
 

@@ -167,6 +167,12 @@ def _lookup(name: str) -> tuple[ModelSpec, Callable[..., Any]]:
     return _MODELS[key]
 
 
+def is_registered(name: str) -> bool:
+    """Whether `name` is a registered model name (any case, `-` or `_`)."""
+    _ensure_loaded()
+    return canonical(name) in _MODELS
+
+
 def model_info(name: str) -> ModelSpec:
     """The ModelSpec of a registered name (raises UnknownModelError with suggestions)."""
     return _lookup(name)[0]

@@ -92,6 +92,36 @@ def test_unknown_model_and_overrides():
     with pytest.raises(UnknownModelError, match="Did you mean 'logmel'"):
         musicssl.load("logmell")
     assert musicssl.load("logmel", n_mels=64).embed_dim == 64  # weight-free models take overrides
+    with pytest.raises(TypeError, match=r"unknown keyword arguments \['offlin'\] for 'simclr-mini'"):
+        musicssl.load("simclr-mini", offlin=True)  # a typo is not a constructor override
+
+
+def test_a_folder_named_like_a_model_hides_it_only_if_it_is_a_release(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mfcc").mkdir()  # as `musicssl embed x -o mfcc --model mfcc` leaves
+    assert type(musicssl.load("mfcc")).__name__ == "Mfcc"
+    musicssl.save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), tmp_path / "jepa-tiny")
+    assert musicssl.load("jepa-tiny").num_layers == 1  # a release of that name: the folder
+    with pytest.raises(ValueError, match="apply only to registry names"):
+        musicssl.load("./jepa-tiny", pretrained=False)
+    with pytest.raises(ValueError, match="depth="):
+        musicssl.load("./jepa-tiny", depth=3)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c: c["args"].update(foo=1), "unexpected keyword argument 'foo'"),
+    (lambda c: c.update(args=[1]), r"\['args'\] must be JSON objects"),
+    (lambda c: c.update(spec="hello"), r"\['spec'\] must be JSON objects"),
+    (lambda c: c.update(spec={"name": "x"}), "missing"),
+    (lambda c: c.update(format_version=99), "newer than this musicssl reads"),
+])
+def test_a_config_json_that_does_not_fit_is_a_release_format_error(tmp_path, change, says):
+    folder = musicssl.save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), tmp_path / "r")
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReleaseFormatError, match=says):
+        musicssl.load(folder)
 
 
 def test_damaged_releases_are_reported(tmp_path):
