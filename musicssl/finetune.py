@@ -34,7 +34,7 @@ from torch import nn
 
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
-from musicssl.models.base import AudioLike, Encoder, LayersArg
+from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,13 @@ class Classifier(Encoder):
     @torch.inference_mode()
     def predict(self, audio: AudioLike | Sequence[AudioLike], sr: int | None = None, *,
                 batch_size: int = 8) -> Prediction:
-        """Labels and scores of paths, arrays or tensors of any length (as `embed()` takes them)."""
+        """Labels and scores of paths, arrays or tensors of any length (as `embed()` takes them), in
+        eval mode (a model in training mode is put back in it afterwards)."""
         from musicssl.audio.inputs import prepare_items
 
         items = prepare_items(audio, sr, self.sample_rate)
-        return self.prediction(self.clip_logits(items, batch_size))
+        with torch.inference_mode(), evaluating(self):
+            return self.prediction(self.clip_logits(items, batch_size))
 
     def prediction(self, logits: torch.Tensor) -> Prediction:
         """Logits (N, C) of `clip_logits` -> Prediction."""

@@ -163,6 +163,32 @@ def test_resampled_input_matches():
     assert (a.frames[0, 5:-5] - b.frames[0, 5:-5]).abs().median() < 0.5
 
 
+def test_a_file_shorter_than_one_sample_at_the_model_rate_embeds_as_its_array_does(tmp_path):
+    enc = musicssl.load("mfcc")
+    sf.write(tmp_path / "one.wav", np.array([0.25], np.float32), 44100, subtype="FLOAT")
+    from_file, from_array = enc.embed(tmp_path / "one.wav"), enc.embed(np.array([0.25], np.float32), sr=44100)
+    torch.testing.assert_close(from_file.frames, from_array.frames)
+
+
+def test_embeddings_are_ordinary_tensors_that_train_a_probe():
+    """A frame-level probe trains on what embed() returns; inference-mode tensors would refuse."""
+    out = musicssl.load("mfcc").embed(music(1.0), sr=SR)
+    probe = torch.nn.Linear(out.frames.shape[-1], 2)
+    probe(out.frames).sum().backward()
+    out.frames[..., 0] = 0  # and they can be edited in place
+    assert probe.weight.grad is not None and not out.lengths.is_inference()
+
+
+def test_embed_runs_in_eval_mode_and_keeps_the_models_mode():
+    enc = small("pesto-tiny")
+    enc.train()
+    enc.frontend.eval()  # a submodule's own mode survives too
+    x = music(2.0)
+    first = enc.embed(x, sr=SR).frames
+    torch.testing.assert_close(enc.embed(x, sr=SR).frames, first, rtol=0, atol=0)  # no dropout
+    assert enc.training and not enc.frontend.training
+
+
 def test_paths_are_decoded(tmp_path):
     enc = musicssl.load("mfcc")
     x = music(2.0, 10, sr=44100)

@@ -173,6 +173,11 @@ def test_classifier_outputs_and_windows():
     torch.testing.assert_close(alone, manual, atol=1e-5, rtol=1e-4)
     # It is an Encoder: embed() gives the backbone's embeddings.
     torch.testing.assert_close(clf.embed(a, sr=SR).clip, clf.backbone.embed(a, sr=SR).clip)
+    # predict() runs in eval mode, whatever mode training left the model in, and leaves that mode.
+    expected = clf.predict(a, sr=SR).scores
+    clf.train()
+    torch.testing.assert_close(clf.predict(a, sr=SR).scores, expected, rtol=0, atol=0)
+    assert clf.training and clf.backbone.training
 
 
 # --------------------------------------------------------------------------- training and the run folder

@@ -29,6 +29,7 @@ class FrameSink:
         self._buf: np.ndarray | None = None  # the result, when its length was expected
         self._filled = 0
         self._parts: list[np.ndarray] = []  # what did not fit in _buf, or all of it without one
+        self._head: list[np.ndarray] = []  # the first blocks as received (see result)
         self._stream = None
         if self.sr is not None and file_sr > 0 and self.sr != file_sr:
             width = 1 if self.mono else channels
@@ -44,6 +45,8 @@ class FrameSink:
         """Take (n, C) frames; the caller may reuse `block` afterwards."""
         if not len(block):
             return
+        if self.frames < _HEAD_FRAMES:
+            self._head.append(block[: _HEAD_FRAMES - self.frames].copy())
         self.frames += len(block)
         if not np.isfinite(block.sum()):  # one pass and no mask in the usual, finite case
             self.bad += block.size - int(np.count_nonzero(np.isfinite(block)))
@@ -61,11 +64,19 @@ class FrameSink:
             self._keep(self._stream.resample_chunk(empty, last=True), owned=True)
             self._stream = None
         parts = ([] if self._buf is None else [self._buf[: self._filled]]) + self._parts
+        if self.frames and not sum(len(x) for x in parts):
+            return self._mean_of_head()
         if len(parts) != 1:
             return np.concatenate(parts) if parts else empty
         if self._buf is not None and self._filled < 0.9 * len(self._buf):
             return parts[0].copy()  # the expected length was too long: do not keep the rest alive
         return np.ascontiguousarray(parts[0], dtype=np.float32)
+
+    def _mean_of_head(self) -> np.ndarray:
+        """Audio shorter than one sample at `sr`: its mean as that one sample (as `resample` does),
+        rather than no audio at all."""
+        head = np.concatenate(self._head)
+        return (mix_down(head) if self.mono else head).mean(axis=0, keepdims=True).astype(np.float32)
 
     def _keep(self, x: np.ndarray, owned: bool) -> None:
         end = self._filled + len(x)
@@ -74,6 +85,10 @@ class FrameSink:
             self._filled = end
         else:  # no buffer, or more came than expected: keep the rest as it comes
             self._parts.append(x if owned else x.copy())
+
+
+# Frames kept as received at the start of a file: more than one output sample's worth at any rate.
+_HEAD_FRAMES = 4096
 
 
 def mix_down(frames: np.ndarray) -> np.ndarray:

@@ -7,7 +7,9 @@ audio into overlapping windows, batching windows across items, stitching, poolin
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -137,7 +139,8 @@ class Encoder(nn.Module):
         batch_size: int = 8,
         dtype: torch.dtype = torch.float32,
     ) -> Embeddings:
-        """Embed paths, arrays or tensors of any length, channel count and sample rate.
+        """Embed paths, arrays or tensors of any length, channel count and sample rate, in eval mode
+        (a model in training mode is put back in it afterwards).
 
         audio: a path; a list of paths; a 1-D (S,) clip; a 2-D (B, S) batch of mono clips; a 3-D
             (B, C, S) batch; or a list of clips of different lengths, each (S,) or (C, S). Channels
@@ -158,7 +161,7 @@ class Encoder(nn.Module):
                              "the model's own precision is set by load(..., dtype=...) or enc.to(dtype=...)")
         keep = self._layer_indices(layers)
         items = prepare_items(audio, sr, self.sample_rate)
-        with torch.inference_mode():
+        with torch.inference_mode(), evaluating(self):
             frames, lengths = self._embed_items(items, keep, batch_size)
         return self._assemble(frames, lengths, keep, pool, dtype, single_layer=_single_layer(layers))
 
@@ -205,8 +208,9 @@ class Encoder(nn.Module):
 
     def _embed_items(self, items: list[np.ndarray], keep: list[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Run all windows of all items, longest first, stitched in place -> frames (B, T, L, D), lengths (B,)."""
-        lengths = self.frame_lengths(torch.tensor([len(x) for x in items]))
-        frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
+        with torch.inference_mode(False):  # returned as ordinary tensors: autograd and in-place edits work on them
+            lengths = self.frame_lengths(torch.tensor([len(x) for x in items]))
+            frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
         windows = self._windows([len(x) for x in items])
         last_window = {w.item: w.index for w in windows}
         # Longest first: batches then hold windows of similar length and pad little.
@@ -324,6 +328,19 @@ class Encoder(nn.Module):
             sample_rate=self.sample_rate,
             frame_rate=self.frame_rate,
         )
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """Run `module` in eval mode (no dropout, BatchNorm's running statistics, left unchanged), then
+    put back each submodule's own mode (a frozen backbone may sit in eval inside a training model)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _single_layer(layers: LayersArg) -> bool:
