@@ -217,8 +217,8 @@ def parse_layers(text: str, command: str = "embed", named: tuple[str, ...] = ("l
     try:
         return [int(t) for t in text.split(",")]
     except ValueError:
-        raise SystemExit(f"musicssl {command}: --layers takes {', '.join(map(repr, named))} or "
-                         f"comma-separated integers, not {text!r}")
+        raise ValueError(f"--layers takes {', '.join(map(repr, named))} or comma-separated integers, "
+                         f"not {text!r}") from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -311,11 +311,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from musicssl.devices import default_device
 
     if not args.inputs and args.files_from is None:
-        raise SystemExit("musicssl embed: give audio files or folders, or --files-from LIST")
+        raise ValueError("give audio files or folders, or --files-from LIST")
     device = args.device or default_device()
     result = extract(
         args.inputs, args.out, args.model, files_from=args.files_from, root=args.root,
-        extensions=args.ext.split(",") if args.ext else None, layers=parse_layers(args.layers),
+        extensions=[e.strip() for e in args.ext.split(",") if e.strip()] if args.ext else None,
+        layers=parse_layers(args.layers),
         pool=None if args.pool == "none" else args.pool, format=args.format, table=args.table,
         batch_size=args.batch_size, num_workers=args.num_workers, decode_timeout=args.decode_timeout, device=device,
         dtype=getattr(torch, DTYPES[args.dtype]), overwrite=args.overwrite, shard=args.shard,
@@ -324,7 +325,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print_summary(result, args)
-    return 1 if result.total == 0 else result.exit_code
+    return 1 if result.found == 0 else result.exit_code
 
 
 # ExtractResult.stages, as the summary names them: what bounds a run.
@@ -334,7 +335,10 @@ STAGES = {"model": "model", "decoding": "waiting for decoded audio", "writing": 
 
 def print_summary(r: Any, args: argparse.Namespace) -> None:
     """The last lines of `musicssl embed`: counts, speed, and where the failures are listed."""
-    if r.total == 0:
+    if r.found and not r.planned:  # a shard that got no files: its share of the work is done
+        print(f"0 of {r.found} inputs fall in shard {args.shard}: nothing to do -> {r.out_dir}")
+        return
+    if r.found == 0:
         from musicssl.audio.io import AUDIO_EXTENSIONS
 
         wanted = args.ext or ",".join(sorted(AUDIO_EXTENSIONS))
@@ -354,17 +358,27 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         print("time: " + ", ".join(f"{STAGES[k]} {100 * v / total:.0f} %" for v, k in shares))
     speed = f", {r.audio_seconds / r.wall_seconds:.1f}x realtime" if r.audio_seconds else ""
     stop = f" (stopped {r.stop_reason or 'early'})" if r.stopped_early else ""
-    print(f"{r.ok} embedded, {r.skipped} skipped, {r.failed} failed of {r.total} inputs{stop} "
+    left = f", {r.planned - r.total} not started" if r.planned > r.total else ""
+    print(f"{r.ok} embedded, {r.skipped} skipped, {r.failed} failed of {r.planned} inputs{left}{stop} "
           f"in {r.wall_seconds:.1f} s{speed} -> {r.out_dir}")
     for t in r.tables:
         print(f"clip table: {t}")
     if r.warned:
         print(f"{r.warned} of the embedded inputs decoded with a warning (e.g. damaged, used up to the damage): "
               f"their manifest lines say what, in \"warning\" ({r.manifest})")
+    if left:
+        print(f"the same command carries on with the {r.planned - r.total} inputs not started")
     if r.failed_list:
         print(f"failed inputs: {r.failed_list} (reasons in {r.manifest}); retry them with "
               f"musicssl embed --files-from {shlex.quote(str(r.failed_list))} --root {shlex.quote(str(r.root))} "
-              f"-o {shlex.quote(str(r.out_dir))} --model {shlex.quote(args.model)}")
+              f"-o {shlex.quote(str(r.out_dir))} --model {shlex.quote(args.model)}{settings_flags(args)}")
+
+
+def settings_flags(args: argparse.Namespace) -> str:
+    """The options of an `embed` run that its output folder holds it to (SAME_RUN_KEYS), as given."""
+    given = {"--layers": (args.layers, "last"), "--pool": (args.pool, "none"), "--format": (args.format, "npz"),
+             "--dtype": (DTYPES[args.dtype], "float32")}
+    return "".join(f" {flag} {shlex.quote(value)}" for flag, (value, default) in given.items() if value != default)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -375,7 +389,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
-        raise SystemExit("musicssl eval: --models names no model")
+        raise ValueError("--models names no model")
     layers = parse_layers(args.layers, "eval", ("recommended", "last", "all"))
     device = args.device or default_device()
     for task in args.tasks:

@@ -22,7 +22,7 @@ import torch
 import musicssl
 from musicssl.bulk import extract
 from musicssl.bulk.outputs import FORMATS, read_clip
-from musicssl.bulk.plan import shard_of
+from musicssl.bulk.plan import plan_jobs, shard_of, take_shard
 from musicssl.cli import main
 
 SR = 16000
@@ -396,6 +396,74 @@ def test_fail_fast_stops_at_the_first_failure(tmp_path, capsys):
     (tmp_path / "in" / "d0" / "a-broken.wav").write_bytes(b"RIFF nonsense")
     res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", fail_fast=True, num_workers=0)
     assert res.stopped_early and res.failed == 1 and res.ok < 4 and res.exit_code == 1
+    assert res.planned == 5 and res.total < 5
+    # The last lines count every input, those never started too, and say how to go on with them.
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out2"), "--model", "mfcc", "--fail-fast",
+                 "--layers", "all", "--dtype", "bf16", "--num-workers", "0"]) == 1
+    text = capsys.readouterr().out
+    started = int(text.split(" embedded, ")[0]) + 1
+    assert f"failed of 5 inputs, {5 - started} not started (stopped at the first failure" in text
+    # The retry command holds the settings that the output folder holds runs to, so it is accepted.
+    retry = text.split("retry them with ")[1].split()
+    assert retry[-4:] == ["--layers", "all", "--dtype", "bfloat16"]
+    (tmp_path / "in" / "d0" / "a-broken.wav").unlink()
+    tone(tmp_path / "in" / "d0" / "a-broken.wav", 0.5)
+    assert main(retry[1:]) == 0
+
+
+def test_a_shard_that_gets_no_files_is_done_not_failed(tmp_path, capsys):
+    corpus(tmp_path / "in", 2)
+    empty = next(k for k in range(8) if not take_shard(plan_jobs([tmp_path / "in"], tmp_path, ".npz")[0], k, 8))
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc",
+                 "--shard", f"{empty}/8"]) == 0
+    assert f"0 of 2 inputs fall in shard {empty}/8: nothing to do" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, says", [
+    (["IN", "-o", ""], "the output folder is empty (an unset variable?)"),
+    (["IN", "-o", "OUT", "--layers", "foo"], "--layers takes 'last', 'all' or comma-separated integers"),
+    (["-o", "OUT"], "give audio files or folders, or --files-from LIST"),
+    (["--files-from", "IN/d0/track 00.wav", "-o", "OUT"], "holds NUL bytes, so it is not a text list"),
+])
+def test_usage_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, says):
+    corpus(tmp_path / "IN", 1)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("IN", str(tmp_path / "IN")).replace("OUT", str(tmp_path / "OUT")) for a in args]
+    assert main(["embed", *argv, "--model", "mfcc"]) == 2
+    assert says in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.npz"))  # -o "" wrote nothing into the working folder
+
+
+def test_extensions_with_spaces_after_commas_still_count(tmp_path, capsys):
+    tone(tmp_path / "in" / "a.wav", 0.5)
+    tone(tmp_path / "in" / "b.flac", 0.5)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc", "--ext", "wav, flac"]) == 0
+    assert "2 embedded" in capsys.readouterr().out
+
+
+def test_an_output_folder_on_a_read_only_filesystem_says_so(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from musicssl.bulk.outputs import make_out_dir
+    from musicssl.errors import OutputPathError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OutputPathError, match="Read-only file system"):
+        make_out_dir(tmp_path / "out")
+
+
+def test_a_failed_name_with_a_line_break_stays_out_of_the_retry_list(tmp_path, caplog):
+    tone(tmp_path / "in" / "good.wav", 0.5)
+    (tmp_path / "in" / "bad\nname.wav").write_bytes(b"RIFF junk")
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF junk")
+    with caplog.at_level("WARNING", logger="musicssl"):
+        res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", num_workers=0)
+    assert res.failed == 2 and res.failed_list.read_text().splitlines() == [str(tmp_path / "in" / "bad.wav")]
+    assert "1 failed inputs have a line break in their name" in caplog.text
 
 
 @pytest.mark.parametrize("when", ["launch", "result"])

@@ -36,9 +36,12 @@ def make_out_dir(path: Path, flag: str = "-o/out") -> None:
     except OSError as err:
         raise OutputPathError(f"cannot make the output folder {path}: {err.strerror}; give {flag} a folder "
                               "you may write to") from err
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write to the output folder {path}: permission denied; give {flag} a "
-                              "folder you may write to")
+    try:  # a real write, not os.access: that one says "permission denied" for a read-only filesystem too
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OutputPathError(f"cannot write to the output folder {path}: {err.strerror}; give {flag} a "
+                              "folder you may write to") from err
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", temp: Path | None = None,

@@ -40,6 +40,9 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
     # (Windows editors write one) is not part of the first name. Only line ends (\n or \r\n) are
     # stripped: a path may begin or end with spaces.
     raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if b"\0" in raw:
+        raise ValueError(f"the list of inputs {list_file} holds NUL bytes, so it is not a text list: give "
+                         "--files-from a file with one path per line (e.g. made by `find DIR -name '*.mp3' > list.txt`)")
     return [os.fsdecode(line) for line in raw.splitlines() if line.strip()]
 
 

@@ -68,6 +68,8 @@ class ExtractResult:
     stages: dict[str, float] = field(default_factory=dict)
     stop_reason: str = ""  # why this process stopped early, e.g. "at the first failure: --fail-fast"
     warned: int = 0  # embedded, but decoding warned (e.g. a damaged file used up to the damage): see the manifest
+    planned: int = 0  # this run's inputs (this shard's, over all ranks); more than `total` when it stopped early
+    found: int = 0  # inputs found before --shard took its part
 
     @property
     def total(self) -> int:
@@ -143,6 +145,8 @@ def extract(
     if pool not in (None, "mean", "max"):
         raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
     check_device(device)
+    if not os.fspath(out):  # os.path.abspath("") is the working folder: an unset $OUT would fill it
+        raise ValueError("the output folder is empty (an unset variable?): give -o/out a folder")
     if isinstance(inputs, (str, os.PathLike)):  # one file or folder, not its characters
         inputs = [inputs]
     ranks = distributed.from_env()
@@ -169,6 +173,7 @@ class _Run:
         jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
                                     extensions=extensions)
         make_out_dir(self.out_dir)
+        self.found = len(jobs)
         if shard:
             jobs = take_shard(jobs, *parse_shard(shard))
         self.jobs = jobs  # this shard's jobs: the scope of the failed list and the table
@@ -425,7 +430,7 @@ class _Run:
         return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
                              self.out_dir / MANIFEST, failed_list, tables, counts[3],
                              time.perf_counter() - self.started, bool(counts[4]), self.errors,
-                             dict(self.watch.seconds), self.stop_reason, int(counts[5]))
+                             dict(self.watch.seconds), self.stop_reason, int(counts[5]), len(self.jobs), self.found)
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
@@ -434,6 +439,11 @@ class _Run:
         """failed.txt: this shard's inputs whose latest record is an error (None, and no file, if none)."""
         latest = latest_status(self.out_dir / MANIFEST)
         failed = [str(j.source) for j in self.jobs if latest.get(str(j.source), {}).get("status") == "error"]
+        unlisted = [f for f in failed if "\n" in f or "\r" in f]  # a line break would split a name in two lines
+        if unlisted:
+            log.warning("%d failed inputs have a line break in their name and are left out of failed.txt (their "
+                        "manifest lines name them exactly), e.g. %r", len(unlisted), unlisted[0])
+            failed = [f for f in failed if f not in unlisted]
         path = self.out_dir / f"failed{self._suffix()}.txt"
         if not failed:
             path.unlink(missing_ok=True)
