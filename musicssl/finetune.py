@@ -518,6 +518,8 @@ def finetune(
     task: a Task, a task CSV (`path,label[,split][,group]`) or a folder per class (see
         `musicssl.evaluate.tasks.load_task`; kind, label and root are passed to it).
     model: a name, "hf-hub:org/repo", a release folder or an Encoder (a Classifier's backbone is reused).
+        An Encoder passed in is trained in place, as torch training loops do: pass
+        `copy.deepcopy(enc)` to keep the original.
     out: run folder to write: a release (config.json, model.safetensors, README.md) that
         `musicssl.load(out)` reads back, metrics.json and log.jsonl; None writes nothing.
     freeze: "frozen" (head and layer weights only), "last-N" (and the last N blocks) or "full".

@@ -219,6 +219,9 @@ def test_paths_are_decoded(tmp_path):
         (np.zeros((16000, 2), np.float32), {"sr": SR}, r"looks like \(samples, channels\).*x\.T"),
         ([np.zeros((16000, 6), np.float32)], {"sr": SR}, r"item 0 has shape \(16000, 6\)"),
         (torch.zeros(3, 16000, 2), {"sr": SR}, r"transpose\(0, 2, 1\)"),
+        # A 16-channel recording the same way: not 16000 clips of 1 ms.
+        (np.zeros((16000, 16), np.float32), {"sr": SR}, r"looks like \(samples, channels\)"),
+        (np.zeros(1000, np.int64), {"sr": SR}, r"int64, which is no PCM format.*astype\(np.int16\)"),
     ],
 )
 def test_bad_inputs_are_refused_clearly(audio, kwargs, match):

@@ -684,6 +684,16 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert (out / "failed.txt").read_text().strip().endswith("broken.wav")
 
 
+def test_an_encoder_passed_in_is_left_as_it_was(tmp_path):
+    """extract(model=enc, dtype=..., device=...) runs a copy where it would change the caller's encoder."""
+    tone(tmp_path / "a.wav", 0.5)
+    enc = musicssl.load()
+    enc.train()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    assert extract(tmp_path / "a.wav", tmp_path / "out", enc, dtype=torch.bfloat16, num_workers=0).ok == 1
+    assert enc.training and all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+
 def test_model_digest_covers_zero_dim_buffers() -> None:
     """PESTO keeps its pitch shift as a 0-d buffer: the digest must read it, and change with it."""
     import musicssl

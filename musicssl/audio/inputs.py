@@ -32,7 +32,7 @@ def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray
     if is_path(audio):
         return [_load_path(audio, target_sr)]
     if isinstance(audio, (np.ndarray, torch.Tensor)):
-        arr = _channels_first(_as_numpy(audio, "the audio"), "the audio")
+        arr = _channels_first(_as_numpy(audio, "the audio"), "the audio", sr)
         if arr.ndim == 1:
             clips = [arr]
         elif arr.ndim == 2:
@@ -60,7 +60,7 @@ def _one_item(x: Any, sr: int | None, target_sr: int, i: int) -> np.ndarray:
         return _load_path(x, target_sr)
     if not isinstance(x, (np.ndarray, torch.Tensor)):
         raise AudioInputError(f"item {i} of the list is a {type(x).__name__}; expected a path, array or tensor")
-    arr = _channels_first(_as_numpy(x, f"item {i}"), f"item {i}")
+    arr = _channels_first(_as_numpy(x, f"item {i}"), f"item {i}", sr)
     if arr.ndim == 2:
         arr = arr.mean(axis=0)
     elif arr.ndim != 1:
@@ -87,15 +87,23 @@ def _as_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
         return arr.astype(np.float32) / np.float32(_INT_SCALE[arr.dtype])
     if arr.dtype == np.uint8:  # 8-bit WAV convention: unsigned, centred on 128
         return (arr.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(arr.dtype, np.integer):  # int64 is what np.array([...]) of ints gives: its scale is unknown
+        raise AudioInputError(f"{what} has dtype {arr.dtype}, which is no PCM format: pass float samples in "
+                              "[-1, 1], or int8/int16/int32/uint8 PCM (x.astype(np.int16) if it holds 16-bit samples)")
     if not np.issubdtype(arr.dtype, np.floating):
         raise AudioInputError(f"{what} has dtype {arr.dtype}; pass float samples in [-1, 1] or integer PCM")
     return arr.astype(np.float32, copy=False)
 
 
-def _channels_first(arr: np.ndarray, what: str) -> np.ndarray:
+def _channels_first(arr: np.ndarray, what: str, sr: int | None) -> np.ndarray:
     """Refuse (..., samples, channels), the layout soundfile.read returns: taken as channels first,
-    it would silently become thousands of clips of 2 samples."""
-    if arr.ndim >= 2 and arr.shape[-1] <= _MAX_CHANNELS < arr.shape[-2]:
+    it would silently become thousands of clips of 2 samples. A trailing axis is channels when it
+    is at most 8 after a longer one, or (a multichannel recording) shorter than 10 ms at `sr`
+    after one more than 4 times as long."""
+    if arr.ndim < 2:
+        return arr
+    n, before = arr.shape[-1], arr.shape[-2]
+    if n <= _MAX_CHANNELS < before or (sr is not None and n < sr / 100 and before > 4 * n):
         raise AudioInputError(
             f"{what} has shape {tuple(arr.shape)}, which looks like (samples, channels), the layout "
             f"soundfile.read returns; embed() takes channels before samples: pass x.T for one clip "

@@ -12,6 +12,7 @@ share and rank 0 merges the records (distributed.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import hashlib
 import json
@@ -225,10 +226,13 @@ class _Run:
         from musicssl.factory import load
 
         enc = model if isinstance(model, Encoder) else load(model, offline=offline)
-        enc.eval()
         self.model_name = os.fspath(model) if not isinstance(model, Encoder) else enc.spec.name if enc.spec else enc.family
         info = run_info(enc, self.model_name, layers, pool, self.format, dtype, self)
-        enc.to(device=distributed.device_for(device, self.ranks), dtype=dtype)
+        where = distributed.device_for(device, self.ranks)
+        if enc is model and _would_change(enc, where, dtype):
+            enc = copy.deepcopy(enc)  # the caller's encoder keeps its mode, device and dtype
+        enc.eval()
+        enc.to(device=where, dtype=dtype)
         return enc, info
 
     def _records_path(self) -> Path:
@@ -456,6 +460,14 @@ class _Run:
                  read_clip(self.format, j.output, pooled=self.pool is not None))
                 for j in self.jobs if j.output.exists()]
         return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep)
+
+
+def _would_change(enc: Encoder, device: str | None, dtype: torch.dtype | None) -> bool:
+    """Whether running `enc` in eval mode on `device` in `dtype` would change it."""
+    if enc.training or (device is not None and torch.device(device) != enc.device):
+        return True
+    floats = [p.dtype for p in enc.parameters() if p.is_floating_point()]
+    return dtype is not None and bool(floats) and dtype not in floats  # front-ends stay float32 (load())
 
 
 def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: str, dtype: torch.dtype | None,
