@@ -420,6 +420,20 @@ def test_truncated_file_decodes_the_prefix_and_warns(encoded, clip, tmp_path, ca
     assert "truncated" in caplog.text and f"cut.{ext}" in caplog.text
 
 
+@pytest.mark.parametrize("ext", ["mp3", "ogg", "opus"])
+def test_truncated_compressed_file_decodes_what_is_there_and_warns(encoded, clip, tmp_path, caplog, ext):
+    """libsndfile decodes such a file to the cut without complaint: an MP3's length tag promises
+    more, an Ogg stream lacks its last page."""
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        whole, _ = load_audio(encoded[ext])
+    assert not caplog.text  # whole files do not warn
+    path = truncate(encoded[ext], tmp_path / f"cut.{ext}", 0.5)
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(path)
+    assert 0 < len(x) < 0.8 * len(whole)
+    assert "truncated" in caplog.text and f"cut.{ext}" in caplog.text
+
+
 def test_flac_streamed_without_its_length_decodes_whole(encoded, clip, tmp_path, caplog):
     """A FLAC written to a pipe has 0 in its STREAMINFO total (libsndfile: 2**63 - 1 frames); it
     used to fail as "array is too big", and reading to its end as damage."""

@@ -30,7 +30,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from musicssl.audio.mpeg import mpeg_samples
+from musicssl.audio.mpeg import has_length_tag, mpeg_samples
+from musicssl.audio.ogg import ogg_cut_short
 from musicssl.audio.sink import FrameSink, mix_down
 from musicssl.errors import AudioDecodeError, AudioInputError
 
@@ -458,8 +459,8 @@ def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | N
             "%s: the header promises %d frames but only %d decode; the file is probably "
             "truncated, using the frames present", p, want, got,
         )
-    elif start + got == total:
-        _warn_if_wav_truncated(f, p)
+    elif limit is None or got < limit:  # read to the end: did the file end where its stream does?
+        _warn_if_cut_short(f, p, start + got)
     if got == 0:
         raise _no_samples(p, "soundfile")
 
@@ -525,6 +526,23 @@ def _length_is_known(f: sf.SoundFile) -> bool:
     size and the first frame's bitrate unless a Xing/Info header gives it, and a stream written to
     a pipe (a FLAC without its total) reports 2**63 - 1."""
     return f.format != "MP3" and f.frames < _UNKNOWN_FRAMES
+
+
+def _warn_if_cut_short(f: sf.SoundFile, p: Path, end: int) -> None:
+    """Warn when a file read to its end (frame `end`) holds less than it should: a WAV whose
+    header claims more, an MP3 whose length tag does, an Ogg stream without its last page."""
+    if f.format == "WAV" and end == f.frames:
+        _warn_if_wav_truncated(f, p)
+    elif f.format == "MP3" and end + _MPEG_SLACK < f.frames and has_length_tag(p):
+        log.warning("%s: its length tag promises %d frames but only %d decode; the file is probably "
+                    "truncated, using the frames present", p, f.frames, end)
+    elif f.format == "OGG" and ogg_cut_short(p):
+        log.warning("%s: the Ogg stream stops without its last page; the file is probably truncated, "
+                    "using the frames present", p)
+
+
+# Frames an MP3 may decode short of its length tag without being cut: two frames (encoder padding).
+_MPEG_SLACK = 2 * 1152
 
 
 def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:

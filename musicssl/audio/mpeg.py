@@ -27,12 +27,8 @@ _HEAD_BYTES = 1 << 16  # the first frame (and its length tag) starts within this
 def mpeg_samples(path: Path) -> int | None:
     """Samples per channel that the file's frames hold, or None when its first frame carries a
     length tag (libsndfile's count is then exact) or no run of valid frames is found."""
-    with open(path, "rb") as fh:  # the head first: most files carry a length tag
-        start = _skip_id3v2(fh.read(10))
-        fh.seek(start)
-        head = fh.read(_HEAD_BYTES)
-    first = _first_frame(head, 0)
-    if first is None or any(tag in head[first : first + 200] for tag in _LENGTH_TAGS):
+    start, head, first = _head(path)  # the head first: most files carry a length tag
+    if first is None or _tagged(head, first):
         return None
     data = Path(path).read_bytes()
     pos: int | None = start + first
@@ -45,6 +41,26 @@ def mpeg_samples(path: Path) -> int | None:
         size, n = frame
         samples, pos = samples + n, pos + size
     return samples
+
+
+def has_length_tag(path: Path) -> bool:
+    """Whether the first frame carries a Xing/Info/VBRI length tag (libsndfile's count is then the
+    encoder's, so fewer frames decoding means the file was cut short)."""
+    _, head, first = _head(path)
+    return first is not None and _tagged(head, first)
+
+
+def _head(path: Path) -> tuple[int, bytes, int | None]:
+    """(where the audio starts, its first _HEAD_BYTES, the first frame's offset in them or None)."""
+    with open(path, "rb") as fh:
+        start = _skip_id3v2(fh.read(10))
+        fh.seek(start)
+        head = fh.read(_HEAD_BYTES)
+    return start, head, _first_frame(head, 0)
+
+
+def _tagged(head: bytes, first: int) -> bool:
+    return any(tag in head[first : first + 200] for tag in _LENGTH_TAGS)
 
 
 def _skip_id3v2(data: bytes) -> int:
