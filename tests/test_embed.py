@@ -125,6 +125,21 @@ def test_layers_and_pooling(enc):
         enc.embed(x, sr=SR, pool="median")
 
 
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_pooling_keeps_no_frames_of_long_audio(pool):
+    """pool= returns only the clip, so only a running sum and max per item are held, whatever the
+    length, and they give the clip of the frames."""
+    enc = musicssl.load("mfcc")
+    items = [music(30.0, 1), music(2.0, 2)]
+    frames, lengths = enc._embed_items(items, [0], batch_size=4, pooled=True)
+    assert [f.nbytes for f in frames] == [2 * 60 * 4] * 2  # (L, D) sum and max: nothing per frame
+    every, pooled = enc.embed(items, sr=SR), enc.embed(items, sr=SR, pool=pool)
+    assert pooled.frames is None and pooled.timestamps.shape == every.timestamps.shape
+    for i, n in enumerate(every.lengths):
+        valid = every.frames[i, :n]
+        torch.testing.assert_close(pooled.clip[i], valid.mean(0) if pool == "mean" else valid.amax(0))
+
+
 def test_output_dtype_and_backbone_dtype(enc):
     x = music(4.0, 7)
     ref = enc.embed(x, sr=SR)

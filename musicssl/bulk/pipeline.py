@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from musicssl.errors import describe
-from musicssl.models.base import Encoder, _Launched, _Window
+from musicssl.models.base import Encoder, RunningPool, _Launched, _Window
 
 
 @dataclass(eq=False)
@@ -28,7 +28,7 @@ class OpenFile:
     index: int  # into the run's job list
     seq: int  # arrival order
     audio: torch.Tensor  # (S,)
-    frames: torch.Tensor  # (T, L, D), filled window by window
+    frames: torch.Tensor | RunningPool  # (T, L, D), filled window by window (pooled: a running sum and max)
     windows_left: int
     last_window: int
     seconds: float  # time spent on it so far (decode + its share of batches)

@@ -41,7 +41,7 @@ from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.models.base import Encoder, LayersArg, _single_layer, check_batch_size
+from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
 log = logging.getLogger("musicssl")
@@ -334,7 +334,8 @@ class _Run:
                 f"{job.source}: {len(audio) / self.encoder.sample_rate:.4f} s of audio is too short for one "
                 f"frame of this model ({1 / self.encoder.frame_rate:.3f} s per frame)"))
         windows = self.encoder._windows([len(audio)])
-        frames = torch.zeros(n_frames, len(self.keep), self.encoder.embed_dim)
+        shape = (n_frames, len(self.keep), self.encoder.embed_dim)
+        frames = RunningPool(*shape) if self.pool else torch.zeros(shape)  # pooled: memory does not grow with length
         f = OpenFile(int(item["index"]), seq, audio, frames, len(windows), windows[-1].index, seconds,
                      warning=item["warning"])
         packer.add(f, windows)
@@ -357,8 +358,8 @@ class _Run:
     def _outputs(self, f: OpenFile) -> dict[str, Any]:
         """A finished file's arrays: frames (T, D) or (L, T, D) (None when pooled), timestamps (T,), clip."""
         n = f.frames.shape[0]
-        emb = self.encoder._assemble(f.frames[None], torch.tensor([n]), self.keep, self.pool, torch.float32,
-                                     self.single)
+        frames = [f.frames] if isinstance(f.frames, RunningPool) else f.frames[None]
+        emb = self.encoder._assemble(frames, torch.tensor([n]), self.keep, self.pool, torch.float32, self.single)
         return {"frames": None if emb.frames is None else emb.frames[0].numpy(), "timestamps": emb.timestamps.numpy(),
                 "clip": emb.clip[0].numpy(), "layers": emb.layers, "duration": len(f.audio) / self.encoder.sample_rate}
 

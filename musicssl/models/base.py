@@ -162,7 +162,7 @@ class Encoder(nn.Module):
         keep = self._layer_indices(layers)
         items = prepare_items(audio, sr, self.sample_rate)
         with torch.inference_mode(), evaluating(self):
-            frames, lengths = self._embed_items(items, keep, batch_size)
+            frames, lengths = self._embed_items(items, keep, batch_size, pooled=pool is not None)
         return self._assemble(frames, lengths, keep, pool, dtype, single_layer=_single_layer(layers))
 
     def _layer_indices(self, layers: LayersArg) -> list[int]:
@@ -206,11 +206,16 @@ class Encoder(nn.Module):
                 k += 1
         return out
 
-    def _embed_items(self, items: list[np.ndarray], keep: list[int], batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run all windows of all items, longest first, stitched in place -> frames (B, T, L, D), lengths (B,)."""
+    def _embed_items(self, items: list[np.ndarray], keep: list[int], batch_size: int,
+                     pooled: bool = False) -> tuple[torch.Tensor | list[RunningPool], torch.Tensor]:
+        """Run all windows of all items, longest first, stitched in place -> frames (B, T, L, D)
+        (`pooled`: a RunningPool per item instead), lengths (B,)."""
         with torch.inference_mode(False):  # returned as ordinary tensors: autograd and in-place edits work on them
             lengths = self.frame_lengths(torch.tensor([len(x) for x in items]))
-            frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
+            if pooled:  # only the clip is returned: memory must not grow with the audio
+                frames: Any = [RunningPool(int(n), len(keep), self.embed_dim) for n in lengths]
+            else:
+                frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
         windows = self._windows([len(x) for x in items])
         last_window = {w.item: w.index for w in windows}
         # Longest first: batches then hold windows of similar length and pad little.
@@ -308,7 +313,14 @@ class Encoder(nn.Module):
         self, frames: torch.Tensor, lengths: torch.Tensor, keep: list[int], pool: str | None,
         dtype: torch.dtype, single_layer: bool,
     ) -> Embeddings:
-        """frames (B, T, L, D) zero past `lengths` -> Embeddings with clip pooled over valid frames."""
+        """frames (B, T, L, D) zero past `lengths` (or a RunningPool per item) -> Embeddings with clip
+        pooled over valid frames."""
+        if isinstance(frames, list):
+            clip = torch.stack([f.clip(pool) for f in frames])
+            frames, T = None, int(lengths.max())
+            if single_layer:
+                clip = clip[:, 0]
+            return self._embeddings(frames, clip, lengths, T, keep, pool, dtype)
         T = frames.shape[1]
         if pool == "max":
             valid = (torch.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
@@ -318,6 +330,10 @@ class Encoder(nn.Module):
         frames = frames.transpose(1, 2)  # (B, L, T, D), a view
         if single_layer:
             frames, clip = frames[:, 0], clip[:, 0]
+        return self._embeddings(frames, clip, lengths, T, keep, pool, dtype)
+
+    def _embeddings(self, frames: torch.Tensor | None, clip: torch.Tensor, lengths: torch.Tensor, T: int,
+                    keep: list[int], pool: str | None, dtype: torch.dtype) -> Embeddings:
         timestamps = (self.frame_offset + torch.arange(T, dtype=torch.float64) * self.hop_length) / self.sample_rate
         return Embeddings(
             frames=None if pool else frames.to(dtype),
@@ -341,6 +357,26 @@ def evaluating(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+class RunningPool:
+    """Stands in for one item's frames (T, L, D) when only its clip is kept: `pool[a:b] = rows`
+    adds rows (n, L, D) to a running sum and max, so memory does not grow with the audio."""
+
+    def __init__(self, n_frames: int, layers: int, dim: int) -> None:
+        self.shape = (n_frames, layers, dim)
+        self.sum = torch.zeros(layers, dim)
+        self.max = torch.full((layers, dim), float("-inf"))
+        self.nbytes = self.sum.nbytes + self.max.nbytes
+
+    def __setitem__(self, index: slice, rows: torch.Tensor) -> None:
+        if len(rows):
+            self.sum += rows.sum(dim=0)
+            torch.maximum(self.max, rows.amax(dim=0), out=self.max)
+
+    def clip(self, pool: str | None) -> torch.Tensor:
+        """(L, D): the max, or the mean over the item's frames."""
+        return self.max.clone() if pool == "max" else self.sum / self.shape[0]
 
 
 def _single_layer(layers: LayersArg) -> bool:
