@@ -48,6 +48,10 @@ def load(
     overrides: constructor arguments for registered architectures built with pretrained=False.
     """
     device = check_device(device)  # before any download
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"load() takes a model name, 'hf-hub:org/repo' or a release folder, not {name!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16, not {dtype!r}")
     source = os.fspath(name)
     if not is_registry_name(source):
         if not pretrained or overrides:  # a release is rebuilt from its own config.json

@@ -125,6 +125,20 @@ def test_layers_and_pooling(enc):
         enc.embed(x, sr=SR, pool="median")
 
 
+def test_a_url_is_refused_with_the_fix():
+    from musicssl.errors import AudioDecodeError
+
+    with pytest.raises(AudioDecodeError, match="a URL is not fetched; download the file first"):
+        musicssl.load("mfcc").embed("https://example.com/a.wav")
+
+
+def test_numpy_layer_lists_and_rates_are_taken():
+    enc = musicssl.load("mfcc")
+    x = music(1.0)
+    torch.testing.assert_close(enc.embed(x, sr=np.float32(SR), layers=np.arange(1)).frames,
+                               enc.embed(x, sr=SR, layers=[0]).frames)
+
+
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_pooling_keeps_no_frames_of_long_audio(pool):
     """pool= returns only the clip, so only a running sum and max per item are held, whatever the
@@ -237,6 +251,8 @@ def test_paths_are_decoded(tmp_path):
         # A 16-channel recording the same way: not 16000 clips of 1 ms.
         (np.zeros((16000, 16), np.float32), {"sr": SR}, r"looks like \(samples, channels\)"),
         (np.zeros(1000, np.int64), {"sr": SR}, r"int64, which is no PCM format.*astype\(np.int16\)"),
+        (np.zeros((0, 16000), np.float32), {"sr": SR}, "an empty batch"),
+        (np.zeros((16, 0), np.float32), {"sr": SR}, "item 0 has no samples"),
     ],
 )
 def test_bad_inputs_are_refused_clearly(audio, kwargs, match):

@@ -94,6 +94,10 @@ def test_unknown_model_and_overrides():
     assert musicssl.load("logmel", n_mels=64).embed_dim == 64  # weight-free models take overrides
     with pytest.raises(TypeError, match=r"unknown keyword arguments \['offlin'\] for 'simclr-mini'"):
         musicssl.load("simclr-mini", offlin=True)  # a typo is not a constructor override
+    with pytest.raises(TypeError, match="takes a model name"):
+        musicssl.load(None)
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        musicssl.load("mfcc", dtype="float16")
 
 
 def test_a_folder_named_like_a_model_hides_it_only_if_it_is_a_release(tmp_path, monkeypatch):

@@ -33,6 +33,8 @@ def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray
         return [_load_path(audio, target_sr)]
     if isinstance(audio, (np.ndarray, torch.Tensor)):
         arr = _channels_first(_as_numpy(audio, "the audio"), "the audio", sr)
+        if arr.ndim >= 2 and arr.shape[0] == 0:
+            raise AudioInputError(f"the audio has shape {tuple(arr.shape)}: an empty batch; pass at least one clip")
         if arr.ndim == 1:
             clips = [arr]
         elif arr.ndim == 2:
@@ -100,7 +102,7 @@ def _channels_first(arr: np.ndarray, what: str, sr: int | None) -> np.ndarray:
     it would silently become thousands of clips of 2 samples. A trailing axis is channels when it
     is at most 8 after a longer one, or (a multichannel recording) shorter than 10 ms at `sr`
     after one more than 4 times as long."""
-    if arr.ndim < 2:
+    if arr.ndim < 2 or arr.shape[-1] == 0:  # no samples: said as such later
         return arr
     n, before = arr.shape[-1], arr.shape[-2]
     if n <= _MAX_CHANNELS < before or (sr is not None and n < sr / 100 and before > 4 * n):

@@ -252,7 +252,7 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
 def check_rate(sr: Any, name: str) -> int:
     """A positive integer rate in Hz (integral floats such as 16000.0 are accepted)."""
     ok = isinstance(sr, numbers.Integral) and not isinstance(sr, (bool, np.bool_))
-    if isinstance(sr, float) and sr.is_integer():
+    if isinstance(sr, (float, np.floating)) and float(sr).is_integer():  # np.float32(16000) too
         ok = True
     if not ok or sr <= 0:
         raise AudioInputError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}.")
@@ -273,6 +273,9 @@ def _check_span(offset: float, duration: float | None) -> None:
 
 def _check_path(path: PathLike) -> Path:
     """The path as a readable, non-empty regular file, or an AudioDecodeError saying why not."""
+    if re.match(r"[a-z][a-z0-9+.-]*://", os.fsdecode(path), re.IGNORECASE):
+        raise AudioDecodeError(f"Cannot read audio file '{os.fsdecode(path)}': a URL is not fetched; download "
+                               "the file first and pass its path.")
     p = Path(path).expanduser()
     try:
         st = p.stat()

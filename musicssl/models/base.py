@@ -167,6 +167,8 @@ class Encoder(nn.Module):
 
     def _layer_indices(self, layers: LayersArg) -> list[int]:
         n = self.num_layers
+        if isinstance(layers, (np.ndarray, torch.Tensor)):  # np.arange(3): its truth value is ambiguous
+            layers = layers.tolist()
         if layers == "last":
             chosen: list[int] = [n - 1]
         elif layers == "all":
@@ -380,7 +382,7 @@ class RunningPool:
 
 
 def _single_layer(layers: LayersArg) -> bool:
-    return layers == "last" or isinstance(layers, (int, np.integer))
+    return (isinstance(layers, str) and layers == "last") or isinstance(layers, (int, np.integer))
 
 
 def conv_frames(lengths: torch.Tensor, hop: int, patch: int = 1) -> torch.Tensor:
