@@ -213,7 +213,7 @@ def _candidates(name_or_family: str) -> list[Any]:
     from musicssl.registry import canonical, list_models, model_info
 
     try:
-        return [model_info(name_or_family)]
+        spec = model_info(name_or_family)
     except UnknownModelError:
         specs = [model_info(n) for n in list_models(pretrained=False)]
         key = canonical(name_or_family)
@@ -225,6 +225,10 @@ def _candidates(name_or_family: str) -> list[Any]:
                 f"families: {families}; models: `musicssl list --verbose`."
             ) from None
         return found
+    if not spec.converted:
+        raise ValueError(f"{spec.name!r} is not a port of upstream weights, so there is nothing to convert: "
+                         f"load it with musicssl.load({spec.name!r}); `musicssl list --verbose` shows the ports")
+    return [spec]
 
 
 def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> tuple[Any, Path]:

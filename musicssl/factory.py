@@ -245,8 +245,13 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
+    from musicssl.bulk.outputs import make_out_dir
+
+    if not isinstance(encoder, Encoder):
+        raise TypeError(f"save_pretrained takes a musicssl Encoder (from musicssl.load or a recipe), not a "
+                        f"{type(encoder).__name__}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_out_dir(folder, "save_pretrained(folder=...)")
     spec = _release_spec(encoder, name)
     config = {
         "format_version": FORMAT_VERSION,

@@ -143,4 +143,6 @@ def _embed(audio: torch.Tensor, model: HearModel, pool: str | None) -> Embedding
                               f"not a {audio.dtype} tensor of shape {tuple(audio.shape)}")
     if audio.numel() == 0:
         raise AudioInputError(f"HEAR audio of shape {tuple(audio.shape)} holds no samples")
-    return model.encoder.embed(audio, sr=model.sample_rate, layers=model.layer, pool=pool)
+    # As a list of (n_samples,) clips: the layout is given, so 16 sounds of 8 samples are not
+    # taken for soundfile's (samples, channels), as a (16, 8) array given to embed() would be.
+    return model.encoder.embed(list(audio), sr=model.sample_rate, layers=model.layer, pool=pool)

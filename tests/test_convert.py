@@ -146,6 +146,8 @@ def test_convert_unknown_family(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(UnknownModelError, match="families"):
         convert.convert_local("no-such-family", [f], tmp_path / "out")
+    with pytest.raises(ValueError, match="'simclr-mini' is not a port of upstream weights"):
+        convert.convert_local("simclr-mini", [f], tmp_path / "out")
 
 
 def test_convert_missing_file(tmp_path):

@@ -112,6 +112,16 @@ def test_a_folder_named_like_a_model_hides_it_only_if_it_is_a_release(tmp_path, 
         musicssl.load("./jepa-tiny", depth=3)
 
 
+def test_save_pretrained_mistakes_are_said(tmp_path):
+    from musicssl.errors import OutputPathError
+
+    with pytest.raises(TypeError, match="takes a musicssl Encoder"):
+        musicssl.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "r")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputPathError, match="is a file"):
+        musicssl.save_pretrained(musicssl.load("mfcc"), tmp_path / "file")
+
+
 @pytest.mark.parametrize("change, says", [
     (lambda c: c["args"].update(foo=1), "unexpected keyword argument 'foo'"),
     (lambda c: c.update(args=[1]), r"\['args'\] must be JSON objects"),

@@ -216,6 +216,12 @@ def test_bad_audio_is_refused_clearly(audio, match):
         hear.get_scene_embeddings(audio, model)
 
 
+def test_many_short_sounds_are_sounds_not_channels():
+    """HEAR's layout is (n_sounds, n_samples): 16 sounds of 8 samples are not (samples, channels)."""
+    model = hear.wrap(musicssl.load("logmel"))
+    assert hear.get_scene_embeddings(0.1 * torch.randn(16, 8), model).shape == (16, 128)
+
+
 def test_model_must_come_from_load_model():
     with pytest.raises(TypeError, match="load_model"):
         hear.get_scene_embeddings(torch.zeros(1, 16000), musicssl.load("logmel"))
