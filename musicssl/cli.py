@@ -434,7 +434,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, values in recipe_class(args.recipe).PRESETS.items():
             print(f"{name}: {json.dumps(values)}")
         return 0
-    run = train(args.recipe, preset=args.preset, data=args.data, out=args.out, **parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    given = sorted(set(overrides) & {"recipe", "preset", "data", "out"})
+    if given:
+        raise ValueError(f"{', '.join(f'{k}=' for k in given)}: give these as the recipe argument and --preset, "
+                         "--data, --out, not as KEY=VALUE settings")
+    run = train(args.recipe, preset=args.preset, data=args.data, out=args.out, **overrides)
     print(f"trained: {run} (export with: musicssl export {run} --out RELEASE_DIR)")
     return 0
 

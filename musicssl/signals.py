@@ -10,15 +10,18 @@ instead of after hours of it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 # The signals caught, what the command's last line calls each, and its exit status (as a shell's).
 STOP_SIGNALS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
 
 received: list[int] = []  # STOP_SIGNALS seen since `catch()`, in order
+_holding = [0]  # > 0 inside `held()`: a signal is recorded, and raised at the next `check()`
 
 
 def catch() -> list[int]:
@@ -33,7 +36,8 @@ def catch() -> list[int]:
 
     def on_signal(signum: int, frame: Any) -> None:
         received.append(signum)
-        raise KeyboardInterrupt
+        if not _holding[0]:
+            raise KeyboardInterrupt
 
     def quiet(unraisable: Any, hook: Any = sys.unraisablehook) -> None:
         if not isinstance(unraisable.exc_value, KeyboardInterrupt):  # that one, the command reports
@@ -46,6 +50,17 @@ def catch() -> list[int]:
     if caught:
         sys.unraisablehook = quiet
     return received
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Hold stop signals back until the next `check()`: for work that must finish whole, such as a
+    training step whose optimiser state a checkpoint saves."""
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
 
 
 def check() -> None:

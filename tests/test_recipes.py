@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,68 @@ def test_resume_is_exact_and_export_loads(name, tmp_path):
     x = (0.1 * np.random.default_rng(0).standard_normal(3 * mine.sample_rate)).astype(np.float32)
     torch.testing.assert_close(musicssl.load(release).embed(x, sr=mine.sample_rate).frames,
                                mine.embed(x, sr=mine.sample_rate).frames)
+
+
+def test_pesto_resumes_exactly_too(tmp_path):
+    """PESTO's backbone has dropout: a resumed run must draw the random numbers the whole run drew
+    (starting the data loader draws one, so the checkpoint's generator state is put back after)."""
+    settings = dict(LOOP, preset="pesto-tiny", steps=4, batch_size=2)
+    whole = train("pesto", out=str(tmp_path / "whole"), progress=False, **settings)
+    cut = train("pesto", out=str(tmp_path / "cut"), progress=False, until=2, **settings)
+    train("pesto", out=str(cut), progress=False, **settings)
+    a, b = load_checkpoint(whole)["model"], load_checkpoint(cut)["model"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=0, atol=0, msg=f"{key} differs after resume")
+
+
+def test_a_stop_signal_keeps_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM (held back until the step ends) saves a checkpoint at the last finished
+    step; the run then resumes from it to the same weights as an uninterrupted run."""
+    import musicssl.recipes.train as train_mod
+    from musicssl import signals
+
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 5, "ckpt_every": 100}
+    whole = train("simclr", out=str(tmp_path / "whole"), progress=False, **settings)
+    monkeypatch.setattr(signals, "received", [])
+    report = train_mod._report
+
+    def stop_after_step_3(run, bar, out, grad_norm, done, *args):
+        report(run, bar, out, grad_norm, done, *args)
+        if done == 3:
+            signals.received.append(signal.SIGINT)  # as the handler does while the step is held
+
+    monkeypatch.setattr(train_mod, "_report", stop_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train("simclr", out=str(tmp_path / "cut"), progress=False, **settings)
+    assert load_checkpoint(tmp_path / "cut")["step"] == 3
+    monkeypatch.setattr(signals, "received", [])
+    monkeypatch.setattr(train_mod, "_report", report)
+    train("simclr", out=str(tmp_path / "cut"), progress=False, **settings)
+    a, b = load_checkpoint(whole)["model"], load_checkpoint(tmp_path / "cut")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads(line)["step"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert logs == [1, 2, 3, 4, 5]
+
+
+def test_resuming_with_other_settings_is_refused_and_steps_may_grow(tmp_path):
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 2}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **settings)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 4 there, 8 now, lr: 0.001 there, 0.1 now\)"):
+        train("simclr", out=str(run), progress=False, **{**settings, "batch_size": 8, "lr": 0.1})
+    with pytest.raises(ValueError, match="recipe: 'simclr' there, 'byol' now"):
+        train("byol", out=str(run), progress=False, **settings)
+    train("simclr", out=str(run), progress=False, **{**settings, "steps": 3, "log_every": 2})
+    assert load_checkpoint(run)["step"] == 3
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="It is damaged"):
+        train("simclr", out=str(run), progress=False, **settings)
+
+
+def test_clip_grad_0_means_no_clipping(tmp_path):
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 1, "warmup_steps": 0, "clip_grad": 0.0, "weight_decay": 0.0}
+    before = {k: v.detach().clone() for k, v in build("simclr").named_parameters()}  # not BatchNorm's statistics
+    after = load_checkpoint(train("simclr", out=str(tmp_path / "run"), progress=False, **settings))["model"]
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 0
 
 
 def _card_command_reproduces_the_run(release: Path, ckpt: dict) -> None:

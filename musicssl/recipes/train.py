@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import time
 from dataclasses import dataclass
@@ -217,7 +218,33 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
     path = Path(run) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run}: train first (musicssl train RECIPE --out {run})")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
+        raise ValueError(f"cannot read {path}: {str(err).splitlines()[0]}. It is damaged (cut short?): delete it "
+                         f"to start {run} again, or train into another --out") from err
+
+
+# Settings a resumed run may change: how long it runs and how it reports, not what it computes.
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers", "device"}
+
+
+def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) -> None:
+    """Refuse to resume a run with settings other than those it was trained with (the run would
+    mix them, and its config.json and model card would describe a run that never happened)."""
+    before = {**ckpt["train_config"], **ckpt["recipe_config"]}
+    now = {**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)}
+    changed = sorted(k for k in now.keys() & before.keys()  # a setting newer than the checkpoint: its default
+                     if k not in RESUMABLE_CHANGES and _json(before[k]) != _json(now[k]))
+    if changed:
+        shown = ", ".join(f"{k}: {before[k]!r} there, {now[k]!r} now" for k in changed)
+        raise ValueError(f"{run} holds a run trained with other settings ({shown}). Resume it with its own "
+                         f"settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or train into "
+                         "another --out")
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))  # tuples and lists compare alike, as JSON saves them
 
 
 def recipe_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
@@ -231,8 +258,20 @@ def recipe_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
 # --------------------------------------------------------------------------- data
 
 
+def build_recipe(recipe: str, rcfg: Any) -> nn.Module:
+    """The recipe's model, or a ValueError naming the settings its constructors refused."""
+    try:
+        return recipe_class(recipe)(rcfg)
+    except (TypeError, ValueError, IndexError, KeyError) as err:  # e.g. backbone_args={"depthh": 2}
+        raise ValueError(f"the {recipe} recipe cannot be built with these settings: {err}. Check backbone_args "
+                         f"and the other settings (`musicssl train {recipe} --presets` shows working ones)") from err
+
+
 def make_data(tcfg: TrainConfig, rcfg: Any, sample_rate: int):
     from musicssl.recipes.data import AudioCrops, SyntheticMusic
+
+    if not rcfg.crop_seconds > 0:
+        raise ValueError(f"crop_seconds must be > 0 (seconds of audio per training example), got {rcfg.crop_seconds}")
 
     if tcfg.data == "synthetic":
         return SyntheticMusic(sample_rate=sample_rate, crop_seconds=rcfg.crop_seconds, length=tcfg.data_length,
@@ -283,19 +322,20 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     run = Path(tcfg.out)
     make_out_dir(run, "--out")
     torch.manual_seed(tcfg.seed)
-    model = recipe_class(recipe)(rcfg).to(device)
+    model = build_recipe(recipe, rcfg).to(device)
     opt = make_optimizer(model, tcfg)
     amp = _autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    start, elapsed = 0, 0.0
+    start, elapsed, ckpt = 0, 0.0, None
     if (run / CHECKPOINT).exists():
         ckpt = load_checkpoint(run)
+        check_resume(ckpt, tcfg, rcfg, run)
         model.load_state_dict(ckpt["model"], strict=True)
         opt.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         start, elapsed = ckpt["step"], ckpt["elapsed_seconds"]
+        _trim_log(run / "log.jsonl", start)
         log.info("resuming %s at step %d", run, start)
     if rank == 0:
         (run / "config.json").write_text(json.dumps(
@@ -311,37 +351,89 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     model.train()
     t0 = time.perf_counter()
     last = tcfg.steps if until is None else min(until, tcfg.steps)
-    for step, batch in zip(range(start, last), loader):
-        signals.check()  # a Ctrl-C or SIGTERM whose KeyboardInterrupt was lost (musicssl.signals)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        for group in opt.param_groups:
-            group["lr"] = tcfg.lr * lr_factor(step, tcfg)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out = step_module(batch)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr or use precision=fp32")
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
-        model.after_step(step, tcfg.steps)
-        done = step + 1
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            record = _log_record(out, grad_norm, done, tcfg, world, time.perf_counter() - t0, start)
-            if rank == 0:
-                with open(run / "log.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                bar(record)
-        if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
+    batches = iter(loader)  # starting it draws from torch's generator: restore the checkpoint's after
+    if ckpt is not None:
+        _restore_rng(ckpt["rng"])
+    saved = done = start
+    whole = True  # the model and optimiser hold a finished step (a checkpoint of them is sound)
+    try:
+        for step, batch in zip(range(start, last), batches):
+            signals.check()  # a Ctrl-C or SIGTERM (held back during the step below) stops here
+            whole = False
+            with signals.held():
+                out, grad_norm = _step(step, batch, model, step_module, opt, scaler, amp, device, tcfg)
+                done = step + 1
+                _report(run, bar, out, grad_norm, done, tcfg, world, time.perf_counter() - t0, start, rank)
+                if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
+                    save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
+                    saved = done
+            whole = True
+    except KeyboardInterrupt:
+        if whole and done > saved and rank == 0:  # keep the steps since the last checkpoint
             save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
+        raise
     if world > 1:
         dist.barrier()
     return run
+
+
+def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Module, opt: torch.optim.Optimizer,
+          scaler: Any, amp: torch.dtype | None, device: torch.device,
+          tcfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimiser step on `batch` -> (the recipe's outputs, the gradient norm before clipping)."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for group in opt.param_groups:
+        group["lr"] = tcfg.lr * lr_factor(step, tcfg)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = step_module(batch)
+    loss = out["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr or use precision=fp32")
+    opt.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(opt)
+    # clip_grad=0 means no clipping: a max norm of 0 would scale every gradient to zero.
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad or float("inf"))
+    scaler.step(opt) if scaler else opt.step()
+    if scaler:
+        scaler.update()
+    model.after_step(step, tcfg.steps)
+    return out, grad_norm
+
+
+def _report(run: Path, bar: Any, out: dict[str, torch.Tensor], grad_norm: torch.Tensor, done: int,
+            tcfg: TrainConfig, world: int, seconds: float, start: int, rank: int) -> None:
+    """Every log_every steps (and at the end): a line in log.jsonl and on the progress bar."""
+    if done % tcfg.log_every == 0 or done == tcfg.steps:
+        record = _log_record(out, grad_norm, done, tcfg, world, seconds, start)  # all ranks: it averages
+        if rank == 0:
+            with open(run / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar(record)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`, the checkpoint a run resumes from: those steps are done again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _logged_step(line) <= step]
+    if len(keep) < len(lines):
+        path.write_text("".join(keep))
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return -1  # a line cut short by a kill: kept out of the way, and dropped by nothing
+
+
+def _restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def _log_record(out: dict[str, torch.Tensor], grad_norm: torch.Tensor, step: int, tcfg: TrainConfig, world: int,
