@@ -387,11 +387,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from musicssl.devices import default_device
     from musicssl.evaluate import evaluate, format_table, write_outputs
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = list(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))  # each once
     if not models:
         raise ValueError("--models names no model")
     layers = parse_layers(args.layers, "eval", ("recommended", "last", "all"))
     device = args.device or default_device()
+    if args.out:
+        from pathlib import Path
+
+        from musicssl.bulk.outputs import make_out_dir
+
+        make_out_dir(Path(args.out), "-o")  # before the work, not after it
+    names: dict[str, int] = {}
     for task in args.tasks:
         result = evaluate(
             task, models, layers=layers, probes=[p.strip() for p in args.probes.split(",")], pool=args.pool,
@@ -401,7 +408,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         print(format_table(result) + "\n")
         if args.out:
-            for path in write_outputs(result, args.out).values():
+            name = result.task["name"]
+            names[name] = names.get(name, 0) + 1
+            unique = name if names[name] == 1 else f"{name}-{names[name]}"  # two tasks both named task.csv
+            for path in write_outputs(result, args.out, unique).values():
                 print(f"wrote {path}")
     return 0
 

@@ -541,12 +541,16 @@ def finetune(
 
     if not isinstance(task, Task):
         task = load_task(task, kind=kind, label=label, root=root)
-    if min(epochs, batch_size, patience) < 1 or head_epochs < 0:
-        raise ValueError(f"epochs, batch_size and patience must be at least 1 and head_epochs at least 0 (got "
-                         f"{epochs}, {batch_size}, {patience}, {head_epochs})")
+    if min(epochs, patience) < 1 or batch_size < 2 or head_epochs < 0:
+        # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
+        raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
+                         f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
     device = check_device(device or default_device())
     if out is not None:
-        make_out_dir(Path(out))  # before the model loads and the data is decoded
+        if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
+            raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
+                             "starts from; give another folder")
+        make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
     amp = _amp_dtype(precision, device)
     torch.manual_seed(seed)
     encoder = model if isinstance(model, Encoder) else load(model, offline=offline)

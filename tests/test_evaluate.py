@@ -264,6 +264,25 @@ def test_undecodable_task_files_are_named_and_the_rest_cached(tmp_path: Path) ->
         assert len(z["keys"]) == 31
 
 
+def test_an_interrupted_evaluation_keeps_what_it_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from musicssl.evaluate.cache import EmbeddingCache
+
+    task = tone_task(tmp_path)
+    real, chunks = EmbeddingCache._embed_chunk, []
+
+    def ctrl_c_on_the_third_chunk(self, *args):
+        chunks.append(1)
+        if len(chunks) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(EmbeddingCache, "_embed_chunk", ctrl_c_on_the_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(task, ["mfcc"], probes=["linear"], cache=tmp_path / "cache", batch_size=4)
+    with np.load(next((tmp_path / "cache").glob("*/mean/layer0.npz"))) as z:
+        assert len(z["keys"]) == 8  # the two chunks before the Ctrl-C
+
+
 def test_all_layers_pick_the_best_on_valid(tmp_path: Path) -> None:
     import musicssl
 
@@ -289,6 +308,14 @@ def test_cli_eval_writes_json_and_plot_and_repeats(tmp_path: Path, capsys: pytes
     assert scores(first) == scores(second)
 
 
+def test_cli_eval_tasks_of_one_name_do_not_overwrite_each_other(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = tone_task(tmp_path / "a"), tone_task(tmp_path / "b")
+    out = tmp_path / "out"
+    assert main(["eval", str(a), str(b), "--models", "mfcc,mfcc", "-o", str(out), "--cache", str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().out.count("| mfcc | linear |") == 2  # one row per task: the model once
+    assert (out / "tones.json").exists() and (out / "tones-2.json").exists()
+
+
 def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["eval", str(tmp_path / "none.csv"), "--models", "mfcc"]) == 2
@@ -305,6 +332,11 @@ def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "unknown device 'gpu'" in capsys.readouterr().err and not calls
     assert main(["eval", str(task), "--layers", "deep"]) == 2
     assert "--layers takes 'recommended', 'last', 'all' or comma-separated integers" in capsys.readouterr().err
+    assert main(["eval", str(task), "--models", "mfcc", "--batch-size", "0"]) == 2
+    assert "batch_size must be an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["eval", str(task), "--models", "mfcc", "-o", str(tmp_path / "file")]) == 2
+    assert "is a file: give -o a folder" in capsys.readouterr().err and not calls  # before any work
 
 
 @pytest.mark.skipif(not DEV.is_dir(), reason="needs the dev set at ../shared/data/dev")

@@ -293,6 +293,7 @@ def test_cli_finetune_end_to_end(task_csv, tmp_path, capsys):
     (["{task}", "--freeze", "half"], "freeze policy must be"),
     (["{task}", "--freeze", "last-5"], "2 blocks"),
     (["{task}", "--epochs", "0"], "at least 1"),
+    (["{task}", "--batch-size", "1"], "batch_size at least 2"),  # every batch of one would be skipped
     (["{task}", "--kind", "regression"], "numeric labels"),
 ])
 def test_cli_bad_inputs_give_one_clear_line(args, message, task_csv, tmp_path, capsys):
@@ -301,6 +302,13 @@ def test_cli_bad_inputs_give_one_clear_line(args, message, task_csv, tmp_path, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("musicssl finetune: error:") and message in err
+
+
+def test_finetune_never_writes_over_the_model_it_starts_from(task_csv, tmp_path, capsys):
+    model = musicssl.save_pretrained(tiny(), tmp_path / "tiny")
+    assert main(["finetune", str(task_csv), "--model", str(model), "-o", str(model)]) == 2
+    assert "is the model's own folder" in capsys.readouterr().err
+    assert musicssl.load(model).family == tiny().family  # still the release it was
 
 
 def test_bad_task_raises_before_training(tmp_path):

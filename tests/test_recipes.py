@@ -193,6 +193,9 @@ def test_bad_device_and_out_are_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputPathError, match="is a file: give --out a folder"):
         train("simclr", out=str(tmp_path / "file"), steps=1)
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
+    with pytest.raises(OutputPathError, match="is a file: give --out a folder"):  # export names its option too
+        export_run(run, tmp_path / "file")
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process_with_twice_the_batch(tmp_path):

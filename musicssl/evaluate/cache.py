@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from musicssl import signals
 from musicssl.bulk.outputs import atomic_write
 from musicssl.bulk.run import model_sha256
 from musicssl.errors import AudioDecodeError, AudioInputError, TaskFormatError
@@ -94,15 +95,21 @@ class EmbeddingCache:
         bad: list[tuple[Path, str]] = []
         last_save = time.monotonic()
         bar = _bar(len(todo), f"embedding with {self.dir.parent.name}")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            for i, row in zip(chunk, self._embed_chunk([paths[i] for i in chunk], layers, bad)):
-                for j, layer in enumerate(layers if row is not None else []):
-                    tables[layer][keys[i]] = row[j]
-            bar.update(len(chunk))
-            if time.monotonic() - last_save > SAVE_EVERY:
-                self._write(tables)
-                last_save = time.monotonic()
+        try:
+            for start in range(0, len(todo), batch_size):
+                signals.check()  # a Ctrl-C whose KeyboardInterrupt was lost (musicssl.signals)
+                chunk = todo[start : start + batch_size]
+                for i, row in zip(chunk, self._embed_chunk([paths[i] for i in chunk], layers, bad)):
+                    for j, layer in enumerate(layers if row is not None else []):
+                        tables[layer][keys[i]] = row[j]
+                bar.update(len(chunk))
+                if time.monotonic() - last_save > SAVE_EVERY:
+                    self._write(tables)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            with signals.held():  # a second Ctrl-C must not cut the cache file short
+                self._write(tables)  # what was embedded is kept, as the command's last line says
+            raise
         bar.close()
         self._write(tables)
         return bad

@@ -18,7 +18,7 @@ from musicssl.evaluate import metrics
 from musicssl.evaluate.cache import EmbeddingCache, default_cache
 from musicssl.evaluate.probes import PROBES, Fit, make_problem, run_probe
 from musicssl.evaluate.tasks import Task, load_task
-from musicssl.models.base import Encoder
+from musicssl.models.base import Encoder, check_batch_size
 from musicssl.registry import model_info
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ def evaluate(
         models = [models]
     _check_names(models)
     check_device(device)
+    check_batch_size(batch_size)
     y = task.targets()
     results = []
     for m in models:
@@ -154,13 +155,14 @@ def _model_dict(m: ModelResult) -> dict[str, Any]:
             "per_layer": {str(l): {p: asdict(f) for p, f in fs.items()} for l, fs in m.fits.items()}}
 
 
-def write_outputs(result: EvalResult, out: str | os.PathLike) -> dict[str, Path]:
-    """`OUT/<task>.json` and, with matplotlib, `OUT/<task>.png`; returns what was written."""
+def write_outputs(result: EvalResult, out: str | os.PathLike, name: str | None = None) -> dict[str, Path]:
+    """`OUT/<name>.json` and, with matplotlib, `OUT/<name>.png` (name: the task's by default);
+    returns what was written."""
     from musicssl.evaluate.report import plot_layers, write_json
 
-    out = Path(out)
-    written = {"json": write_json(result, out / f"{result.task['name']}.json")}
-    png = plot_layers(result, out / f"{result.task['name']}.png")
+    out, name = Path(out), name or result.task["name"]
+    written = {"json": write_json(result, out / f"{name}.json")}
+    png = plot_layers(result, out / f"{name}.png")
     if png is not None:
         written["png"] = png
     return written

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from musicssl.bulk.outputs import make_out_dir
 from musicssl.factory import card_stub, save_pretrained
 from musicssl.recipes.train import load_checkpoint, recipe_from_checkpoint, resolve_configs
 
@@ -23,6 +24,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
                dtype: torch.dtype | None = None) -> Path:
     """Write RUN's encoder to OUT (config.json, model.safetensors, README.md pre-filled from the run)."""
     ckpt = load_checkpoint(run)
+    make_out_dir(Path(out), "--out")  # named as the command names it (save_pretrained would say "folder=")
     encoder = recipe_from_checkpoint(ckpt).export_encoder().eval()
     tcfg, rcfg = ckpt["train_config"], ckpt["recipe_config"]
     release = name or Path(out).name
