@@ -152,6 +152,8 @@ def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None
     ("one_class", "fewer than 2 classes"),
     ("bad_kind", "not one of"),
     ("text_regression", "needs numeric labels"),
+    ("no_rows", r"has a header \(path, label\) but no rows"),
+    ("constant_regression", "every train label is the same value"),
 ])
 def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, message: str) -> None:
     files = [tone(tmp_path / f"{i}.wav", 300 + i) for i in range(10)]
@@ -169,7 +171,11 @@ def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, messa
         kind = "ranking"
     elif problem == "text_regression":
         kind = "regression"
+    elif problem == "constant_regression":
+        rows = [{**r, "label": "5"} for r in rows]
     path = write_csv(tmp_path / "task.csv", rows)
+    if problem == "no_rows":
+        path.write_text("path,label\n")
     with pytest.raises(TaskFormatError, match=message) as err:
         load_task(path, kind=kind)
     assert "task.csv" in str(err.value) or "nope.wav" in str(err.value)

@@ -133,10 +133,13 @@ def _sidecar(path: Path) -> dict[str, Any]:
 def _csv_rows(path: Path, label: str) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise TaskFormatError(f"cannot read task CSV {path}: {err}") from err
-    columns = list(rows[0]) if rows else []
+    columns = list(reader.fieldnames or [])
+    if columns and not rows:
+        raise TaskFormatError(f"{path} has a header ({', '.join(columns)}) but no rows: add a row per audio file")
     for need in ("path", label):
         if need not in columns:
             raise TaskFormatError(
@@ -299,3 +302,6 @@ def _check_trainable(task: Task) -> None:
                                   f"a task needs enough items for train, valid and test")
     if task.kind == "classification" and len({task.labels[i] for i in task.indices("train")}) < 2:
         raise TaskFormatError(f"task {task.source}: the train split holds fewer than 2 classes")
+    if task.kind in ("regression", "pitch") and len({float(task.labels[i]) for i in task.indices("train")}) < 2:
+        raise TaskFormatError(f"task {task.source}: every train label is the same value, so there is nothing to "
+                              "predict (and R² is undefined); check the label column")
