@@ -287,6 +287,26 @@ def test_workers_change_nothing(audio_dir: Path) -> None:
                         in_process[4:])
 
 
+class _SignalsSeen(torch.utils.data.Dataset):
+    """Items that say whether the process making them ignores Ctrl-C and SIGTERM."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import signal
+
+        ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+        return {"audio": np.zeros(8, np.float32), "index": i, "ignored": int(ignored)}
+
+
+def test_workers_leave_stop_signals_to_the_training_process() -> None:
+    """Ctrl-C reaches the whole process group: a worker that died of it would fail the next batch
+    ("DataLoader worker exited unexpectedly") before training could save its checkpoint."""
+    (batch,) = take(make_loader(_SignalsSeen(), 4, seed=0, num_workers=1), 1)
+    assert batch["ignored"].tolist() == [1, 1, 1, 1]
+
+
 def test_loader_checks_its_arguments(tiny: SyntheticMusic) -> None:
     with pytest.raises(ValueError, match="rank"):
         make_loader(tiny, 2, rank=2, world_size=2)

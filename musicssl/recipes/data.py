@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -394,7 +395,11 @@ class _StepBatches:
 
 
 def _seed_worker(worker_id: int, seed: int, rank: int) -> None:
-    """Seed torch, numpy and random in a worker from (seed, rank, worker id)."""
+    """Seed torch, numpy and random in a worker from (seed, rank, worker id). The worker leaves
+    Ctrl-C and SIGTERM (sent to the whole process group) to the training process, which finishes
+    its step and saves a checkpoint; a worker that died of them would fail the next batch instead."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(2, np.uint32)
     torch.manual_seed(int(state[0]) << 32 | int(state[1]))
     np.random.seed(int(state[0]))
