@@ -149,14 +149,24 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
 
     folder = converted_folder(spec)
     if _is_release(folder):
-        model = load_release(folder)
-        model.spec = spec
-        return model
+        try:
+            model = load_release(folder)
+        except ReleaseFormatError as err:  # cut short or altered: the upstream files are still cached
+            log.warning("the converted copy of %s in %s is damaged (%s): converting it again", spec.name, folder, err)
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            model.spec = spec
+            return model
     files = hub.fetch_spec_files(spec, offline=offline)
     model = convert_files(spec, files)
-    _write_atomically(folder, lambda tmp: save_pretrained(
-        model, tmp, name=spec.name, card=model_card(spec), provenance=provenance(spec, files)))
-    log.info("converted %s from %s into %s", spec.name, spec.weights, folder)
+    try:
+        _write_atomically(folder, lambda tmp: save_pretrained(
+            model, tmp, name=spec.name, card=model_card(spec), provenance=provenance(spec, files)))
+        log.info("converted %s from %s into %s", spec.name, spec.weights, folder)
+    except OSError as err:  # a read-only cache: the model is good, only keeping it failed
+        log.warning("cannot keep the converted %s in %s (%s): using it uncached, so every load converts it "
+                    "again; point MUSICSSL_CACHE at a folder you may write to", spec.name, folder.parent,
+                    err.strerror or err)
     return model
 
 

@@ -127,7 +127,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReleaseFormatError(f"cannot read {path}: {err}. A release folder is written by musicssl.save_pretrained().") from err
     missing = [k for k in ("family", "args") if k not in config] if isinstance(config, dict) else ["family", "args"]
     if missing:

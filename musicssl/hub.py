@@ -33,6 +33,7 @@ from musicssl.errors import (
     ChecksumError,
     DownloadError,
     MusicsslError,
+    OutputPathError,
     ReleaseFormatError,
     WeightsNotCachedError,
     WeightsUnavailableError,
@@ -371,7 +372,16 @@ def _verify_hub_file(pointer: Path, expected: str | None, *, repo_id: str, filen
     etag_sha = blob.name if _SHA256_RE.fullmatch(blob.name) else None
     expected = expected or etag_sha
     if expected is None:
-        logger.debug("%s has no sha256 pin and a non-LFS etag: not verified", what)
+        # A small (non-LFS) file is cached under its git object id: check the content against it.
+        if _GIT_SHA1_RE.fullmatch(blob.name) and _git_blob_sha1(pointer) != blob.name:
+            pointer.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
+            raise ChecksumError(
+                f"{what} does not match the git object id it was served under ({blob.name}): the download was "
+                f"corrupted; musicssl deleted it ({blob}), so running the same call again downloads it afresh. "
+                "If it fails again, the server or a proxy is altering the file."
+            )
+        logger.debug("%s has no sha256 pin and a non-LFS etag: checked against its git object id", what)
         return
     actual = file_sha256(pointer)
     if actual == expected:
@@ -494,7 +504,11 @@ def fetch_url(
         target.unlink()
     if is_offline(offline):
         raise _not_cached_error(f"{name!r} from {url}", target, download_hint, offline)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot keep downloads in the musicssl cache {cache_dir()}: {err.strerror or err}; "
+                              "point MUSICSSL_CACHE at a folder you may write to") from err
     _download_url(url, target, sha)
     return target
 

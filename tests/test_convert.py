@@ -174,3 +174,28 @@ def test_a_conversion_finished_meanwhile_by_another_process_is_kept(tmp_path):
     (folder / "model.safetensors").unlink()  # an incomplete folder is replaced
     convert._write_atomically(folder, lambda tmp: write(tmp, "again"))
     assert (folder / "model.safetensors").read_text() == "again"
+
+
+def test_a_damaged_or_unwritable_conversion_cache_still_gives_the_model(tmp_path, monkeypatch, caplog):
+    """A converted copy cut short is converted again from the cached upstream files; a cache that
+    cannot be written gives the model uncached, with a warning, instead of a traceback."""
+    import musicssl
+    from musicssl.registry import model_info
+
+    spec = model_info("mert-v1-95m")
+    small = musicssl.load("jepa-tiny", pretrained=False, depth=1)
+    conversions = []
+    monkeypatch.setattr(convert.hub, "fetch_spec_files", lambda spec, offline=None: {})
+    monkeypatch.setattr(convert, "convert_files", lambda spec, files: conversions.append(1) or small)
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "cache"))
+    convert.load_converted(spec)
+    weights = convert.converted_folder(spec) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="musicssl.convert"):
+        assert convert.load_converted(spec) is small and len(conversions) == 2
+    assert "is damaged" in caplog.text and convert.load_converted(spec).num_layers == 1 and len(conversions) == 2
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "a-file"))
+    with caplog.at_level("WARNING", logger="musicssl.convert"):
+        assert convert.load_converted(spec) is small
+    assert "point MUSICSSL_CACHE at a folder you may write to" in caplog.text

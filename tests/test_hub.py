@@ -285,6 +285,17 @@ def test_corrupted_same_size_download_is_caught_and_removed(
     assert hub.fetch_hf(REPO, MODEL, sha256=sha).read_bytes() == data
 
 
+def test_a_corrupted_small_file_without_a_pin_is_caught_by_its_git_id(fake_hub: FakeHub, release: SimpleNamespace) -> None:
+    """config.json is no LFS file and rarely pinned: the Hub names it by its git object id, which
+    the content must match (a corrupted copy would otherwise stay cached and break every load)."""
+    fake_hub.corrupt = True
+    with pytest.raises(ChecksumError, match="does not match the git object id"):
+        hub.fetch_hf(REPO, "config.json")
+    assert _blobs() == []
+    fake_hub.corrupt = False
+    assert hub.fetch_hf(REPO, "config.json").read_bytes() == release.files["config.json"]
+
+
 def test_a_remembered_cache_hit_corrupted_later_is_still_caught(
     fake_hub: FakeHub, release: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -71,7 +71,12 @@ def test_offline_miss_names_the_download_command(pinned_model, fake_hub):
     assert fake_hub.requests == []
 
 
-def test_cli_download_then_offline_embed(pinned_model, fake_hub, tmp_path, capsys):
+def test_cli_download_then_offline_embed(pinned_model, fake_hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MUSICSSL_OFFLINE", "1")  # offline means no requests, for `download` too
+    assert main(["download", "hubtest-tiny"]) == 2
+    assert "offline (MUSICSSL_OFFLINE is set): unset it to download" in capsys.readouterr().err
+    assert fake_hub.requests == []
+    monkeypatch.delenv("MUSICSSL_OFFLINE")
     assert main(["download", "hubtest-tiny"]) == 0
     assert Path(capsys.readouterr().out.strip()).exists()
     fake_hub.stop()  # from now on any request would fail
