@@ -231,6 +231,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.markdown:
         print(markdown_table(names))
         return 0
+    if not names:
+        hint = "" if args.all else "; --all also lists architectures without weights"
+        print(f"no model matches {args.pattern!r}{hint}", file=sys.stderr)
     for n in names:
         spec = model_info(n)
         ready = "  (default)" if n == DEFAULT_MODEL else "" if spec.pretrained else "  (no weights yet)"

@@ -248,12 +248,14 @@ def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: 
     then each such model is tried and the first whose architecture the checkpoint fits is kept.
     Returns (the spec used, the folder).
     """
+    from musicssl.bulk.outputs import make_out_dir
     from musicssl.factory import save_pretrained
 
     files = [Path(p) for p in paths]
     for p in files:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file (give the upstream checkpoint you downloaded)")
+    make_out_dir(Path(out), "--out")  # before the conversion, not after it
     errors = []
     for spec in _candidates(name_or_family):
         try:

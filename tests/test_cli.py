@@ -30,6 +30,8 @@ def test_list_and_info(capsys):
     assert json.loads(capsys.readouterr().out)["embed_dim"] == 60
     assert main(["info", "mfc"]) == 2
     assert "Did you mean 'mfcc'" in capsys.readouterr().err
+    assert main(["list", "jepa-*"]) == 0  # no weights yet: said, not an empty answer
+    assert "no model matches 'jepa-*'; --all also lists architectures without weights" in capsys.readouterr().err
 
 
 def test_list_verbose_shows_licences_and_marks_noncommercial(capsys, monkeypatch):

@@ -150,6 +150,15 @@ def test_convert_unknown_family(tmp_path):
         convert.convert_local("simclr-mini", [f], tmp_path / "out")
 
 
+def test_convert_out_that_is_a_file_is_said_first(tmp_path):
+    from musicssl.errors import OutputPathError
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="is a file: give --out a folder"):
+        convert.convert_local("pesto", [f], f)
+
+
 def test_convert_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         convert.convert_local("pesto", [tmp_path / "nope.bin"], tmp_path / "out")
