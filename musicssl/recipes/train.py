@@ -234,7 +234,7 @@ def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) 
     mix them, and its config.json and model card would describe a run that never happened)."""
     before = {**ckpt["train_config"], **ckpt["recipe_config"]}
     now = {**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)}
-    changed = sorted(k for k in now.keys() & before.keys()  # a setting newer than the checkpoint: its default
+    changed = sorted(k for k in now.keys() & before.keys()  # a setting added since the checkpoint is not compared
                      if k not in RESUMABLE_CHANGES and _json(before[k]) != _json(now[k]))
     if changed:
         shown = ", ".join(f"{k}: {before[k]!r} there, {now[k]!r} now" for k in changed)
@@ -335,7 +335,8 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         start, elapsed = ckpt["step"], ckpt["elapsed_seconds"]
-        _trim_log(run / "log.jsonl", start)
+        if rank == 0:  # the one process that writes the log
+            _trim_log(run / "log.jsonl", start)
         log.info("resuming %s at step %d", run, start)
     if rank == 0:
         (run / "config.json").write_text(json.dumps(
