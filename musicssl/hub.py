@@ -374,13 +374,8 @@ def _verify_hub_file(pointer: Path, expected: str | None, *, repo_id: str, filen
     if expected is None:
         # A small (non-LFS) file is cached under its git object id: check the content against it.
         if _GIT_SHA1_RE.fullmatch(blob.name) and _git_blob_sha1(pointer) != blob.name:
-            pointer.unlink(missing_ok=True)
-            blob.unlink(missing_ok=True)
-            raise ChecksumError(
-                f"{what} does not match the git object id it was served under ({blob.name}): the download was "
-                f"corrupted; musicssl deleted it ({blob}), so running the same call again downloads it afresh. "
-                "If it fails again, the server or a proxy is altering the file."
-            )
+            raise _corrupted(pointer, blob, f"{what} does not match the git object id it was served under "
+                                            f"({blob.name})")
         logger.debug("%s has no sha256 pin and a non-LFS etag: checked against its git object id", what)
         return
     actual = file_sha256(pointer)
@@ -401,12 +396,17 @@ def _verify_hub_file(pointer: Path, expected: str | None, *, repo_id: str, filen
             f"moved on the server since it was pinned. Pin a 40-hex commit ('hf-hub:{repo_id}@<commit>') "
             "or upgrade musicssl for an updated pin."
         )
+    raise _corrupted(pointer, blob, f"checksum mismatch for {what}: expected sha256 {expected}, got {actual}")
+
+
+def _corrupted(pointer: Path, blob: Path, mismatch: str) -> ChecksumError:
+    """Delete a cached download whose content is not what it should be; the error that says so."""
     pointer.unlink(missing_ok=True)
     blob.unlink(missing_ok=True)
-    raise ChecksumError(
-        f"checksum mismatch for {what}: expected sha256 {expected}, got {actual}. The download was corrupted "
-        f"(or the cached copy was modified); musicssl deleted it ({blob}), so running the same call again "
-        "downloads it afresh. If it fails again, the server or a proxy is altering the file."
+    return ChecksumError(
+        f"{mismatch}. The download was corrupted (or the cached copy was modified); musicssl deleted it "
+        f"({blob}), so running the same call again downloads it afresh. If it fails again, the server or a "
+        "proxy is altering the file."
     )
 
 

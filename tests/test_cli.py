@@ -117,37 +117,10 @@ def test_console_entry_points(tmp_path):
         assert "musicssl" in res.stdout
 
 
-def test_ctrl_c_that_python_drops_in_a_finaliser_still_ends_the_command_as_interrupted():
-    """CPython prints and drops a KeyboardInterrupt raised inside a __del__ (soundfile's SoundFile has
-    one); the command must still end with status 130 and its one line, not with 0."""
-    code = (
-        "import os, signal, sys\n"
-        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see cli_process)\n"
-        "import musicssl.cli as cli\n"
-        "class Finalised:\n"
-        "    def __del__(self):\n"
-        "        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while Python runs a finaliser\n"
-        "        sum(range(1000))\n"
-        "def main(argv=None):\n"
-        "    Finalised()\n"
-        "    return 0\n"
-        "cli.main = main\n"
-        "sys.argv = ['musicssl', 'embed']\n"
-        "cli.run()\n"
-    )
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("musicssl embed: interrupted")
-
-
-def test_a_ctrl_c_lost_before_the_run_starts_stops_it_at_its_first_step(tmp_path):
-    """A Ctrl-C that lands during start-up (torch's C import drops it, as a finaliser does) must stop
-    the run at once, not after it has embedded the whole collection."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(4):
-        shutil.copy(EXAMPLES / "notes" / "piano-midi46.flac", folder / f"{i}.flac")
+def run_with_a_dropped_ctrl_c(argv: list[str], then_run: bool) -> subprocess.CompletedProcess:
+    """`musicssl ARGV` through the console entry point, with a Ctrl-C raised inside a finaliser just
+    before main(): CPython prints and drops that KeyboardInterrupt. `then_run`: main() runs the
+    command; else it returns 0 at once."""
     code = (
         "import os, signal, sys\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see cli_process)\n"
@@ -159,13 +132,32 @@ def test_a_ctrl_c_lost_before_the_run_starts_stops_it_at_its_first_step(tmp_path
         "real_main = cli.main\n"
         "def main(argv=None):\n"
         "    Finalised()\n"
-        "    return real_main(argv)\n"
+        f"    return real_main(argv) if {then_run} else 0\n"
         "cli.main = main\n"
-        f"sys.argv = ['musicssl', 'embed', {str(folder)!r}, '-o', {str(tmp_path / 'out')!r}, '--num-workers', '0']\n"
+        f"sys.argv = ['musicssl', *{argv!r}]\n"
         "cli.run()\n"
     )
     root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_ctrl_c_that_python_drops_in_a_finaliser_still_ends_the_command_as_interrupted():
+    """soundfile's SoundFile has a __del__; the command must still end with status 130 and its one
+    line, not with 0."""
+    res = run_with_a_dropped_ctrl_c(["embed"], then_run=False)
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("musicssl embed: interrupted")
+
+
+def test_a_ctrl_c_lost_before_the_run_starts_stops_it_at_its_first_step(tmp_path):
+    """A Ctrl-C that lands during start-up (torch's C import drops it, as a finaliser does) must stop
+    the run at once, not after it has embedded the whole collection."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        shutil.copy(EXAMPLES / "notes" / "piano-midi46.flac", folder / f"{i}.flac")
+    res = run_with_a_dropped_ctrl_c(["embed", str(folder), "-o", str(tmp_path / "out"), "--num-workers", "0"],
+                                    then_run=True)
     assert res.returncode == 130, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("musicssl embed: interrupted")
     assert not list((tmp_path / "out").glob("*.npz")), "the run went on after the Ctrl-C"
