@@ -16,6 +16,7 @@ missing. huggingface_hub is imported inside the functions that need it, so `impo
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -244,9 +245,16 @@ def _translate_hf_error(
     rev = revision or "main"
     what = f"{filename!r} of hf-hub:{repo_id}@{rev}"
     endpoint = hf_endpoint()
+    offline_miss = is_offline(offline) or isinstance(err.__cause__, hf_utils.OfflineModeIsEnabled)
+    if isinstance(err, hf_utils.LocalEntryNotFoundError) and offline_miss:
+        return _not_cached_error(what, _repo_cache_folder(repo_id), hint, offline)
+    coded = (hf_utils.GatedRepoError, hf_utils.RepositoryNotFoundError, hf_utils.RevisionNotFoundError,
+             hf_utils.EntryNotFoundError)  # the Hub's X-Error-Code said what: the messages below say more
+    status = _http_status(err)
+    said = err if not isinstance(err, hf_utils.LocalEntryNotFoundError) else err.__cause__ or err.__context__
+    if status is not None and not isinstance(said, coded):  # (LocalEntryNotFoundError is an EntryNotFoundError)
+        return DownloadError(f"could not fetch {what}: {endpoint} answered HTTP {status}. {_status_fix(status)}")
     if isinstance(err, hf_utils.LocalEntryNotFoundError):
-        if is_offline(offline) or isinstance(err.__cause__, hf_utils.OfflineModeIsEnabled):
-            return _not_cached_error(what, _repo_cache_folder(repo_id), hint, offline)
         return DownloadError(
             f"could not fetch {what}: {endpoint} could not be reached (the client already retried) and the "
             f"file is not in the cache {_repo_cache_folder(repo_id)}. Cause: {_first_line(err.__cause__ or err)}. "
@@ -277,6 +285,11 @@ def _translate_hf_error(
         )
     if isinstance(err, hf_utils.HfHubHTTPError):
         return DownloadError(f"could not fetch {what} from {endpoint}: {_first_line(err)}. Try again later.")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EPERM):
+        return DownloadError(
+            f"could not fetch {what}: {_first_line(err)}. The Hugging Face cache cannot be written there: point "
+            "HF_HOME (or HF_HUB_CACHE) at a folder you may write to; running again as it is would fail the same way."
+        )
     if isinstance(err, OSError):
         # Disk trouble, or the client's own size check on a short body ("Consistency check failed").
         return DownloadError(
@@ -287,6 +300,25 @@ def _translate_hf_error(
         f"could not fetch {what}: the download from {endpoint} was interrupted ({type(err).__name__}: "
         f"{_first_line(err)}). Run the same call again; check your network and HF_ENDPOINT."
     )
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status the server answered, from the error or the one it wraps (None: no answer)."""
+    for e in (err, err.__cause__ or err.__context__):  # huggingface_hub raises some inside `except`
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _status_fix(status: int) -> str:
+    if status in (401, 403):
+        return ("A private or gated repository needs a token (`hf auth login`, or HF_TOKEN); a mirror "
+                "(HF_ENDPOINT) may refuse what it does not hold.")
+    if status == 404:
+        return ("The server has no such repository, revision or file: check the name after 'hf-hub:' and the "
+                "revision after '@', and HF_ENDPOINT if you use a mirror.")
+    return "The server is overloaded or failing (the client already retried): try again later."
 
 
 def _first_line(err: BaseException) -> str:

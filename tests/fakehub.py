@@ -15,7 +15,8 @@ X-Repo-Commit). No Xet header is ever sent. The CDN serves `/lfs/{sha256}` (LFS 
 Every request is recorded in `requests` as (method, path); `log` also names the host. Faults:
 `truncate` (bodies cut in half, with a matching Content-Length), `corrupt` (bodies altered, same size),
 `stop()` (both servers shut down: connections are refused), `move_ref()` (a branch moves to a new
-commit with other content). Both servers speak HTTP/1.0, so no kept-alive connection outlives `stop()`.
+commit with other content), `fail_status` (every request answered with that HTTP status and no
+X-Error-Code, as a plain mirror, a proxy or an overloaded server answers). Both servers speak HTTP/1.0, so no kept-alive connection outlives `stop()`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class FakeHub:
         self.log: list[tuple[str, str, str]] = []  # (host, method, path)
         self.truncate = False
         self.corrupt = False
+        self.fail_status: int | None = None
         self.sleeps: list[float] = []  # client backoff sleeps, recorded by the fake_hub fixture
         self._commits = 0
         self._servers: list[ThreadingHTTPServer] = []
@@ -185,7 +187,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.log.append((self.server.server_address[0], self.command, self.path))  # type: ignore[index]
         raw_path = urlsplit(self.path).path
         parts = [unquote(p) for p in raw_path.split("/")[1:]]
-        if self.server.role == "cdn":  # type: ignore[attr-defined]
+        if self.hub.fail_status is not None:
+            self._send(self.hub.fail_status, {"Content-Type": "text/plain"}, b"no")
+        elif self.server.role == "cdn":  # type: ignore[attr-defined]
             self._cdn(parts)
         elif parts[:2] == ["api", "models"] and len(parts) >= 4:
             self._api(parts[2:])

@@ -285,6 +285,30 @@ def test_corrupted_same_size_download_is_caught_and_removed(
     assert hub.fetch_hf(REPO, MODEL, sha256=sha).read_bytes() == data
 
 
+@pytest.mark.parametrize("status, says", [
+    (401, "needs a token"), (403, "needs a token"), (404, "has no such repository, revision or file"),
+    (500, "overloaded or failing"), (503, "overloaded or failing"),
+])
+def test_an_http_error_without_the_hubs_code_says_what_the_server_answered(
+    fake_hub: FakeHub, release: SimpleNamespace, status: int, says: str
+) -> None:
+    """A plain mirror, a proxy or an overloaded Hub answers without X-Error-Code: the server was
+    reached, so "could not be reached, check your network" would send the user the wrong way."""
+    fake_hub.fail_status = status
+    with pytest.raises(DownloadError, match=f"answered HTTP {status}. .*{says}") as info:
+        hub.fetch_hf(REPO, "config.json")
+    assert "could not be reached" not in str(info.value)
+
+
+def test_a_hugging_face_cache_that_cannot_be_written_says_where_to_point_it(
+    fake_hub: FakeHub, release: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(DownloadError, match="point HF_HOME \\(or HF_HUB_CACHE\\) at a folder you may write to"):
+        hub.fetch_hf(REPO, "config.json")
+
+
 def test_a_corrupted_small_file_without_a_pin_is_caught_by_its_git_id(fake_hub: FakeHub, release: SimpleNamespace) -> None:
     """config.json is no LFS file and rarely pinned: the Hub names it by its git object id, which
     the content must match (a corrupted copy would otherwise stay cached and break every load)."""
