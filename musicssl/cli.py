@@ -279,7 +279,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from musicssl.registry import model_info
 
     if hub.is_offline():  # offline means no requests, for this command too
-        raise ValueError(f"musicssl is offline ({hub._offline_reason(None)}): unset it to download {args.name}")
+        raise ValueError(f"musicssl is offline ({hub.offline_reason(None)}): unset it to download {args.name}")
     if args.name.startswith("hf-hub:"):
         path = hub.fetch_release(args.name, offline=False)
     else:

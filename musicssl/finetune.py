@@ -222,7 +222,7 @@ class Classifier(Encoder):
         from musicssl.audio.inputs import prepare_items
 
         items = prepare_items(audio, sr, self.sample_rate)
-        with torch.inference_mode(), evaluating(self):
+        with evaluating(self):  # inference mode: the decorator
             return self.prediction(self.clip_logits(items, batch_size))
 
     def prediction(self, logits: torch.Tensor) -> Prediction:

@@ -72,7 +72,8 @@ def is_offline(offline: bool | None = None) -> bool:
     return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("MUSICSSL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _offline_reason(offline: bool | None) -> str:
+def offline_reason(offline: bool | None) -> str:
+    """Why musicssl is offline, for messages: the argument or the variables that say so."""
     if offline:
         return "offline=True was passed"
     names = [v for v in ("MUSICSSL_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").strip().lower() in _TRUE]
@@ -329,7 +330,7 @@ def _first_line(err: BaseException) -> str:
 def _not_cached_error(what: str, searched: Path, hint: str | None, offline: bool | None) -> WeightsNotCachedError:
     fix = f"run `{hint}` once while online" if hint else "call again once while online, offline mode off"
     return WeightsNotCachedError(
-        f"{what} is not in the local cache and musicssl is offline ({_offline_reason(offline)}). "
+        f"{what} is not in the local cache and musicssl is offline ({offline_reason(offline)}). "
         f"Searched: {searched}. To fetch it, {fix}."
     )
 

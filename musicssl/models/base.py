@@ -319,10 +319,8 @@ class Encoder(nn.Module):
         pooled over valid frames."""
         if isinstance(frames, list):
             clip = torch.stack([f.clip(pool) for f in frames])
-            frames, T = None, int(lengths.max())
-            if single_layer:
-                clip = clip[:, 0]
-            return self._embeddings(frames, clip, lengths, T, keep, pool, dtype)
+            return self._embeddings(None, clip[:, 0] if single_layer else clip, lengths, int(lengths.max()), keep,
+                                    pool, dtype)
         T = frames.shape[1]
         if pool == "max":
             valid = (torch.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
