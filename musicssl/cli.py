@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verbose", "-v", action="store_true",
                    help="also show each model's weights licence (non-commercial ones marked) and source")
 
-    s = sub.add_parser("info", help="show one model's spec", description="Show a model's spec as JSON.")
-    s.add_argument("name")
+    s = sub.add_parser("info", help="show one model's spec",
+                       description="Show a model's spec as JSON; for a release, what its config.json says "
+                                   "(its weights are not downloaded).")
+    s.add_argument("name", help="registry name, hf-hub:org/repo[@rev] or release folder")
 
     s = sub.add_parser("download", help="fetch weights into the cache",
                        description="Download a model's pinned weights into the cache, for offline use later.")
@@ -268,9 +270,11 @@ def markdown_table(names: list[str]) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from musicssl.factory import is_registry_name, release_info
     from musicssl.registry import model_info
 
-    print(json.dumps(model_info(args.name).to_dict(), indent=2))
+    info = model_info(args.name).to_dict() if is_registry_name(args.name) else release_info(args.name)
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -503,6 +507,7 @@ def run() -> None:
     stops = signals.catch()
     try:
         code = main()
+        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
         signals.check()  # a signal whose KeyboardInterrupt was lost (see musicssl.signals) still ends it
         sys.exit(code)
     except KeyboardInterrupt:
@@ -510,6 +515,9 @@ def run() -> None:
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         print(f"\nmusicssl {command}: {what}{RESUMES.get(command, '')}", file=sys.stderr)
         sys.exit(status)
+    except BrokenPipeError:  # `musicssl list | head` stopped reading: end quietly, as shell commands do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        sys.exit(128 + signal.SIGPIPE)
 
 
 # What an interrupted command leaves to build on.

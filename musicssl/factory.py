@@ -122,6 +122,25 @@ def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
                         f"device, dtype and offline, and with pretrained=False the constructor arguments {takes}")
 
 
+def release_info(source: str, *, offline: bool | None = None) -> dict[str, Any]:
+    """What `musicssl info` shows for a release ('hf-hub:org/repo[@rev]' or a folder), read from its
+    config.json alone: the weights are not downloaded."""
+    path = hub.fetch_release_config(source, offline=offline)
+    config = read_config(path.parent)
+    # A saved spec's own weights fields describe a registry entry, not this release: say where it is.
+    shown = {k: v for k, v in config.get("spec", {}).items() if k not in _REGISTRY_ONLY}
+    shown.setdefault("family", config["family"])
+    shown.setdefault("args", config["args"])
+    shown["release"] = source
+    if source.startswith("hf-hub:"):
+        shown["commit"] = path.parent.name
+    shown.update({k: config[k] for k in ("musicssl_version", "provenance") if k in config})
+    return shown
+
+
+_REGISTRY_ONLY = ("weights", "revision", "files", "needs_weights", "upstream", "pretrained", "pinning")
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a release folder, checked for the keys `load` needs."""
     path = Path(folder) / "config.json"

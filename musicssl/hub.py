@@ -690,6 +690,7 @@ def fetch_release(
     pins.update(files or {})
     if source.startswith("hf-hub:"):
         repo_id, rev = parse_hf_source(source)
+        _refuse_upstream(source, repo_id)
         rev = _merge_revision(source, rev, revision)
         cached_before = _cached_commit(repo_id, rev, pins)
         paths = _fetch_hf_files(repo_id, rev, pins, offline=offline, download_hint=download_hint)
@@ -707,6 +708,33 @@ def fetch_release(
     for name, sha in pins.items():
         _verify_local(folder / name, sha)
     return folder
+
+
+def fetch_release_config(source: str, *, offline: bool | None = None) -> Path:
+    """The config.json of the release `source` names, fetching nothing else (not its weights)."""
+    if source.startswith("hf-hub:"):
+        repo_id, rev = parse_hf_source(source)
+        _refuse_upstream(source, repo_id)
+        return fetch_hf(repo_id, "config.json", rev, None, offline=offline, download_hint=f"musicssl download {source}")
+    if source.startswith("bundled:"):
+        folder = _check_release_folder(bundled_dir(source[len("bundled:") :]), source)
+    else:
+        folder = _check_release_folder(Path(source).expanduser(), source)
+    return _verify_local(folder / "config.json", None)
+
+
+def _refuse_upstream(source: str, repo_id: str) -> None:
+    """Before any download: a port's upstream repository holds upstream's own format, which only
+    the registered port converts."""
+    from musicssl.registry import ports_of
+
+    names = ports_of(repo_id)
+    if names:
+        raise ReleaseFormatError(
+            f"{source!r} holds {repo_id}'s own files, not a musicssl release: musicssl converts them as "
+            f"{' or '.join(map(repr, names))}. Load that name instead (musicssl.load({names[0]!r}), "
+            f"--model {names[0]}), or convert a local copy with `musicssl convert {names[0]} FILES --out DIR`."
+        )
 
 
 def _merge_revision(source: str, in_source: str | None, given: str | None) -> str | None:

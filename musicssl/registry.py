@@ -173,6 +173,14 @@ def is_registered(name: str) -> bool:
     return canonical(name) in _MODELS
 
 
+def ports_of(repo_id: str) -> list[str]:
+    """Registered ports whose upstream files come from the Hub repository `repo_id` ('org/repo',
+    any case, as the Hub resolves it)."""
+    _ensure_loaded()
+    source = f"hf-hub:{repo_id}".lower()
+    return sorted(spec.name for spec, _ in _MODELS.values() if spec.converted and (spec.weights or "").lower() == source)
+
+
 def model_info(name: str) -> ModelSpec:
     """The ModelSpec of a registered name (raises UnknownModelError with suggestions)."""
     return _lookup(name)[0]

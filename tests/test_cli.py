@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,16 @@ def test_a_ctrl_c_lost_before_the_run_starts_stops_it_at_its_first_step(tmp_path
     assert res.returncode == 130, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("musicssl embed: interrupted")
     assert not list((tmp_path / "out").glob("*.npz")), "the run went on after the Ctrl-C"
+
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`musicssl list --all | head -1`: a closed pipe ends the command quietly (status 141, as `yes | head`)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from musicssl.cli import run; run()", "list", "--all"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == ""

@@ -4,6 +4,7 @@ a release made by save_pretrained, loaded by hf-hub: source and by a pinned regi
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,29 @@ def test_weights_changed_on_the_server_are_refused(fake_hub, tmp_path):
         assert pins["model.safetensors"] in str(err.value)
     finally:
         registry._MODELS.pop("moving-tiny")
+
+
+def test_a_ports_upstream_repository_names_the_port_before_downloading(fake_hub):
+    """hf-hub:m-a-p/MERT-v1-95M is upstream's format, which only the registered port converts."""
+    for source in ("hf-hub:m-a-p/MERT-v1-95M", "hf-hub:M-A-P/mert-v1-95m@main"):
+        with pytest.raises(musicssl.errors.ReleaseFormatError, match="converts them as 'mert-v1-95m'") as err:
+            musicssl.load(source)
+        assert "musicssl.load('mert-v1-95m')" in str(err.value)
+    assert main(["download", "hf-hub:minzwon/MusicFM"]) == 2  # two ports share this repository
+    assert main(["info", "hf-hub:minzwon/MusicFM"]) == 2
+    assert fake_hub.requests == []
+
+
+def test_info_on_a_release_reads_only_its_config(fake_hub, tmp_path, capsys):
+    enc, files = release_bytes(tmp_path)
+    commit = fake_hub.add_repo("someone/my-jepa", files)
+    assert main(["info", "hf-hub:someone/my-jepa"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["release"] == "hf-hub:someone/my-jepa" and shown["commit"] == commit
+    assert shown["family"] == "spec_vit" and shown["num_layers"] == 2 and "weights" not in shown
+    paths = [path for _, path in fake_hub.requests]
+    assert any(p.endswith("/config.json") for p in paths) and not any("model.safetensors" in p for p in paths)
+    assert main(["info", str(tmp_path / "release")]) == 0
+    assert json.loads(capsys.readouterr().out)["args"] == enc.args
+    assert main(["info", str(tmp_path)]) == 2
+    assert "is not a musicssl release: it lacks config.json" in capsys.readouterr().err

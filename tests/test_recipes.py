@@ -81,8 +81,11 @@ def test_resume_is_exact_and_export_loads(name, tmp_path):
     _card_command_reproduces_the_run(release, a)
     mine = recipe_from_checkpoint(a).export_encoder().eval()
     x = (0.1 * np.random.default_rng(0).standard_normal(3 * mine.sample_rate)).astype(np.float32)
-    torch.testing.assert_close(musicssl.load(release).embed(x, sr=mine.sample_rate).frames,
-                               mine.embed(x, sr=mine.sample_rate).frames)
+    loaded = musicssl.load(release)
+    torch.testing.assert_close(loaded.embed(x, sr=mine.sample_rate).frames, mine.embed(x, sr=mine.sample_rate).frames)
+    # The release describes this run, not the backbone's registry entry (nor its licence).
+    assert f"with the {name} recipe, 4 steps" in loaded.spec.description and loaded.spec.license == "unspecified"
+    assert loaded.spec.name == "release" and f"musicssl train {name}" in loaded.spec.source
 
 
 def test_pesto_resumes_exactly_too(tmp_path):

@@ -157,7 +157,7 @@ def _spec(size: str, **fields: Any) -> ModelSpec:
 # music, shipped in fp16 inside the package; weights_cards/simclr-mini.md says how and how well.
 @register_model(_spec(
     "mini", name="simclr-mini", weights="bundled:simclr-mini",
-    files={"config.json": "9fc28271aa797ad8f272d4d1b486cac499ca819d65057ab0e3bcba677f797018",
+    files={"config.json": "0d3c14571cba8bb897231c9802f23933d36bef20e065f40858987fc938fb212b",
            "model.safetensors": "7e3110b0620a9ce653673cf0f5652541dde2867d707af7d7c603c356a2475d23"},
     license="Apache-2.0", source="musicssl (SimCLR recipe, weights_cards/simclr-mini.md)",
     description="Spectrogram ViT-mini (192-d, 6 blocks, 3.2 s windows) trained with SimCLR: the default model.",

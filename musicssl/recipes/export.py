@@ -14,6 +14,7 @@ import torch
 
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.factory import card_stub, save_pretrained
+from musicssl.registry import ModelSpec
 from musicssl.recipes.train import load_checkpoint, recipe_from_checkpoint, resolve_configs
 
 # Loop settings that say where a run lives, not how it trains: left out of the card's command.
@@ -33,9 +34,24 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
         "train_config": tcfg, "recipe_config": rcfg, "train_seconds": round(ckpt["elapsed_seconds"], 1),
         "hardware": ckpt.get("hardware", "not recorded"), "trained_with": ckpt["musicssl_version"],
     }
+    encoder.spec = _run_spec(encoder, release, provenance)
     folder = save_pretrained(encoder, out, name=release, provenance=provenance, dtype=dtype)
     (folder / "README.md").write_text(_card(encoder, release, provenance))
     return folder
+
+
+def _run_spec(encoder: Any, name: str, prov: dict[str, Any]) -> ModelSpec:
+    """The release's spec. The backbone's registry text describes an architecture (and the licence
+    of weights it never had), so the run's own facts replace it; the licence is the releaser's call."""
+    from musicssl.factory import _release_spec
+
+    arch = encoder.spec.name if encoder.spec else encoder.family
+    return dataclasses.replace(
+        _release_spec(encoder, name), license="unspecified", citation="",
+        source=f"musicssl (trained with `musicssl train {prov['recipe']}`)",
+        description=f"The {arch} architecture trained with the {prov['recipe']} recipe, {prov['steps']} steps "
+                    f"on {Path(str(prov['data'])).name}.",
+    )
 
 
 def _card(encoder: Any, name: str, prov: dict[str, Any]) -> str:
