@@ -14,6 +14,10 @@ class AudioDecodeError(MusicsslError, ValueError):
     """An audio file could not be read or decoded (names the file and the backend)."""
 
 
+class OffsetPastEndError(AudioDecodeError):
+    """A span of a file was asked for from an offset at or past its end."""
+
+
 class AudioInputError(MusicsslError, ValueError):
     """Audio given as an array or tensor is unusable (shape, sample rate, NaN/Inf)."""
 

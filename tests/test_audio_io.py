@@ -30,7 +30,7 @@ from musicssl.audio.io import (
     resample,
     to_mono,
 )
-from musicssl.errors import AudioDecodeError, AudioInputError
+from musicssl.errors import AudioDecodeError, AudioInputError, OffsetPastEndError
 
 DATA = Path(__file__).parent / "data"
 CLIP = DATA / "soundtrack_cut.flac"  # 3 s, 16 kHz mono
@@ -795,3 +795,94 @@ def test_vbr_mp3_without_a_length_header_and_no_fallback_warns(vbr_without_lengt
     assert "Install ffmpeg" in caplog.text
     with pytest.raises(AudioDecodeError, match="offset 8.000 s.*Install ffmpeg"):
         load_audio(vbr_without_length, offset=8.0)
+
+
+# --------------------------------------------------------------------------- unusual but valid files
+
+
+def test_codecs_libsndfile_cannot_seek_in_decode_and_read_spans(tmp_path, clip):
+    """GSM 6.10 (and G.72x): libsndfile refuses seek() and even tell() on them; they still decode."""
+    path = tmp_path / "gsm.wav"
+    sf.write(path, soxr.resample(clip, 16000, 8000), 8000, subtype="GSM610")
+    assert not sf.SoundFile(path).seekable()
+    whole, sr = load_audio(path)
+    assert sr == 8000 and len(whole) == audio_info(path).frames >= 3 * 8000 - 320
+    assert np.corrcoef(whole[:8000], soxr.resample(clip, 16000, 8000)[:8000])[0, 1] > 0.9
+    part, _ = load_audio(path, offset=1.0, duration=0.5)
+    np.testing.assert_array_equal(part, whole[8000:12000])
+
+
+def _unfinished_wav(path: Path, clip: np.ndarray) -> None:
+    """A WAV as a recorder leaves it when it dies before patching its header: sizes of 0."""
+    sf.write(path, clip, 16000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[4:8] = (36).to_bytes(4, "little")
+    data[at + 4 : at + 8] = bytes(4)
+    path.write_bytes(bytes(data))
+
+
+def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(tmp_path, clip, caplog, no_fallback):
+    path = tmp_path / "unfinished.wav"
+    _unfinished_wav(path, clip)
+    assert sf.info(path).frames == 0  # what libsndfile makes of it
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(path)
+    np.testing.assert_allclose(x, clip, atol=1 / 32768)
+    assert "declares no audio data, but 48000 frames follow it" in caplog.text
+    assert audio_info(path).frames == len(clip)
+    part, _ = load_audio(path, offset=1.0, duration=0.5)
+    np.testing.assert_array_equal(part, x[16000:24000])
+    # A WAV that really is empty, with a LIST chunk after its empty data chunk, stays empty.
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000, subtype="PCM_16")
+    info = b"INFOISFT\x06\x00\x00\x00Lavf\x00\x00"
+    empty.write_bytes(empty.read_bytes() + b"LIST" + len(info).to_bytes(4, "little") + info)
+    with pytest.raises(AudioDecodeError, match="contains no audio samples"):
+        load_audio(empty)
+
+
+def test_an_mp3_behind_several_id3_tags_is_counted_whole(vbr_without_length, tmp_path):
+    """Retagged libraries carry ID3v2 tags in a row; the frames after all of them are counted."""
+    from musicssl.audio.mpeg import mpeg_samples
+
+    def id3(size: int) -> bytes:  # an ID3v2.3 tag of `size` bytes of padding (sizes are 7 bits per byte)
+        return b"ID3\x03\x00\x00" + bytes(((size >> s) & 0x7F) for s in (21, 14, 7, 0)) + bytes(size)
+
+    tagged = tmp_path / "tagged.mp3"
+    tagged.write_bytes(id3(200_000) + id3(100_000) + vbr_without_length.read_bytes())
+    assert mpeg_samples(tagged) == mpeg_samples(vbr_without_length) >= 10 * 16000
+    assert audio_info(tagged).frames == audio_info(vbr_without_length).frames
+
+
+@needs_ffmpeg
+def test_an_offset_past_the_end_of_a_vbr_mp3_says_so(vbr_without_length, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    with pytest.raises(OffsetPastEndError, match="offset 10.500 s: that is at or past its end"):
+        load_audio(vbr_without_length, offset=10.5)
+
+
+def test_rates_no_audio_has_are_refused(tmp_path):
+    with pytest.raises(AudioInputError, match="48000 rather than 48"):
+        load_audio(CLIP, sr=48)
+    path = tmp_path / "one-hertz.wav"
+    write_wav_bytes(path, np.zeros(60, np.int16), 2, sr=1)  # a damaged header; 16000x the frames at 16 kHz
+    with pytest.raises(AudioDecodeError, match="one-hertz.wav': its header gives a sample rate of 1 Hz"):
+        load_audio(path, sr=16000)
+
+
+@needs_ffmpeg
+def test_a_video_without_sound_says_it_holds_no_audio(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    path = tmp_path / "silent film.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=duration=1:size=32x32:rate=5",
+                    "-c:v", "mpeg4", os.fspath(path)], check=True)
+    with pytest.raises(AudioDecodeError, match=r"silent film.mp4'.*\(ffmpeg: it holds no audio stream\)"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("path, says", [(b"/music/a.wav", "not a bytes; write encoded audio bytes to a file"),
+                                        (None, "not a NoneType")])
+def test_what_is_no_path_is_named(path, says):
+    with pytest.raises(AudioInputError, match=says):
+        load_audio(path)

@@ -99,6 +99,22 @@ def test_reads_only_the_crop(audio_dir: Path, monkeypatch: pytest.MonkeyPatch) -
     assert calls[-1]["duration"] < 1.01 and calls[-1]["offset"] > 0
 
 
+def test_a_length_the_header_overestimates_is_learned_not_a_broken_file(audio_dir: Path) -> None:
+    """ADTS AAC (or an MP3 behind junk) reports a length from its bitrate, past the real end: an
+    offset drawn beyond the end must not put the file on the broken list."""
+    import dataclasses
+
+    ds = crops(audio_dir, length=40)
+    k = [p.name for p in ds.files].index("a_16k_mono.wav")  # 3 s
+    true = ds.infos[k].frames
+    ds.infos[k] = dataclasses.replace(ds.infos[k], frames=3 * true, duration=9.0)  # as ffprobe might estimate
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        audio = ds[k]["audio"]
+        assert float(audio.abs().min()) > 0  # a whole crop of the file's samples, no zero padding
+    assert k not in ds._bad and ds.infos[k].frames == true
+
+
 def test_short_files_are_zero_padded_at_a_drawn_position(audio_dir: Path) -> None:
     ds = crops(audio_dir)
     k = [p.name for p in ds.files].index("c_8k_short.wav")  # 0.5 s: half the crop

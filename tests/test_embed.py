@@ -179,6 +179,8 @@ def test_input_forms_agree():
     pcm = (np.clip(a, -1, 1) * 32767).astype(np.int16)
     torch.testing.assert_close(enc.embed(pcm, sr=SR).frames, enc.embed(pcm / 32768.0, sr=SR).frames,
                                rtol=1e-4, atol=1e-3)
+    # Big-endian PCM (AIFF bytes read with np.frombuffer(..., ">i2")) is the same samples.
+    torch.testing.assert_close(enc.embed(pcm.astype(">i2"), sr=SR).frames, enc.embed(pcm, sr=SR).frames)
 
 
 def test_resampled_input_matches():

@@ -424,9 +424,11 @@ def test_a_shard_that_gets_no_files_is_done_not_failed(tmp_path, capsys):
     (["IN", "-o", "OUT", "--layers", "foo"], "--layers takes 'last', 'all' or comma-separated integers"),
     (["-o", "OUT"], "give audio files or folders, or --files-from LIST"),
     (["--files-from", "IN/d0/track 00.wav", "-o", "OUT"], "holds NUL bytes, so it is not a text list"),
+    (["loop.wav", "-o", "OUT"], "input loop.wav is a link to loop.wav, which leads nowhere (missing, or a loop"),
 ])
 def test_usage_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, says):
     corpus(tmp_path / "IN", 1)
+    os.symlink("loop.wav", tmp_path / "loop.wav")
     monkeypatch.chdir(tmp_path)
     argv = [a.replace("IN", str(tmp_path / "IN")).replace("OUT", str(tmp_path / "OUT")) for a in args]
     assert main(["embed", *argv, "--model", "mfcc"]) == 2

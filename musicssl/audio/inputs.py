@@ -85,6 +85,8 @@ def _as_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
         x = x.float() if x.is_floating_point() else x
         x = x.numpy()
     arr = np.asarray(x)
+    if not arr.dtype.isnative:  # big-endian PCM read straight from AIFF or network bytes ('>i2')
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype in _INT_SCALE:
         return arr.astype(np.float32) / np.float32(_INT_SCALE[arr.dtype])
     if arr.dtype == np.uint8:  # 8-bit WAV convention: unsigned, centred on 128

@@ -32,8 +32,9 @@ import soxr
 
 from musicssl.audio.mpeg import has_length_tag, mpeg_samples
 from musicssl.audio.ogg import ogg_cut_short
-from musicssl.audio.sink import FrameSink, mix_down
-from musicssl.errors import AudioDecodeError, AudioInputError
+from musicssl.audio.sink import MIN_RATE, FrameSink, ImplausibleRate, mix_down
+from musicssl.audio.wav import open_unsized
+from musicssl.errors import AudioDecodeError, AudioInputError, OffsetPastEndError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def audio_info(path: PathLike) -> AudioInfo:
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
             info = sf.info(_sf_path(p))
+            if info.format == "WAV" and info.frames == 0:  # perhaps an unfinished header
+                with _open_soundfile(p) as f:
+                    return _make_info(f.samplerate, f.frames, f.channels, "soundfile")
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
@@ -135,7 +139,11 @@ def load_audio(
     p = _check_path(path)
     # Blocks are mixed (before resampling: both are linear, and one channel is cheaper to resample
     # than C) and resampled as they are decoded, so a long file is never held whole at its own rate.
-    sink, file_sr, backend = _decode(p, offset, duration, FrameSink(mono, sr))
+    try:
+        sink, file_sr, backend = _decode(p, offset, duration, FrameSink(mono, sr))
+    except ImplausibleRate as err:
+        raise AudioDecodeError(f"Cannot decode audio file '{p}': {err}. The header is damaged: re-export the "
+                               "file from its source, or remove it from the input.") from None
     if sink.bad:
         raise AudioDecodeError(
             f"Cannot use audio file '{p}': {sink.bad} decoded samples are NaN or Inf (backend: "
@@ -256,6 +264,9 @@ def check_rate(sr: Any, name: str) -> int:
         ok = True
     if not ok or sr <= 0:
         raise AudioInputError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}.")
+    if sr < MIN_RATE:
+        raise AudioInputError(f"{name}={sr!r} Hz is not an audio sample rate (the lowest taken is {MIN_RATE} Hz): "
+                              f"rates are in Hz, e.g. 48000 rather than 48.")
     return int(sr)
 
 
@@ -273,6 +284,9 @@ def _check_span(offset: float, duration: float | None) -> None:
 
 def _check_path(path: PathLike) -> Path:
     """The path as a readable, non-empty regular file, or an AudioDecodeError saying why not."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise AudioInputError(f"an audio file is named by a path (str or pathlib.Path), not a {type(path).__name__}"
+                              + ("; write encoded audio bytes to a file first" if isinstance(path, bytes) else ""))
     if re.match(r"[a-z][a-z0-9+.-]*://", os.fsdecode(path), re.IGNORECASE):
         raise AudioDecodeError(f"Cannot read audio file '{os.fsdecode(path)}': a URL is not fetched; download "
                                "the file first and pass its path.")
@@ -322,9 +336,9 @@ def _no_samples(p: Path, backend: str) -> AudioDecodeError:
     )
 
 
-def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> AudioDecodeError:
+def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> OffsetPastEndError:
     length = "" if file_seconds is None else f" (it lasts {file_seconds:.3f} s)"
-    return AudioDecodeError(
+    return OffsetPastEndError(
         f"Cannot read audio file '{p}' from offset {offset:.3f} s: that is at or past its end"
         f"{length}. Use a smaller offset."
     )
@@ -339,11 +353,14 @@ def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> 
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
-            f = sf.SoundFile(_sf_path(p))
+            f = _open_soundfile(p)
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
         else:
+            if f.format == "RAW":
+                log.warning("%s: its WAV header declares no audio data, but %d frames follow it (a recording "
+                            "whose header was never finished); reading them", p, f.frames)
             with f:
                 sink.start(f.samplerate, f.channels)
                 # libsndfile cannot seek past its estimate of an MP3's length, whatever is there.
@@ -408,6 +425,8 @@ def _decode_whole_mpeg(
     if attempts:
         try:
             return fresh, *_run_fallbacks(p, None, attempts)
+        except OffsetPastEndError:  # the fallback read to the real end: the offset is past it
+            raise
         except AudioDecodeError as err:
             log.debug("fallbacks failed on %s: %s", p, err)
     fix = f"Install ffmpeg (or torchcodec) to decode all of it, or re-encode it with `ffmpeg -i '{p}' out.flac`"
@@ -415,6 +434,17 @@ def _decode_whole_mpeg(
         raise AudioDecodeError(f"Cannot read from offset {offset:.3f} s: {short}. {fix}.")
     log.warning("%s; using that part. %s", short, fix)
     return sink, sr, "soundfile"
+
+
+def _open_soundfile(p: Path) -> sf.SoundFile:
+    """libsndfile's handle on `p`; for a WAV whose header declares no data but has samples after
+    it, a RAW reader over them (musicssl.audio.wav)."""
+    f = sf.SoundFile(_sf_path(p))
+    if f.format != "WAV" or f.frames != 0:
+        return f
+    with f:
+        raw = open_unsized(p, f)
+    return raw if raw is not None else sf.SoundFile(_sf_path(p))
 
 
 def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | None, sink: FrameSink) -> None:
@@ -440,7 +470,7 @@ def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | N
         # libsndfile drops a whole request when a block inside it is damaged: re-read the rest
         # in small blocks from a fresh handle to keep every frame before the damage.
         try:
-            with sf.SoundFile(_sf_path(p)) as again:
+            with _open_soundfile(p) as again:
                 more, err = _read_into(again, start + got, sink, None if want is None else want - got, _SALVAGE_BLOCK)
                 got += more
         except _SNDFILE_ERRORS as reopen_err:
@@ -476,8 +506,10 @@ def _read_into(
     buf = np.empty((block if limit is None else max(1, min(block, limit)), f.channels), dtype=np.float32)
     got = 0
     try:
-        if f.tell() != frame:
+        if frame and f.seekable():  # every caller hands a fresh handle, at frame 0
             f.seek(frame)
+        elif frame:  # codecs libsndfile cannot seek in (GSM 6.10, G.72x): read up to the frame
+            _discard(f, frame)
         while limit is None or got < limit:
             n = _readf(f, buf if limit is None else buf[: limit - got])
             if n == 0:
@@ -487,6 +519,16 @@ def _read_into(
     except _SNDFILE_ERRORS as err:
         return got, err
     return got, None
+
+
+def _discard(f: sf.SoundFile, frames: int) -> None:
+    """Read and drop the next `frames` frames (or up to the end)."""
+    buf = np.empty((max(1, min(frames, _READ_BLOCK)), f.channels), dtype=np.float32)
+    while frames > 0:
+        n = _readf(f, buf[: min(frames, len(buf))])
+        if n == 0:
+            return
+        frames -= n
 
 
 def _readf(f: sf.SoundFile, out: np.ndarray) -> int:
@@ -691,8 +733,10 @@ def _decode_ffmpeg(
             code = proc.wait()
         if code != 0:  # ffmpeg's own message says more than an unreadable stream
             stderr.seek(0)
-            lines = stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise _BackendFailed(" / ".join(lines[-3:]) or f"exit status {code}")
+            text = stderr.read().decode("utf-8", "replace").strip()
+            if "matches no streams" in text:  # our -map 0:a:0 found none: a video without sound, say
+                raise _BackendFailed("it holds no audio stream")
+            raise _BackendFailed(" / ".join(text.splitlines()[-3:]) or f"exit status {code}")
     if unreadable is not None:
         raise unreadable
     if sink.frames == 0:

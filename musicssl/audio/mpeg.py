@@ -22,6 +22,7 @@ _BITRATES = {
 _RATES = {0: (11025, 12000, 8000), 2: (22050, 24000, 16000), 3: (44100, 48000, 32000)}
 _LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")
 _HEAD_BYTES = 1 << 16  # the first frame (and its length tag) starts within this, after any ID3v2
+_FAR_BYTES = 1 << 22  # where to look when it does not
 
 
 def mpeg_samples(path: Path) -> int | None:
@@ -53,10 +54,18 @@ def has_length_tag(path: Path) -> bool:
 def _head(path: Path) -> tuple[int, bytes, int | None]:
     """(where the audio starts, its first _HEAD_BYTES, the first frame's offset in them or None)."""
     with open(path, "rb") as fh:
-        start = _skip_id3v2(fh.read(10))
+        start = 0
+        while skip := _skip_id3v2(fh.read(10)):  # retagged files can carry several tags in a row
+            start += skip
+            fh.seek(start)
         fh.seek(start)
         head = fh.read(_HEAD_BYTES)
-    return start, head, _first_frame(head, 0)
+        first = _first_frame(head, 0)
+        if first is None:  # a long run of junk (or an unknown tag) before the audio: look further
+            fh.seek(start)
+            head = fh.read(_FAR_BYTES)
+            first = _first_frame(head, 0)
+    return start, head, first
 
 
 def _tagged(head: bytes, first: int) -> bool:

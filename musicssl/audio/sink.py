@@ -13,6 +13,15 @@ import numpy as np
 import soxr
 
 
+# Below this no recording is audio a model can use (telephony's 8 kHz is the lowest in use): a rate
+# under it is a damaged header, or a rate given in kHz.
+MIN_RATE = 1000
+
+
+class ImplausibleRate(ValueError):
+    """A stream's sample rate is under MIN_RATE (the caller names the file)."""
+
+
 class FrameSink:
     """Collects decoded blocks (n, C) float32 at a file's rate; `result()` is (S,) mono or (S, C),
     at `sr` if given: soxr's stream, which gives the same samples as `soxr.resample` in one go."""
@@ -23,6 +32,8 @@ class FrameSink:
 
     def start(self, file_sr: int, channels: int) -> None:
         """Begin (again) for a stream of `channels` at `file_sr` Hz, dropping what came before."""
+        if 0 < file_sr < MIN_RATE:  # before a buffer for its length is allocated (1 Hz: 16000x the frames)
+            raise ImplausibleRate(f"its header gives a sample rate of {file_sr} Hz, which no audio has")
         self.file_sr, self.channels = file_sr, channels
         self.frames = 0  # frames received, at file_sr
         self.bad = 0  # NaN or Inf samples received

@@ -60,6 +60,9 @@ def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extension
             files.extend(Path(os.path.abspath(f)) for f in find_audio_files(path, extensions or AUDIO_EXTENSIONS))
         elif path.exists():
             files.append(path)
+        elif path.is_symlink():
+            raise FileNotFoundError(f"input {given} is a link to {os.readlink(path)}, which leads nowhere (missing, "
+                                    "or a loop of links): point it at the file again, or leave it out")
         else:
             raise FileNotFoundError(f"input {given} does not exist (give audio files, folders, or --files-from LIST)")
     files.extend(Path(os.path.abspath(Path(p).expanduser())) for p in listed)

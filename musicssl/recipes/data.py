@@ -10,6 +10,7 @@ step; decoding and collation run in DataLoader worker processes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from musicssl.audio.io import AUDIO_EXTENSIONS, AudioInfo, audio_info, find_audio_files, load_audio
-from musicssl.errors import AudioDecodeError
+from musicssl.errors import AudioDecodeError, OffsetPastEndError
 
 __all__ = ["AudioCrops", "SyntheticMusic", "default_collate_audio", "make_loader"]
 
@@ -129,11 +130,20 @@ class AudioCrops(Dataset[Item]):
             info.sample_rate / self.sample_rate) + 2
         if info.frames > span:
             start = int(rng.integers(0, info.frames - span + 1))
-            audio, _ = load_audio(self.files[k], sr=self.sample_rate,
-                                  offset=start / info.sample_rate,
-                                  duration=span / info.sample_rate)
-            return _fit(audio, n, 0)
+            try:
+                audio, _ = load_audio(self.files[k], sr=self.sample_rate,
+                                      offset=start / info.sample_rate,
+                                      duration=span / info.sample_rate)
+            except OffsetPastEndError:
+                audio = np.zeros(0, dtype=np.float32)
+            if len(audio) >= n:
+                return _fit(audio, n, 0)
+            # The length was a header's estimate past the real end (ADTS AAC, an MP3 behind junk):
+            # decode it all once below, and keep its true length for the next crops.
         audio, _ = load_audio(self.files[k], sr=self.sample_rate, offset=0.0, duration=None)
+        frames = math.floor(len(audio) * info.sample_rate / self.sample_rate)
+        if frames < info.frames:
+            self.infos[k] = dataclasses.replace(info, frames=frames, duration=frames / info.sample_rate)
         # A short file: a random window of it, or all of it at a random place in the crop.
         return _fit(audio, n, int(rng.integers(0, abs(len(audio) - n) + 1)))
 
