@@ -159,6 +159,8 @@ def add_task_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--kind", choices=["classification", "multilabel", "regression", "pitch"], default=None,
                    help="task kind (default: from TASK.json, else read from the labels)")
     s.add_argument("--label", default=None, help="label column of the CSV (default 'label')")
+    s.add_argument("--group", default=None, help="column naming what must stay in one split when splits are made "
+                                                 "(a track, a kit, a fold; default 'group')")
 
 
 def add_finetune_parser(sub: Any) -> None:
@@ -413,7 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             task, models, layers=layers, probes=[p.strip() for p in args.probes.split(",")], pool=args.pool,
             seed=args.seed, cache=args.cache, device=device, dtype=getattr(torch, DTYPES[args.dtype]),
             batch_size=args.batch_size, offline=args.offline or None, root=args.root, kind=args.kind,
-            label=args.label,
+            label=args.label, group=args.group,
         )
         print(format_table(result) + "\n")
         if args.out:
@@ -434,7 +436,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     r = finetune(
         args.task, model=args.model, out=args.out, freeze=args.freeze, epochs=args.epochs, lr=args.lr,
         llrd=args.llrd, head_epochs=args.head_epochs, batch_size=args.batch_size, device=args.device,
-        seed=args.seed, patience=args.patience, kind=args.kind, label=args.label, root=args.root, pool=args.pool,
+        seed=args.seed, patience=args.patience, kind=args.kind, label=args.label, root=args.root, group=args.group,
+        pool=args.pool,
         layers=layers, hidden=args.hidden, precision=precision, offline=args.offline or None,
     )
     t = r.task

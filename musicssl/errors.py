@@ -66,3 +66,7 @@ def describe(err: BaseException) -> str:
     """One line for a manifest: our own errors already name the file, cause and fix."""
     text = " ".join(str(err).split()) or repr(err)
     return text if isinstance(err, MusicsslError) else f"{type(err).__name__}: {text}"
+
+
+class DivergedError(MusicsslError, FloatingPointError):
+    """Training stopped because its loss became NaN or infinite."""

@@ -34,6 +34,7 @@ from torch import nn
 
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
+from musicssl.errors import DivergedError
 from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
@@ -499,6 +500,7 @@ def finetune(
     kind: str | None = None,
     label: str | None = None,
     root: str | os.PathLike | None = None,
+    group: str | None = None,
     pool: str = "mean",
     layers: LayersArg = "all",
     hidden: int = 0,
@@ -516,7 +518,7 @@ def finetune(
     """Fine-tune `model` on `task`; early-stop on validation; score the best weights on test.
 
     task: a Task, a task CSV (`path,label[,split][,group]`) or a folder per class (see
-        `musicssl.evaluate.tasks.load_task`; kind, label and root are passed to it).
+        `musicssl.evaluate.tasks.load_task`; kind, label, root, group and seed are passed to it).
     model: a name, "hf-hub:org/repo", a release folder or an Encoder (a Classifier's backbone is reused).
         An Encoder passed in is trained in place, as torch training loops do: pass
         `copy.deepcopy(enc)` to keep the original.
@@ -540,12 +542,13 @@ def finetune(
     from musicssl.factory import load
 
     if not isinstance(task, Task):
-        task = load_task(task, kind=kind, label=label, root=root)
+        task = load_task(task, kind=kind, label=label, root=root, group=group, seed=seed)  # eval --seed's splits
     if min(epochs, patience) < 1 or batch_size < 2 or head_epochs < 0:
         # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
         raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
                          f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
     device = check_device(device or default_device())
+    parse_freeze(freeze, 10**9)  # its form now, before a folder is made; N against the model's blocks later
     if out is not None:
         if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
             raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
@@ -656,7 +659,9 @@ def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr
             out = clf(wav.to(device), lengths.to(device))
         loss = loss_fn(clf, out.float(), data.targets[idx].to(device), label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}; lower the learning rate or use precision='fp32'")
+            raise DivergedError(f"the training loss became {loss.item()} at step {first_step + step + 1} (training "
+                                f"diverged): lower the learning rate (lr={lr:g}), or train in float32 "
+                                "(--dtype float32, precision='fp32')")
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
@@ -741,7 +746,9 @@ def write_run(result: FinetuneResult, run: Path, name: str | None = None) -> Pat
     metrics = {"task": result.task, "primary": result.primary, "test": result.test, "valid": result.valid,
                "best_epoch": result.best_epoch, "epochs": result.epochs, "settings": result.settings,
                "musicssl_version": __version__}
-    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    from musicssl.evaluate.report import finite_json
+
+    (run / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2, default=str) + "\n")
     return run
 
 

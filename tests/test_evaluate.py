@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import json
 import os
 from pathlib import Path
@@ -126,12 +127,39 @@ def test_kinds_are_read_from_labels_or_sidecar(tmp_path: Path) -> None:
     multi = write_csv(tmp_path / "multi.csv", [{"path": f.name, "label": "a;b" if i % 2 else "a"} for i, f in enumerate(files)])
     task = load_task(multi)
     assert task.kind == "multilabel" and task.classes == ["a", "b"] and task.targets().shape == (12, 2)
-    reg = write_csv(tmp_path / "reg.csv", [{"path": f.name, "label": str(i * 0.5)} for i, f in enumerate(files)])
+    reg = write_csv(tmp_path / "reg.csv", [{"path": f.name, "label": str(i % 4 * 0.5)} for i, f in enumerate(files)])
     assert load_task(reg).kind == "regression"
     (tmp_path / "reg.json").write_text(json.dumps({"kind": "pitch", "name": "tones-pitch"}))
     task = load_task(reg)
     assert task.kind == "pitch" and task.name == "tones-pitch"
     assert load_task(reg, kind="classification").kind == "classification"
+
+
+def test_made_splits_hit_their_shares_when_every_class_is_small(tmp_path: Path) -> None:
+    """Rounding each class alone set aside nothing from classes of 2-4 items (then one item anyway)."""
+    rows = [{"path": tone(tmp_path / f"{c}-{i}.wav", 100 + 10 * c + i).name, "label": f"class {c}"}
+            for c in range(8) for i in range(4)]
+    task = load_task(write_csv(tmp_path / "small.csv", rows))
+    assert [int((task.split == s).sum()) for s in ("train", "valid", "test")] == [22, 4, 6]  # 20 %, 15 % of the rest
+    assert {task.labels[i] for i in task.indices("valid", "test")} <= {task.labels[i] for i in task.indices("train")}
+
+
+def test_groups_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"path": tone(tmp_path / f"{i}.wav", 100 + i).name, "label": "ab"[i % 2], "fold": str(i % 5),
+             "group": "" if i < 20 else f"kit {i % 4}"} for i in range(40)]
+    path = write_csv(tmp_path / "kits.csv", rows)
+    task = load_task(path)  # a blank group cell ties its item to nothing (it was one group of all blanks)
+    for g in {"kit 0", "kit 1", "kit 2", "kit 3"}:
+        assert len({task.split[i] for i in range(40) if task.groups[i] == g}) == 1
+    assert {task.split[i] for i in range(20)} == {"train", "valid", "test"}
+    assert "splits are made here by class alone" not in caplog.text
+    rows = [{k: v for k, v in r.items() if k != "group"} for r in rows]  # without a group column, a fold
+    # column is named as a risk of leakage
+    with caplog.at_level(logging.WARNING, logger="musicssl.evaluate.tasks"):
+        load_task(write_csv(path, rows))
+    assert "items that share a 'fold' can land in both train and test" in caplog.text and "--group fold" in caplog.text
+    by_fold = load_task(path, group="fold")
+    assert all(len({by_fold.split[i] for i in range(40) if i % 5 == f}) == 1 for f in range(5))
 
 
 def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None:
@@ -151,9 +179,16 @@ def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None
     ("bad_split", "is not train, valid or test"),
     ("one_class", "fewer than 2 classes"),
     ("bad_kind", "not one of"),
-    ("text_regression", "needs numeric labels"),
+    ("text_regression", "line 2: label 'a' is not a number, and a regression task needs one per row"),
+    ("nan_label", "line 5: label 'nan' is not a finite number"),
+    ("separator_digits", "line 5: label '1_0' is not a number"),
     ("no_rows", r"has a header \(path, label\) but no rows"),
     ("constant_regression", "every train label is the same value"),
+    ("short_row", "line 4: 2 fields where the header has 3"),
+    ("unquoted_comma", "line 4: 4 fields where the header has 3; quote a field that holds a comma"),
+    ("listed_twice", r"1.wav is listed twice \(items 2 and 3\)"),
+    ("one_per_class", "no valid items after splitting .* classes that keep one in train"),
+    ("two_groups", "no valid items after splitting .* at least 3 groups"),
 ])
 def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, message: str) -> None:
     files = [tone(tmp_path / f"{i}.wav", 300 + i) for i in range(10)]
@@ -173,9 +208,23 @@ def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, messa
         kind = "regression"
     elif problem == "constant_regression":
         rows = [{**r, "label": "5"} for r in rows]
+    elif problem in ("nan_label", "separator_digits"):
+        rows = [{**r, "label": str(i)} for i, r in enumerate(rows)]
+        rows[3]["label"] = "nan" if problem == "nan_label" else "1_0"
+        kind = "regression"
+    elif problem == "listed_twice":
+        rows[2]["path"] = rows[1]["path"]
+    elif problem == "one_per_class":
+        rows = [{**r, "label": f"class {i}"} for i, r in enumerate(rows)]
+    elif problem == "two_groups":
+        rows = [{**r, "group": f"kit {i % 2}"} for i, r in enumerate(rows)]
     path = write_csv(tmp_path / "task.csv", rows)
     if problem == "no_rows":
         path.write_text("path,label\n")
+    if problem in ("short_row", "unquoted_comma"):
+        lines = ["path,label,group"] + [f"{r['path']},{r['label']},g{i}" for i, r in enumerate(rows)]
+        lines[3] = "2.wav,a" if problem == "short_row" else "2.wav,rock, pop,g2"
+        path.write_text("\n".join(lines) + "\n")
     with pytest.raises(TaskFormatError, match=message) as err:
         load_task(path, kind=kind)
     assert "task.csv" in str(err.value) or "nope.wav" in str(err.value)

@@ -294,7 +294,9 @@ def test_cli_finetune_end_to_end(task_csv, tmp_path, capsys):
     (["{task}", "--freeze", "last-5"], "2 blocks"),
     (["{task}", "--epochs", "0"], "at least 1"),
     (["{task}", "--batch-size", "1"], "batch_size at least 2"),  # every batch of one would be skipped
-    (["{task}", "--kind", "regression"], "numeric labels"),
+    (["{task}", "--kind", "regression"], "is not a number, and a regression task needs one per row"),
+    (["{task}", "--lr", "1e30", "--epochs", "3", "--head-epochs", "0", "--freeze", "frozen"],
+     "(training diverged): lower the learning rate (lr=1e+30)"),
 ])
 def test_cli_bad_inputs_give_one_clear_line(args, message, task_csv, tmp_path, capsys):
     model = musicssl.save_pretrained(tiny(), tmp_path / "tiny")
@@ -302,6 +304,8 @@ def test_cli_bad_inputs_give_one_clear_line(args, message, task_csv, tmp_path, c
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("musicssl finetune: error:") and message in err
+    if "half" in args:  # a policy it cannot read is refused before the run folder is made
+        assert not (tmp_path / "run").exists()
 
 
 def test_finetune_never_writes_over_the_model_it_starts_from(task_csv, tmp_path, capsys):

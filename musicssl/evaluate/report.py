@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from musicssl.bulk.outputs import atomic_write
 
@@ -39,9 +39,21 @@ def _num(v: float | None) -> str:
 
 
 def write_json(result: EvalResult, path: Path) -> Path:
-    text = json.dumps(result.to_dict(), indent=1, sort_keys=True, allow_nan=True) + "\n"
+    """The result as strict JSON: an undefined metric (NaN) is null, which every JSON reader takes."""
+    text = json.dumps(finite_json(result.to_dict()), indent=1, sort_keys=True, allow_nan=False) + "\n"
     atomic_write(path, lambda fh: fh.write(text), "w")
     return path
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinite float made None (JSON null), in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def plot_layers(result: EvalResult, path: Path) -> Path | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import numpy as np
 
 from musicssl.audio.io import AUDIO_EXTENSIONS, find_audio_files
 from musicssl.errors import TaskFormatError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("classification", "multilabel", "regression", "pitch")
 SPLITS = ("train", "valid", "test")
@@ -77,11 +80,13 @@ class Task:
 def load_task(
     source: str | os.PathLike, *, kind: str | None = None, label: str | None = None,
     root: str | os.PathLike | None = None, seed: int = 0, valid_fraction: float = 0.15,
-    test_fraction: float = 0.2,
+    test_fraction: float = 0.2, group: str | None = None,
 ) -> Task:
     """Read a task CSV or a folder per class; splits missing from it are made (stratified, seeded).
 
     root: folder that relative paths in the CSV start from (default: the CSV's folder).
+    group: the column naming what must stay in one split (default: "group" in TASK.json, else a
+        column named "group" if there is one); a blank cell ties its item to nothing.
     test_fraction: share of all items made the test split when the task gives none.
     valid_fraction: share of the training items moved to valid when the task gives none.
     """
@@ -89,21 +94,33 @@ def load_task(
     if path.is_dir():
         task = _read_folder(path)
     elif path.is_file():
-        task = _read_csv(path, kind, label, root)
+        task = _read_csv(path, kind, label, root, group)
     else:
         raise TaskFormatError(f"task {path} does not exist: give a CSV (path,label[,split]) or a folder per class")
+    _check_unique(task)
+    made = {"valid", "test"} - set(task.split)
     _fill_splits(task, seed, valid_fraction, test_fraction)
     _check_trainable(task)
+    for name in sorted(made):
+        n = int((task.split == name).sum())
+        if n < _FEW:
+            log.warning("task %s: the %s split made here holds %d item%s, so its scores move by %.0f points per "
+                        "item; add items, or give a split column", task.source, name, n, "s" * (n != 1), 100 / n)
     return task
+
+
+_FEW = 10  # items in a made split below which its scores are mostly noise
 
 
 # --------------------------------------------------------------------------- CSV
 
 
-def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.PathLike | None) -> Task:
+def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.PathLike | None,
+              group: str | None) -> Task:
     meta = _sidecar(path)
     label = label or meta.get("label", "label")
-    rows = _csv_rows(path, label)
+    group = group or meta.get("group")
+    rows = _csv_rows(path, label, group)
     base = Path(root).expanduser() if root is not None else path.parent
     paths = [_resolve(base, r["path"]) for r in rows]
     _check_exist(path, paths, root is not None)
@@ -113,7 +130,11 @@ def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.Pa
         raise TaskFormatError(f"{path}: task kind {kind!r} is not one of {', '.join(KINDS)}")
     labels = _parse_labels(path, raw, kind)
     split = np.array([_split_name(path, i, r.get("split", "")) for i, r in enumerate(rows)], dtype=object)
-    groups = [r["group"].strip() for r in rows] if "group" in rows[0] else None
+    group = group or ("group" if "group" in rows[0] else None)
+    # A blank cell ties its item to nothing: a group of its own, not one group of every blank row.
+    groups = [r[group].strip() or f"\0row {i + 2}" for i, r in enumerate(rows)] if group else None
+    if group is None and any(not r.get("split", "").strip() for r in rows):
+        _warn_of_grouping_columns(path, list(rows[0]))
     return Task(meta.get("name", path.stem), kind, paths, labels, split, _classes(kind, labels), str(path), groups)
 
 
@@ -130,7 +151,19 @@ def _sidecar(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _csv_rows(path: Path, label: str) -> list[dict[str, str]]:
+# Column names that usually tie items together (a fold made by track, a drum kit, an album).
+_GROUPING_COLUMNS = ("fold", "folds", "track", "song", "kit", "artist", "album", "piece", "score", "session")
+
+
+def _warn_of_grouping_columns(path: Path, columns: list[str]) -> None:
+    tied = [c for c in columns if c.strip().lower() in _GROUPING_COLUMNS]
+    if tied:
+        log.warning("%s: splits are made here by class alone, so items that share a %r can land in both train "
+                    "and test (and score too well). To keep them apart, name the column: --group %s (or "
+                    "\"group\": \"%s\" in %s)", path, tied[0], tied[0], tied[0], path.with_suffix(".json").name)
+
+
+def _csv_rows(path: Path, label: str, group: str | None = None) -> list[dict[str, str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -140,13 +173,18 @@ def _csv_rows(path: Path, label: str) -> list[dict[str, str]]:
     columns = list(reader.fieldnames or [])
     if columns and not rows:
         raise TaskFormatError(f"{path} has a header ({', '.join(columns)}) but no rows: add a row per audio file")
-    for need in ("path", label):
+    for need in ("path", label, *([group] if group else [])):
         if need not in columns:
             raise TaskFormatError(
                 f"{path} has no {need!r} column (columns: {columns or 'none'}); a task CSV has a header "
-                f"'path,label[,split]' (another label column: --label NAME or \"label\" in {path.stem}.json)"
+                f"'path,label[,split][,group]' (other columns: --label NAME, --group NAME, or \"label\", "
+                f"\"group\" in {path.stem}.json)"
             )
     for i, r in enumerate(rows, start=2):
+        if None in r or None in r.values():  # csv's marks for fields beyond the header, and missing ones
+            many = len(columns) + len(r.get(None, [])) - list(r.values()).count(None)
+            raise TaskFormatError(f"{path} line {i}: {many} fields where the header has {len(columns)}; quote a "
+                                  "field that holds a comma (\"rock, pop\")")
         if not (r.get("path") or "").strip() or not (r.get(label) or "").strip():
             raise TaskFormatError(f"{path} line {i}: empty path or {label!r}; every row needs both")
     return rows
@@ -168,11 +206,15 @@ def _check_exist(path: Path, paths: list[Path], root_given: bool) -> None:
 def _guess_kind(raw: list[str]) -> str:
     if any(";" in y for y in raw):
         return "multilabel"
+    return "regression" if all(_number(y) is not None for y in raw) else "classification"
+
+
+def _number(text: str) -> float | None:
+    """The number a label writes, or None: Python's float() less its digit separators ("1_0")."""
     try:
-        [float(y) for y in raw]
+        return None if "_" in text else float(text)
     except ValueError:
-        return "classification"
-    return "regression"
+        return None
 
 
 def _parse_labels(path: Path, raw: list[str], kind: str) -> list[Any]:
@@ -180,10 +222,13 @@ def _parse_labels(path: Path, raw: list[str], kind: str) -> list[Any]:
         return raw
     if kind == "multilabel":
         return [tuple(sorted({t.strip() for t in y.split(";") if t.strip()})) for y in raw]
-    try:
-        return [float(y) for y in raw]
-    except ValueError as err:
-        raise TaskFormatError(f"{path}: a {kind} task needs numeric labels: {err}") from err
+    values = [_number(y) for y in raw]
+    for i, (y, v) in enumerate(zip(raw, values)):
+        if v is None or not np.isfinite(v):
+            what = "not a number" if v is None else "not a finite number"
+            raise TaskFormatError(f"{path} line {i + 2}: label {y!r} is {what}, and a {kind} task needs one per "
+                                  "row; fix or drop the row")
+    return values
 
 
 def _split_name(path: Path, i: int, text: str) -> str:
@@ -242,9 +287,9 @@ def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: fl
         if task.groups is not None:
             chosen = grouped_pick([task.groups[i] for i in pool], pool, share, seed)
         else:
-            chosen = stratified_pick(_strata(task, pool), task.paths, pool, share, seed)
-        if not len(chosen) and len(pool) >= 3:  # every stratum too small: take one item anyway
-            chosen = np.random.default_rng(seed).choice(pool, 1)
+            # A class keeps an item in train, so that every test item is of a class trained on.
+            keep = 1 if task.kind == "classification" else 0
+            chosen = stratified_pick(_strata(task, pool), task.paths, pool, share, seed, keep)
         task.split[chosen] = name
         pool = np.setdiff1d(pool, chosen)
 
@@ -260,18 +305,34 @@ def _strata(task: Task, pool: np.ndarray) -> list[str]:
     return [str(b) for b in np.searchsorted(edges, values)]
 
 
-def stratified_pick(strata: list[str], paths: list[Path], pool: np.ndarray, share: float, seed: int) -> np.ndarray:
-    """About `share` of each stratum of `pool`, chosen by a seeded shuffle of the items sorted by path,
-    so the result depends on neither the row order nor the platform. Strata of one item stay put."""
-    chosen: list[int] = []
-    for s in sorted(set(strata)):
-        members = sorted((int(i) for i, t in zip(pool, strata) if t == s), key=lambda i: str(paths[i]))
-        if len(members) < 2:
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(s.encode())])
-        take = min(len(members) - 1, int(round(share * len(members))))
-        chosen += [members[i] for i in rng.permutation(len(members))[:take]]
+def stratified_pick(strata: list[str], paths: list[Path], pool: np.ndarray, share: float, seed: int,
+                    keep: int = 0) -> np.ndarray:
+    """`share` of `pool`, spread over its strata in proportion, chosen by a seeded shuffle of each
+    stratum's items sorted by path, so the result depends on neither the row order nor the platform.
+    Every stratum keeps `keep` items, so the total falls short only where strata are too small."""
+    members = {s: sorted((int(i) for i, t in zip(pool, strata) if t == s), key=lambda i: str(paths[i]))
+               for s in sorted(set(strata))}
+    rngs = {s: np.random.default_rng([seed, zlib.crc32(s.encode())]) for s in members}
+    take = _apportion({s: len(m) for s, m in members.items()}, share, {s: rngs[s].random() for s in members}, keep)
+    chosen = [m[i] for s, m in members.items() for i in rngs[s].permutation(len(m))[: take[s]]]
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _apportion(sizes: dict[str, int], share: float, tiebreak: dict[str, float], keep: int) -> dict[str, int]:
+    """Items to take from each stratum: `share` of its size rounded down, then the rest of
+    round(share * total) one by one to the largest remainders (Hamilton's method), each stratum
+    keeping `keep` items. Rounding every stratum alone took nothing from strata of 2-3 items."""
+    room = {s: max(0, n - keep) for s, n in sizes.items()}
+    quota = {s: share * n for s, n in sizes.items()}
+    take = {s: min(int(q), room[s]) for s, q in quota.items()}
+    left = round(share * sum(sizes.values())) - sum(take.values())
+    ranked = sorted(sizes, key=lambda s: (take[s] - quota[s], tiebreak[s]))
+    while left > 0:
+        open_ = [s for s in ranked if take[s] < room[s]]
+        for s in open_[:left]:
+            take[s] += 1
+        left = 0 if not open_ else left - len(open_[:left])
+    return take
 
 
 def grouped_pick(groups: list[str], pool: np.ndarray, share: float, seed: int) -> np.ndarray:
@@ -295,11 +356,25 @@ def grouped_pick(groups: list[str], pool: np.ndarray, share: float, seed: int) -
     return np.array(sorted(chosen), dtype=np.int64)
 
 
+def _check_unique(task: Task) -> None:
+    """One row per file: a file listed twice can sit in train and test at once (and score 1.0)."""
+    seen: dict[str, int] = {}
+    for i, p in enumerate(task.paths):
+        key = os.path.realpath(p)
+        if key in seen:
+            raise TaskFormatError(f"task {task.source}: {p} is listed twice (items {seen[key] + 1} and {i + 1}), so "
+                                  "it could be trained and tested on at once; list each file once (several labels: "
+                                  "join them with ';')")
+        seen[key] = i
+
+
 def _check_trainable(task: Task) -> None:
     for s in SPLITS:
         if not (task.split == s).any():
-            raise TaskFormatError(f"task {task.source}: no {s} items after splitting ({len(task)} items in all); "
-                                  f"a task needs enough items for train, valid and test")
+            why = ("splits keep whole groups, so it needs at least 3 groups" if task.groups is not None else
+                   "a split made here takes items only from classes that keep one in train")
+            raise TaskFormatError(f"task {task.source}: no {s} items after splitting ({len(task)} items in all; {why}); "
+                                  "add items, or give a split column")
     if task.kind == "classification" and len({task.labels[i] for i in task.indices("train")}) < 2:
         raise TaskFormatError(f"task {task.source}: the train split holds fewer than 2 classes")
     if task.kind in ("regression", "pitch") and len({float(task.labels[i]) for i in task.indices("train")}) < 2:

@@ -29,6 +29,7 @@ from torch import nn
 from musicssl import __version__, signals
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device
+from musicssl.errors import DivergedError
 from musicssl.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -389,7 +390,8 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
         out = step_module(batch)
     loss = out["loss"]
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr or use precision=fp32")
+        raise DivergedError(f"the training loss became {loss.item()} at step {step} (training diverged): lower lr "
+                            f"(now {tcfg.lr:g}) or use precision=fp32; the run's last checkpoint is from before it")
     opt.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
