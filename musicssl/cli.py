@@ -106,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "same --out resumes from its checkpoint. Under torchrun, one process per device (DDP).",
     )
     s.add_argument("recipe", help="simclr | byol | vicreg | mae | jepa | pesto")
-    s.add_argument("--data", default="synthetic", help="audio folder, file list (.txt/.csv), or 'synthetic'")
+    s.add_argument("--data", default="synthetic", help="audio folder or file list (.txt/.csv); default 'synthetic': "
+                                                       "tones made on the fly, for trying a recipe out")
     s.add_argument("--preset", default=None, help="named settings, e.g. jepa-tiny (see musicssl train RECIPE --presets)")
-    s.add_argument("--out", required=True, help="run folder (checkpoint.pt, config.json, log.jsonl)")
+    s.add_argument("--out", default=None, help="run folder (checkpoint.pt, config.json, log.jsonl); required "
+                                               "unless --presets")
     s.add_argument("--presets", action="store_true", help="list the recipe's presets and exit")
     s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
@@ -456,6 +458,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         for name, values in recipe_class(args.recipe).PRESETS.items():
             print(f"{name}: {json.dumps(values)}")
         return 0
+    if args.out is None:
+        raise ValueError("--out RUN_DIR is required: the run folder to write (or resume)")
     overrides = parse_overrides(args.overrides)
     given = sorted(set(overrides) & {"recipe", "preset", "data", "out"})
     if given:

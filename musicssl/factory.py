@@ -264,7 +264,7 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
-    from musicssl.bulk.outputs import make_out_dir
+    from musicssl.bulk.outputs import make_out_dir, usual_mode
 
     if not isinstance(encoder, Encoder):
         raise TypeError(f"save_pretrained takes a musicssl Encoder (from musicssl.load or a recipe), not a "
@@ -282,6 +282,7 @@ def save_pretrained(
     }
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "musicssl": __version__})
+    os.chmod(folder / "model.safetensors", usual_mode())  # safetensors writes 0600: others could not load it
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if card is not None or not (folder / "README.md").exists():
         (folder / "README.md").write_text(card if card is not None else card_stub(spec))

@@ -135,9 +135,11 @@ def test_csv_txt_and_list_sources(audio_dir: Path, tmp_path: Path) -> None:
     csv_file.write_text("path,label\n" + "".join(f"{n},x\n" for n in names))
     txt_file = audio_dir / "train.txt"
     txt_file.write_text("# training files\n\n" + "\n".join(names) + "\n")
+    excel = audio_dir / "excel.csv"  # Excel's "CSV UTF-8" begins with a byte-order mark
+    excel.write_text("\ufeffpath,label\n" + "".join(f"{n},x\n" for n in names), encoding="utf-8")
     listed = [audio_dir / n for n in names]
     expected = [p.resolve() for p in listed]
-    for source in (csv_file, str(txt_file), listed):
+    for source in (csv_file, str(txt_file), listed, excel):
         ds = crops(source)
         assert [p.resolve() for p in ds.files] == expected and len(ds) == 2
         assert ds[1]["audio"].shape == (SR,)

@@ -143,6 +143,49 @@ def test_resuming_with_other_settings_is_refused_and_steps_may_grow(tmp_path):
         train("simclr", out=str(run), progress=False, **settings)
 
 
+def test_a_moved_run_resumes_whatever_its_folder_and_data_are_called(tmp_path, monkeypatch):
+    data = Path(__file__).parent / "data"  # three short clips
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 1, "data": data}  # pathlib paths, as for any file API
+    run = train("simclr", out=tmp_path / "run", progress=False, **settings)
+    moved = run.rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    train("simclr", out="moved/", progress=False, **{**settings, "steps": 2, "data": os.path.relpath(data) + "/"})
+    assert load_checkpoint(moved)["step"] == 2
+    with pytest.raises(ValueError, match="data: .* there, 'synthetic' now"):  # other data is still refused
+        train("simclr", out="moved", progress=False, **{**settings, "steps": 3, "data": "synthetic"})
+
+
+@pytest.mark.parametrize("name, change, said", [
+    ("mae", {"mask_ratio": 1.0}, "mask_ratio=1.0 hides 80 of the 80 patches of a crop"),  # the encoder sees nothing
+    ("mae", {"mask_ratio": 0.0}, "mask_ratio=0.0 hides 0 of the 80 patches"),  # no loss at all
+    ("simclr", {"batch_size": 1}, "the simclr recipe needs batch_size >= 2"),
+    ("jepa", {"backbone": "clmr-samplecnn", "backbone_args": {}}, "needs a backbone of the spec_vit family"),
+    ("simclr", {"backbone": "logmel", "backbone_args": {}}, "backbone=logmel has no weights to train"),
+    ("byol", {"ema_start": 2.0}, "ema_start must be in [0, 1]"),
+    ("simclr", {"min_lr_ratio": 5.0}, "min_lr_ratio (the last step's share of lr) must be in [0, 1]"),
+])
+def test_settings_a_recipe_cannot_train_with_are_refused(name, change, said, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(said)):
+        train(name, out=str(tmp_path / "run"), progress=False, **{**LOOP, **SETTINGS[name], "steps": 1, **change})
+
+
+def test_train_and_export_never_write_over_a_release_or_a_run(tmp_path, capsys):
+    from musicssl.cli import main
+
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 1}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **settings)
+    release = export_run(run, tmp_path / "release")
+    mode = (release / "config.json").stat().st_mode & 0o777
+    assert (release / "model.safetensors").stat().st_mode & 0o777 == mode  # safetensors alone wrote 0600
+    with pytest.raises(ValueError, match="holds a model release or another config.json"):
+        train("simclr", out=str(release), progress=False, **settings)
+    assert musicssl.load(release).family == "spec_vit"  # still a release
+    with pytest.raises(ValueError, match="is a training run .* export into a new folder"):
+        export_run(run, run)
+    assert main(["train", "jepa", "--presets"]) == 0 and "jepa-tiny:" in capsys.readouterr().out
+    assert main(["train", "jepa"]) == 2 and "--out RUN_DIR is required" in capsys.readouterr().err
+
+
 def test_clip_grad_0_means_no_clipping(tmp_path):
     settings = {**LOOP, **SETTINGS["simclr"], "steps": 1, "warmup_steps": 0, "clip_grad": 0.0, "weight_decay": 0.0}
     before = {k: v.detach().clone() for k, v in build("simclr").named_parameters()}  # not BatchNorm's statistics

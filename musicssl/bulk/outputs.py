@@ -60,7 +60,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", tem
         prefix = f".{path.name}.{socket.gethostname()}.{os.getpid()}."
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
         if hasattr(os, "fchmod"):  # mkstemp makes 0600; outputs get the usual permissions (POSIX)
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, usual_mode())
     else:
         fd, tmp = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), str(temp)
     try:
@@ -95,11 +95,12 @@ def sync_outputs(out_dir: Path) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    """The process umask, read once (reading it means setting it, which other threads could see)."""
+def usual_mode() -> int:
+    """The mode a plain open() gives a new file (0666 less the process umask), read once: reading
+    the umask means setting it, which other threads could see."""
     mask = os.umask(0o077)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def claimed_temp(path: Path) -> Path:

@@ -31,6 +31,14 @@ def build_backbone(cfg: RecipeConfig) -> Encoder:
     return enc.train()
 
 
+def check_ema(cfg: Any) -> None:
+    """`ema_start` and `ema_end` are the EMA target's momentum: a share of the old weights kept."""
+    for key in ("ema_start", "ema_end"):
+        value = getattr(cfg, key)
+        if not 0 <= value <= 1:
+            raise ValueError(f"{key} must be in [0, 1] (the EMA target's momentum, e.g. 0.996), got {value}")
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy for an EMA target: same weights, no gradients."""
     target = copy.deepcopy(module)
@@ -55,6 +63,8 @@ class Recipe(nn.Module):
 
     Config = RecipeConfig
     PRESETS: dict[str, dict[str, Any]] = {}
+    MIN_BATCH = 1  # items per process that a step needs
+    BACKBONE_FAMILIES: tuple[str, ...] | None = None  # None: any trainable encoder
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__()
@@ -97,6 +107,8 @@ class TwoViewConfig(RecipeConfig):
 
 class TwoViewRecipe(Recipe):
     """Shared data side of the joint-embedding recipes: `collate` adds view1/view2 (B, S_view)."""
+
+    MIN_BATCH = 2  # the losses compare items of a batch, and the projectors' BatchNorm needs two
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from musicssl.audio.augment import ViewMaker, default_augment, example_generators

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from musicssl.recipes.base import TwoViewConfig, TwoViewRecipe, build_backbone, clip_embedding, frozen_copy
+from musicssl.recipes.base import (TwoViewConfig, TwoViewRecipe, build_backbone, check_ema, clip_embedding,
+                                   frozen_copy)
 from musicssl.recipes.heads import MLPHead
 from musicssl.recipes.losses import byol_loss, cosine_schedule, ema_update
 
@@ -31,6 +32,7 @@ class BYOL(TwoViewRecipe):
 
     def __init__(self, cfg: BYOLConfig):
         super().__init__(cfg)
+        check_ema(cfg)
         self.backbone = build_backbone(cfg)
         self.projector = MLPHead(self.backbone.embed_dim, cfg.projector_hidden, cfg.projector_out, n_layers=2)
         self.predictor = MLPHead(cfg.projector_out, cfg.projector_hidden, cfg.projector_out, n_layers=2)

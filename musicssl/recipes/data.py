@@ -181,7 +181,7 @@ def _list_source(source: Source) -> list[Path]:
 
 
 def _read_csv(path: Path) -> list[Path]:
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ValueError(

@@ -15,7 +15,7 @@ import torch
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.factory import card_stub, save_pretrained
 from musicssl.registry import ModelSpec
-from musicssl.recipes.train import load_checkpoint, recipe_from_checkpoint, resolve_configs
+from musicssl.recipes.train import CHECKPOINT, load_checkpoint, recipe_from_checkpoint, resolve_configs
 
 # Loop settings that say where a run lives, not how it trains: left out of the card's command.
 _PLACE = ("recipe", "preset", "data", "out")
@@ -25,6 +25,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
                dtype: torch.dtype | None = None) -> Path:
     """Write RUN's encoder to OUT (config.json, model.safetensors, README.md pre-filled from the run)."""
     ckpt = load_checkpoint(run)
+    if (Path(out) / CHECKPOINT).exists():  # its config.json would become the release's
+        raise ValueError(f"--out {out} is a training run (it holds {CHECKPOINT}): export into a new folder")
     make_out_dir(Path(out), "--out")  # named as the command names it (save_pretrained would say "folder=")
     encoder = recipe_from_checkpoint(ckpt).export_encoder().eval()
     tcfg, rcfg = ckpt["train_config"], ckpt["recipe_config"]
@@ -63,7 +65,8 @@ def _card(encoder: Any, name: str, prov: dict[str, Any]) -> str:
     training = (
         f"Recipe `{prov['recipe']}` (preset `{prov['preset']}`), {prov['steps']} steps on `{prov['data']}`, "
         f"{prov['train_seconds']:g} s on {prov['hardware']}.\n\n"
-        f"    musicssl train {prov['recipe']} --data {prov['data']}{preset} --out RUN {train_overrides(prov)}\n"
+        f"    musicssl train {prov['recipe']} --data {shlex.quote(str(prov['data']))}{preset} --out RUN "
+        f"{train_overrides(prov)}\n"
     )
     return card.replace("## Training data\n(to be filled in)", "## Training data\n" + training)
 

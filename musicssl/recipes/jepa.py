@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from musicssl.recipes.base import Recipe, RecipeConfig, build_backbone, frozen_copy, full_lengths
+from musicssl.recipes.base import Recipe, RecipeConfig, build_backbone, check_ema, frozen_copy, full_lengths
 from musicssl.recipes.losses import cosine_schedule, ema_update, jepa_loss
 from musicssl.recipes.masking import apply_masks, collate_masks
 from musicssl.recipes.predictor import MaskedPredictor
@@ -34,6 +34,7 @@ class JEPA(Recipe):
     """Context encoder + predictor trained against an EMA target encoder."""
 
     Config = JEPAConfig
+    BACKBONE_FAMILIES = ("spec_vit",)  # masks spectrogram patches
     PRESETS: dict[str, dict[str, Any]] = {
         "jepa-tiny": {"backbone": "jepa-tiny", "predictor_dim": 192, "predictor_depth": 4, "predictor_heads": 4},
         "jepa-small": {"backbone": "jepa-small", "predictor_dim": 256, "predictor_depth": 6, "predictor_heads": 4},
@@ -42,6 +43,7 @@ class JEPA(Recipe):
 
     def __init__(self, cfg: JEPAConfig):
         super().__init__(cfg)
+        check_ema(cfg)
         self.encoder = build_backbone(cfg)
         self.target = frozen_copy(self.encoder)
         self.predictor = MaskedPredictor(

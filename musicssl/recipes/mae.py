@@ -28,6 +28,8 @@ class MAEConfig(RecipeConfig):
 class MAE(Recipe):
     """Encoder on visible patches, MaskedPredictor decoder to patch values; exports the encoder."""
 
+    BACKBONE_FAMILIES = ("spec_vit",)  # masks spectrogram patches
+
     Config = MAEConfig
     PRESETS: dict[str, dict[str, Any]] = {
         "mae-tiny": {"backbone": "jepa-tiny"},
@@ -44,6 +46,10 @@ class MAE(Recipe):
         )
         n_samples = round(cfg.crop_seconds * self.encoder.sample_rate)
         self.n_time = int(self.encoder.frame_lengths(torch.tensor([n_samples]))[0])
+        n_tokens = self.n_time * self.encoder.n_freq
+        if not 0 < round(cfg.mask_ratio * n_tokens) < n_tokens:  # all visible: no loss; all hidden: no encoder
+            raise ValueError(f"mask_ratio={cfg.mask_ratio} hides {round(cfg.mask_ratio * n_tokens)} of the {n_tokens} "
+                             "patches of a crop; it must leave some hidden and some visible (Audio-MAE: 0.8)")
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().collate(items)

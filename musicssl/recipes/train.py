@@ -66,6 +66,8 @@ class TrainConfig:
         low = [f"{k} must be >= {n}, got {getattr(self, k)}" for k, n in at_least.items() if getattr(self, k) < n]
         if self.lr <= 0 or self.clip_grad < 0:
             low.append(f"lr must be > 0 and clip_grad >= 0 (0: no clipping), got {self.lr} and {self.clip_grad}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            low.append(f"min_lr_ratio (the last step's share of lr) must be in [0, 1], got {self.min_lr_ratio}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             low.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if low:
@@ -228,6 +230,8 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "num_workers", "device"}
+# Where the run lives is no setting: a run folder may be moved, or named by another path.
+_PLACE = {"out"}
 
 
 def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) -> None:
@@ -235,13 +239,20 @@ def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) 
     mix them, and its config.json and model card would describe a run that never happened)."""
     before = {**ckpt["train_config"], **ckpt["recipe_config"]}
     now = {**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)}
+    same_data = data_key(before.get("data", "")) == data_key(now["data"])  # "music/" and its absolute path alike
     changed = sorted(k for k in now.keys() & before.keys()  # a setting added since the checkpoint is not compared
-                     if k not in RESUMABLE_CHANGES and _json(before[k]) != _json(now[k]))
+                     if k not in RESUMABLE_CHANGES | _PLACE and _json(before[k]) != _json(now[k])
+                     and not (k == "data" and same_data))
     if changed:
         shown = ", ".join(f"{k}: {before[k]!r} there, {now[k]!r} now" for k in changed)
         raise ValueError(f"{run} holds a run trained with other settings ({shown}). Resume it with its own "
                          f"settings (only {', '.join(sorted(RESUMABLE_CHANGES))} may change), or train into "
                          "another --out")
+
+
+def data_key(data: str) -> str:
+    """`data` as compared between runs: "synthetic", or the real path of the folder or list."""
+    return data if data == "synthetic" else os.path.realpath(data)
 
 
 def _json(value: Any) -> Any:
@@ -261,11 +272,29 @@ def recipe_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
 
 def build_recipe(recipe: str, rcfg: Any) -> nn.Module:
     """The recipe's model, or a ValueError naming the settings its constructors refused."""
+    cls = recipe_class(recipe)
+    _check_backbone(recipe, cls, rcfg.backbone)
     try:
-        return recipe_class(recipe)(rcfg)
+        model = cls(rcfg)
     except (TypeError, ValueError, IndexError, KeyError) as err:  # e.g. backbone_args={"depthh": 2}
         raise ValueError(f"the {recipe} recipe cannot be built with these settings: {err}. Check backbone_args "
                          f"and the other settings (`musicssl train {recipe} --presets` shows working ones)") from err
+    if not any(True for _ in model.export_encoder().parameters()):  # BYOL's exported EMA target has no gradients
+        raise ValueError(f"backbone={rcfg.backbone} has no weights to train (a fixed feature baseline), so the run "
+                         f"would release it unchanged; pick an architecture from `musicssl list --all`")
+    return model
+
+
+def _check_backbone(recipe: str, cls: type, name: str) -> None:
+    """A backbone of a family the recipe is written for (MAE and JEPA mask spectrogram patches)."""
+    from musicssl.registry import list_models, model_info
+
+    families = getattr(cls, "BACKBONE_FAMILIES", None)
+    family = model_info(name).family
+    if families and family not in families:
+        fits = [n for n in list_models(pretrained=False) if model_info(n).family in families]
+        raise ValueError(f"the {recipe} recipe needs a backbone of the {' or '.join(families)} family, and "
+                         f"backbone={name} is {family}; one of: {', '.join(fits)}")
 
 
 def make_data(tcfg: TrainConfig, rcfg: Any, sample_rate: int):
@@ -275,9 +304,13 @@ def make_data(tcfg: TrainConfig, rcfg: Any, sample_rate: int):
         raise ValueError(f"crop_seconds must be > 0 (seconds of audio per training example), got {rcfg.crop_seconds}")
 
     if tcfg.data == "synthetic":
+        log.info("training on synthetic tones made on the fly, not music (--data FOLDER or LIST for your audio)")
         return SyntheticMusic(sample_rate=sample_rate, crop_seconds=rcfg.crop_seconds, length=tcfg.data_length,
                               seed=tcfg.seed)
-    return AudioCrops(tcfg.data, sample_rate, rcfg.crop_seconds, seed=tcfg.seed)
+    crops = AudioCrops(tcfg.data, sample_rate, rcfg.crop_seconds, seed=tcfg.seed)
+    hours = sum(info.duration for info in crops.infos) / 3600
+    log.info("training on %d audio files (%.1f h) from %s", len(crops.files), hours, tcfg.data)
+    return crops
 
 
 class _Step(nn.Module):
@@ -302,6 +335,8 @@ def train(recipe: str, *, preset: str | None = None, progress: bool | None = Non
     (with a checkpoint) after that step, as if the job had been cut there.
     """
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    # A pathlib.Path is as good as its string (settings are saved as JSON).
+    overrides = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()}
     try:
         return _train(recipe, preset, progress, until, overrides)
     finally:
@@ -319,9 +354,18 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     rank, world = _distributed()
     if tcfg.batch_size % world:
         raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
+    least = getattr(recipe_class(recipe), "MIN_BATCH", 1) * world
+    if tcfg.batch_size < least:
+        raise ValueError(f"the {recipe} recipe needs batch_size >= {least} ({least // world} per process: its loss "
+                         f"and the BatchNorm of its projector compare the items of a batch), got {tcfg.batch_size}")
+    if tcfg.warmup_steps >= tcfg.steps and rank == 0:
+        log.warning("warmup_steps=%d is not below steps=%d: the whole run is warm-up (the learning rate climbs "
+                    "to lr=%g at best and never decays); set warmup_steps=%d (a tenth of the steps), say",
+                    tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.steps // 10)
     device = _device(tcfg, rank)
     run = Path(tcfg.out)
     make_out_dir(run, "--out")
+    _check_run_folder(run)
     torch.manual_seed(tcfg.seed)
     model = build_recipe(recipe, rcfg).to(device)
     opt = make_optimizer(model, tcfg)
@@ -379,6 +423,20 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     return run
 
 
+def _check_run_folder(run: Path) -> None:
+    """Refuse an --out that holds something other than a run: its config.json would be replaced."""
+    config = run / "config.json"
+    release = (run / "model.safetensors").exists()
+    if config.exists() and not (run / CHECKPOINT).exists():
+        try:
+            release = release or "train" not in json.loads(config.read_text())
+        except (OSError, ValueError):
+            release = True
+    if release:
+        raise ValueError(f"--out {run} holds a model release or another config.json, which a run would overwrite: "
+                         "train into a new folder (a run folder holds checkpoint.pt, config.json and log.jsonl)")
+
+
 def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Module, opt: torch.optim.Optimizer,
           scaler: Any, amp: torch.dtype | None, device: torch.device,
           tcfg: TrainConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -390,8 +448,9 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
         out = step_module(batch)
     loss = out["loss"]
     if not torch.isfinite(loss):
-        raise DivergedError(f"the training loss became {loss.item()} at step {step} (training diverged): lower lr "
-                            f"(now {tcfg.lr:g}) or use precision=fp32; the run's last checkpoint is from before it")
+        fp32 = " or use precision=fp32" if amp is not None else ""
+        raise DivergedError(f"the training loss became {loss.item()} at step {step + 1} (training diverged): lower "
+                            f"lr (now {tcfg.lr:g}){fp32}; the run's last checkpoint is from before it")
     opt.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
