@@ -162,6 +162,7 @@ def test_a_moved_run_resumes_whatever_its_folder_and_data_are_called(tmp_path, m
     ("jepa", {"backbone": "clmr-samplecnn", "backbone_args": {}}, "needs a backbone of the spec_vit family"),
     ("simclr", {"backbone": "logmel", "backbone_args": {}}, "backbone=logmel has no weights to train"),
     ("byol", {"ema_start": 2.0}, "ema_start must be in [0, 1]"),
+    ("vicreg", {"view_seconds": 3.0}, "view_seconds=3.0 must be > 0 and at most crop_seconds=2.0"),
     ("simclr", {"min_lr_ratio": 5.0}, "min_lr_ratio (the last step's share of lr) must be in [0, 1]"),
 ])
 def test_settings_a_recipe_cannot_train_with_are_refused(name, change, said, tmp_path):

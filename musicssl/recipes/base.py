@@ -110,6 +110,12 @@ class TwoViewRecipe(Recipe):
 
     MIN_BATCH = 2  # the losses compare items of a batch, and the projectors' BatchNorm needs two
 
+    def __init__(self, cfg: TwoViewConfig):
+        super().__init__(cfg)
+        if not 0 < cfg.view_seconds <= cfg.crop_seconds:  # a longer view would be mostly zero padding
+            raise ValueError(f"view_seconds={cfg.view_seconds} must be > 0 and at most crop_seconds="
+                             f"{cfg.crop_seconds} (each view is cut from the crop)")
+
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from musicssl.audio.augment import ViewMaker, default_augment, example_generators
 
