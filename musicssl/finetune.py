@@ -299,16 +299,22 @@ def layer_groups(encoder: Encoder) -> list[list[str]]:
     return groups
 
 
+def check_freeze_form(policy: Any) -> re.Match[str]:
+    """The policy's form, checked before a model is loaded (N against its blocks comes later)."""
+    m = re.fullmatch(r"frozen|full|last-(\d+)", policy) if isinstance(policy, str) else None
+    if not m:
+        raise ValueError(f"freeze policy must be 'frozen', 'last-N' (e.g. last-2) or 'full', not {policy!r}")
+    return m
+
+
 def parse_freeze(policy: str, n_blocks: int) -> int:
     """How many of the last blocks train: "frozen" -> 0, "last-N" -> N, "full" -> every block and the
     front end (n_blocks + 1)."""
+    m = check_freeze_form(policy)
     if policy == "frozen":
         return 0
     if policy == "full":
         return n_blocks + 1
-    m = re.fullmatch(r"last-(\d+)", policy)
-    if not m:
-        raise ValueError(f"freeze policy must be 'frozen', 'last-N' (e.g. last-2) or 'full', not {policy!r}")
     n = int(m.group(1))
     if not 1 <= n <= n_blocks:
         raise ValueError(f"freeze={policy!r}: this model has {n_blocks} blocks, so N must be in 1..{n_blocks}"
@@ -548,7 +554,7 @@ def finetune(
         raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
                          f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
     device = check_device(device or default_device())
-    parse_freeze(freeze, 10**9)  # its form now, before a folder is made; N against the model's blocks later
+    check_freeze_form(freeze)  # before a folder is made
     if out is not None:
         if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
             raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
@@ -659,9 +665,9 @@ def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr
             out = clf(wav.to(device), lengths.to(device))
         loss = loss_fn(clf, out.float(), data.targets[idx].to(device), label_smoothing)
         if not torch.isfinite(loss):
+            fp32 = ", or train in float32 (--dtype float32, precision='fp32')" if amp is not None else ""
             raise DivergedError(f"the training loss became {loss.item()} at step {first_step + step + 1} (training "
-                                f"diverged): lower the learning rate (lr={lr:g}), or train in float32 "
-                                "(--dtype float32, precision='fp32')")
+                                f"diverged): lower the learning rate (lr={lr:g}){fp32}")
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:

@@ -812,9 +812,9 @@ def test_codecs_libsndfile_cannot_seek_in_decode_and_read_spans(tmp_path, clip):
     np.testing.assert_array_equal(part, whole[8000:12000])
 
 
-def _unfinished_wav(path: Path, clip: np.ndarray) -> None:
+def _unfinished_wav(path: Path, clip: np.ndarray, fmt: str = "WAV") -> None:
     """A WAV as a recorder leaves it when it dies before patching its header: sizes of 0."""
-    sf.write(path, clip, 16000, subtype="PCM_16")
+    sf.write(path, clip, 16000, format=fmt, subtype="PCM_16")
     data = bytearray(path.read_bytes())
     at = data.index(b"data")
     data[4:8] = (36).to_bytes(4, "little")
@@ -822,9 +822,10 @@ def _unfinished_wav(path: Path, clip: np.ndarray) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(tmp_path, clip, caplog, no_fallback):
+@pytest.mark.parametrize("fmt", ["WAV", "WAVEX"])  # WAVEX: WAVE_FORMAT_EXTENSIBLE
+def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(fmt, tmp_path, clip, caplog, no_fallback):
     path = tmp_path / "unfinished.wav"
-    _unfinished_wav(path, clip)
+    _unfinished_wav(path, clip, fmt)
     assert sf.info(path).frames == 0  # what libsndfile makes of it
     with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
         x, _ = load_audio(path)
@@ -833,24 +834,26 @@ def test_a_wav_whose_header_was_never_finished_is_read_to_its_end(tmp_path, clip
     assert audio_info(path).frames == len(clip)
     part, _ = load_audio(path, offset=1.0, duration=0.5)
     np.testing.assert_array_equal(part, x[16000:24000])
-    # A WAV that really is empty, with a LIST chunk after its empty data chunk, stays empty.
+    # A WAV that really is empty, with a LIST chunk after its empty data chunk, stays empty, whether
+    # or not its writer padded the chunk to an even size.
     empty = tmp_path / "empty.wav"
-    sf.write(empty, np.zeros(0, np.float32), 16000, subtype="PCM_16")
-    info = b"INFOISFT\x06\x00\x00\x00Lavf\x00\x00"
-    empty.write_bytes(empty.read_bytes() + b"LIST" + len(info).to_bytes(4, "little") + info)
-    with pytest.raises(AudioDecodeError, match="contains no audio samples"):
-        load_audio(empty)
+    for info in (b"INFOISFT\x06\x00\x00\x00Lavf\x00\x00", b"INFOISFT\x05\x00\x00\x00Lavf\x00"):
+        sf.write(empty, np.zeros(0, np.float32), 16000, subtype="PCM_16")
+        empty.write_bytes(empty.read_bytes() + b"LIST" + len(info).to_bytes(4, "little") + info)
+        with pytest.raises(AudioDecodeError, match="contains no audio samples"):
+            load_audio(empty)
 
 
 def test_an_mp3_behind_several_id3_tags_is_counted_whole(vbr_without_length, tmp_path):
     """Retagged libraries carry ID3v2 tags in a row; the frames after all of them are counted."""
-    from musicssl.audio.mpeg import mpeg_samples
+    from musicssl.audio.mpeg import _head, mpeg_samples
 
     def id3(size: int) -> bytes:  # an ID3v2.3 tag of `size` bytes of padding (sizes are 7 bits per byte)
         return b"ID3\x03\x00\x00" + bytes(((size >> s) & 0x7F) for s in (21, 14, 7, 0)) + bytes(size)
 
     tagged = tmp_path / "tagged.mp3"
     tagged.write_bytes(id3(200_000) + id3(100_000) + vbr_without_length.read_bytes())
+    assert _head(tagged)[0] == 200_010 + 100_010  # the audio starts after both tags (10-byte headers)
     assert mpeg_samples(tagged) == mpeg_samples(vbr_without_length) >= 10 * 16000
     assert audio_info(tagged).frames == audio_info(vbr_without_length).frames
 
@@ -860,6 +863,18 @@ def test_an_offset_past_the_end_of_a_vbr_mp3_says_so(vbr_without_length, monkeyp
     monkeypatch.setitem(sys.modules, "torchcodec", None)
     with pytest.raises(OffsetPastEndError, match="offset 10.500 s: that is at or past its end"):
         load_audio(vbr_without_length, offset=10.5)
+
+
+@needs_ffmpeg
+def test_a_rate_no_audio_has_is_named_by_info_through_ffmpeg_too(tmp_path, monkeypatch):
+    path = tmp_path / "low.mka"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "sine=sample_rate=500:duration=2",
+                    "-c:a", "pcm_s16le", os.fspath(path)], check=True)
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    which = shutil.which
+    monkeypatch.setattr(aio.shutil, "which", lambda name, *a, **k: None if name == "ffprobe" else which(name))
+    with pytest.raises(AudioDecodeError, match="low.mka': its header gives a sample rate of 500 Hz"):
+        audio_info(path)
 
 
 def test_rates_no_audio_has_are_refused(tmp_path):

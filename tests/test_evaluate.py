@@ -142,6 +142,12 @@ def test_made_splits_hit_their_shares_when_every_class_is_small(tmp_path: Path) 
     task = load_task(write_csv(tmp_path / "small.csv", rows))
     assert [int((task.split == s).sum()) for s in ("train", "valid", "test")] == [22, 4, 6]  # 20 %, 15 % of the rest
     assert {task.labels[i] for i in task.indices("valid", "test")} <= {task.labels[i] for i in task.indices("train")}
+    # A blank group column ties nothing together: the items are split by class all the same. A
+    # trailing comma on every row (an empty field past the header) loses nothing and is read.
+    path = tmp_path / "blank.csv"
+    path.write_text("path,label,group\n" + "".join(f"{r['path']},{r['label']},,\n" for r in rows))
+    blank = load_task(path)
+    assert list(blank.split) == list(task.split)
 
 
 def test_groups_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -160,6 +166,12 @@ def test_groups_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "items that share a 'fold' can land in both train and test" in caplog.text and "--group fold" in caplog.text
     by_fold = load_task(path, group="fold")
     assert all(len({by_fold.split[i] for i in range(40) if i % 5 == f}) == 1 for f in range(5))
+    with pytest.raises(TaskFormatError, match="the group column is the label column 'label'"):
+        load_task(path, group="label")  # every test item would be of a class never trained on
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="musicssl.evaluate.tasks"):
+        load_task(path, label="fold", kind="classification")  # a label column named like a group is no risk
+    assert "splits are made here by class alone" not in caplog.text
 
 
 def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None:

@@ -153,6 +153,10 @@ def test_a_moved_run_resumes_whatever_its_folder_and_data_are_called(tmp_path, m
     assert load_checkpoint(moved)["step"] == 2
     with pytest.raises(ValueError, match="data: .* there, 'synthetic' now"):  # other data is still refused
         train("simclr", out="moved", progress=False, **{**settings, "steps": 3, "data": "synthetic"})
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)  # the same relative name from another folder
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="elsewhere/data' now"):
+        train("simclr", out="../moved", progress=False, **{**settings, "steps": 3, "data": "data"})
 
 
 @pytest.mark.parametrize("name, change, said", [

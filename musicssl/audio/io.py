@@ -58,6 +58,10 @@ _INSTALL_HINT = (
 _READ_BLOCK = 1 << 18
 _SALVAGE_BLOCK = 1 << 12
 
+# libsndfile's names for RIFF WAVE files (WAVEX: WAVE_FORMAT_EXTENSIBLE, as 24-bit and multichannel
+# recorders write them).
+_WAV_FORMATS = ("WAV", "WAVEX")
+
 # WAV data sizes that streaming writers use for "length unknown", not a truncation.
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF)
 
@@ -97,7 +101,7 @@ def audio_info(path: PathLike) -> AudioInfo:
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
             info = sf.info(_sf_path(p))
-            if info.format == "WAV" and info.frames == 0:  # perhaps an unfinished header
+            if info.format in _WAV_FORMATS and info.frames == 0:  # perhaps an unfinished header
                 with _open_soundfile(p) as f:
                     return _make_info(f.samplerate, f.frames, f.channels, "soundfile")
         except _SNDFILE_ERRORS as err:
@@ -114,7 +118,10 @@ def audio_info(path: PathLike) -> AudioInfo:
     if ffmpeg is not None:
         # Without ffprobe the only way to count frames is to decode them all.
         attempts.append(("ffmpeg", lambda: _info_ffmpeg(ffmpeg, p)))
-    return _run_fallbacks(p, sndfile_err, attempts)
+    try:
+        return _run_fallbacks(p, sndfile_err, attempts)
+    except ImplausibleRate as err:
+        raise _implausible(p, err) from None
 
 
 def load_audio(
@@ -142,8 +149,7 @@ def load_audio(
     try:
         sink, file_sr, backend = _decode(p, offset, duration, FrameSink(mono, sr))
     except ImplausibleRate as err:
-        raise AudioDecodeError(f"Cannot decode audio file '{p}': {err}. The header is damaged: re-export the "
-                               "file from its source, or remove it from the input.") from None
+        raise _implausible(p, err) from None
     if sink.bad:
         raise AudioDecodeError(
             f"Cannot use audio file '{p}': {sink.bad} decoded samples are NaN or Inf (backend: "
@@ -329,6 +335,11 @@ def _check_path(path: PathLike) -> Path:
     return p
 
 
+def _implausible(p: Path, err: ImplausibleRate) -> AudioDecodeError:
+    return AudioDecodeError(f"Cannot decode audio file '{p}': {err}. The header is damaged: re-export the file "
+                            "from its source, or remove it from the input.")
+
+
 def _no_samples(p: Path, backend: str) -> AudioDecodeError:
     return AudioDecodeError(
         f"Audio file '{p}' contains no audio samples (0 frames; backend: {backend}). "
@@ -440,7 +451,7 @@ def _open_soundfile(p: Path) -> sf.SoundFile:
     """libsndfile's handle on `p`; for a WAV whose header declares no data but has samples after
     it, a RAW reader over them (musicssl.audio.wav)."""
     f = sf.SoundFile(_sf_path(p))
-    if f.format != "WAV" or f.frames != 0:
+    if f.format not in _WAV_FORMATS or f.frames != 0:
         return f
     with f:
         raw = open_unsized(p, f)
@@ -576,7 +587,7 @@ def _length_is_known(f: sf.SoundFile) -> bool:
 def _warn_if_cut_short(f: sf.SoundFile, p: Path, end: int) -> None:
     """Warn when a file read to its end (frame `end`) holds less than it should: a WAV whose
     header claims more, an MP3 whose length tag does, an Ogg stream without its last page."""
-    if f.format == "WAV" and end == f.frames:
+    if f.format in _WAV_FORMATS and end == f.frames:
         _warn_if_wav_truncated(f, p)
     elif f.format == "MP3" and end + _MPEG_SLACK < f.frames and has_length_tag(p):
         log.warning("%s: its length tag promises %d frames but only %d decode; the file is probably "

@@ -44,7 +44,7 @@ def _only_chunks_after(fh: io.BufferedReader, pos: int, size: int) -> bool:
         if not all(32 <= c < 127 for c in chunk[:4]):  # chunk ids are printable ASCII
             return False
         pos += 8 + int.from_bytes(chunk[4:], "little") + (chunk[4] & 1)
-    return pos == size
+    return pos in (size, size + 1)  # writers often leave out the last chunk's pad byte
 
 
 def open_unsized(path: Path, header: sf.SoundFile) -> sf.SoundFile | None:

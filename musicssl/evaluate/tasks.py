@@ -101,6 +101,7 @@ def load_task(
     made = {"valid", "test"} - set(task.split)
     _fill_splits(task, seed, valid_fraction, test_fraction)
     _check_trainable(task)
+    _warn_of_untrained_classes(task)
     for name in sorted(made):
         n = int((task.split == name).sum())
         if n < _FEW:
@@ -132,9 +133,12 @@ def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.Pa
     split = np.array([_split_name(path, i, r.get("split", "")) for i, r in enumerate(rows)], dtype=object)
     group = group or ("group" if "group" in rows[0] else None)
     # A blank cell ties its item to nothing: a group of its own, not one group of every blank row.
-    groups = [r[group].strip() or f"\0row {i + 2}" for i, r in enumerate(rows)] if group else None
+    groups = [r[group].strip() or f"{_LOOSE}row {i + 2}" for i, r in enumerate(rows)] if group else None
+    if group is not None and group == label:
+        raise TaskFormatError(f"{path}: the group column is the label column {label!r}: every test item would be of "
+                              "a class never trained on; name the column that ties items together (a track, a kit)")
     if group is None and any(not r.get("split", "").strip() for r in rows):
-        _warn_of_grouping_columns(path, list(rows[0]))
+        _warn_of_grouping_columns(path, [c for c in rows[0] if c not in ("path", label, "split")])
     return Task(meta.get("name", path.stem), kind, paths, labels, split, _classes(kind, labels), str(path), groups)
 
 
@@ -150,6 +154,8 @@ def _sidecar(path: Path) -> dict[str, Any]:
         raise TaskFormatError(f"{side} must hold a JSON object with keys like kind, label, name")
     return meta
 
+
+_LOOSE = "\0"  # starts the group name of an item whose group cell is blank: tied to nothing
 
 # Column names that usually tie items together (a fold made by track, a drum kit, an album).
 _GROUPING_COLUMNS = ("fold", "folds", "track", "song", "kit", "artist", "album", "piece", "score", "session")
@@ -181,6 +187,8 @@ def _csv_rows(path: Path, label: str, group: str | None = None) -> list[dict[str
                 f"\"group\" in {path.stem}.json)"
             )
     for i, r in enumerate(rows, start=2):
+        if not any(x.strip() for x in r.get(None, [])):  # blank fields past the header ("a.wav,kick,") lose nothing
+            r.pop(None, None)
         if None in r or None in r.values():  # csv's marks for fields beyond the header, and missing ones
             many = len(columns) + len(r.get(None, [])) - list(r.values()).count(None)
             raise TaskFormatError(f"{path} line {i}: {many} fields where the header has {len(columns)}; quote a "
@@ -284,12 +292,12 @@ def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: fl
             continue
         if name == "test":  # a share of every item; valid is a share of what is left to train on
             share = share * len(task) / max(len(pool), 1)
-        if task.groups is not None:
-            chosen = grouped_pick([task.groups[i] for i in pool], pool, share, seed)
-        else:
-            # A class keeps an item in train, so that every test item is of a class trained on.
-            keep = 1 if task.kind == "classification" else 0
-            chosen = stratified_pick(_strata(task, pool), task.paths, pool, share, seed, keep)
+        # Items of a group move with it; the rest (no group column, or a blank cell) by class, each
+        # class keeping an item in train so that every test item is of a class trained on.
+        tied = np.array([task.groups is not None and not task.groups[i].startswith(_LOOSE) for i in pool], dtype=bool)
+        loose, keep = pool[~tied], 1 if task.kind == "classification" else 0
+        chosen = np.concatenate([grouped_pick([task.groups[i] for i in pool[tied]], pool[tied], share, seed),
+                                 stratified_pick(_strata(task, loose), task.paths, loose, share, seed, keep)])
         task.split[chosen] = name
         pool = np.setdiff1d(pool, chosen)
 
@@ -366,6 +374,17 @@ def _check_unique(task: Task) -> None:
                                   "it could be trained and tested on at once; list each file once (several labels: "
                                   "join them with ';')")
         seen[key] = i
+
+
+def _warn_of_untrained_classes(task: Task) -> None:
+    if task.kind != "classification":
+        return
+    trained = {task.labels[i] for i in task.indices("train")}
+    unseen = sorted({task.labels[i] for i in task.indices("valid", "test")} - trained)
+    if unseen:
+        log.warning("task %s: %d class(es) have valid or test items but none in train (%s), so those items are "
+                    "always wrong; move some to train (their groups may hold them all)", task.source, len(unseen),
+                    ", ".join(map(repr, unseen[:5])) + (", ..." if len(unseen) > 5 else ""))
 
 
 def _check_trainable(task: Task) -> None:

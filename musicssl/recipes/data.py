@@ -10,7 +10,6 @@ step; decoding and collation run in DataLoader worker processes.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 import os
@@ -139,11 +138,9 @@ class AudioCrops(Dataset[Item]):
             if len(audio) >= n:
                 return _fit(audio, n, 0)
             # The length was a header's estimate past the real end (ADTS AAC, an MP3 behind junk):
-            # decode it all once below, and keep its true length for the next crops.
+            # a window of the whole file instead, drawn next from the same generator, so the item
+            # still depends on nothing but (seed, epoch, index) and the file.
         audio, _ = load_audio(self.files[k], sr=self.sample_rate, offset=0.0, duration=None)
-        frames = math.floor(len(audio) * info.sample_rate / self.sample_rate)
-        if frames < info.frames:
-            self.infos[k] = dataclasses.replace(info, frames=frames, duration=frames / info.sample_rate)
         # A short file: a random window of it, or all of it at a random place in the crop.
         return _fit(audio, n, int(rng.integers(0, abs(len(audio) - n) + 1)))
 

@@ -239,7 +239,7 @@ def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) 
     mix them, and its config.json and model card would describe a run that never happened)."""
     before = {**ckpt["train_config"], **ckpt["recipe_config"]}
     now = {**dataclasses.asdict(tcfg), **dataclasses.asdict(rcfg)}
-    same_data = data_key(before.get("data", "")) == data_key(now["data"])  # "music/" and its absolute path alike
+    same_data = data_key(before.get("data", "")) == now["data"]  # "music/" and its absolute path alike
     changed = sorted(k for k in now.keys() & before.keys()  # a setting added since the checkpoint is not compared
                      if k not in RESUMABLE_CHANGES | _PLACE and _json(before[k]) != _json(now[k])
                      and not (k == "data" and same_data))
@@ -251,8 +251,9 @@ def check_resume(ckpt: dict[str, Any], tcfg: TrainConfig, rcfg: Any, run: Path) 
 
 
 def data_key(data: str) -> str:
-    """`data` as compared between runs: "synthetic", or the real path of the folder or list."""
-    return data if data == "synthetic" else os.path.realpath(data)
+    """`data` as a run records and compares it: "synthetic", or the absolute path of the folder or
+    list (not resolving links: a list's relative entries start from the folder it is named in)."""
+    return data if data == "synthetic" else os.path.abspath(os.path.expanduser(data))
 
 
 def _json(value: Any) -> Any:
@@ -351,6 +352,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     from musicssl.recipes.data import make_loader
 
     tcfg, rcfg = resolve_configs(recipe, preset, overrides)
+    tcfg.data = data_key(tcfg.data)  # so a resume from another working folder finds the same data
     rank, world = _distributed()
     if tcfg.batch_size % world:
         raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
@@ -363,11 +365,11 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
                     "to lr=%g at best and never decays); set warmup_steps=%d (a tenth of the steps), say",
                     tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.steps // 10)
     device = _device(tcfg, rank)
+    torch.manual_seed(tcfg.seed)
+    model = build_recipe(recipe, rcfg).to(device)  # settings it refuses leave no folder behind
     run = Path(tcfg.out)
     make_out_dir(run, "--out")
     _check_run_folder(run)
-    torch.manual_seed(tcfg.seed)
-    model = build_recipe(recipe, rcfg).to(device)
     opt = make_optimizer(model, tcfg)
     amp = _autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
