@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from musicssl import __version__, signals
-from musicssl.bulk.outputs import make_out_dir
+from musicssl.bulk.outputs import atomic_write, make_out_dir
 from musicssl.devices import check_device
 from musicssl.errors import DivergedError
 from musicssl.recipes import RECIPES
@@ -385,10 +385,10 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
         if rank == 0:  # the one process that writes the log
             _trim_log(run / "log.jsonl", start)
         log.info("resuming %s at step %d", run, start)
-    if rank == 0:
-        (run / "config.json").write_text(json.dumps(
-            {"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
-             "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2))
+    if rank == 0:  # whole or not at all: the other ranks may be reading it in _check_run_folder
+        text = json.dumps({"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
+                           "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2)
+        atomic_write(run / "config.json", lambda fh: fh.write(text), "w")
     step_module: nn.Module = _Step(model)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
