@@ -10,7 +10,7 @@ few minutes. The benchmark tasks in `benchmarks/` use the project's dev set, for
     python examples/finetune.py benchmarks/drums-class.csv runs/drums full ../shared/data/dev
 
 The same run from the command line:
-musicssl finetune benchmarks/drums-class.csv -o runs/drums --root ../shared/data/dev
+    musicssl finetune benchmarks/drums-class.csv -o runs/drums --root ../shared/data/dev --epochs 20
 """
 
 from __future__ import annotations

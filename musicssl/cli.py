@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "embed", help="embed audio files or whole collections",
         description="Embed audio files, folders (recursive) and lists of files into OUT, mirroring their tree: "
-                    "IN/a/x.wav -> OUT/a/x.wav.npz with frames (T, D), timestamps (T,) s, clip (D,) and metadata. "
+                    "IN/a/x.wav -> OUT/a/x.wav.npz with frames (T, D), timestamps (T,) s, clip (D,) and metadata "
+                    "((L, T, D) and (L, D) with several --layers). "
                     "Finished outputs are skipped, so a killed run resumes where it stopped; OUT/manifest.jsonl "
                     "gets a line per input and OUT/run.json says how the outputs were made. Bad files are "
                     "listed in OUT/failed.txt and the exit code is 1 if any failed. "
@@ -182,7 +183,8 @@ def add_finetune_parser(sub: Any) -> None:
     s.add_argument("-o", "--out", required=True, help="run folder to write (a release folder that musicssl.load reads)")
     s.add_argument("--freeze", default="full", help="what trains besides the head: 'frozen' (nothing), 'last-N' (the "
                                                     "last N blocks, e.g. last-2) or 'full' (everything; default)")
-    s.add_argument("--epochs", type=int, default=30, help="most passes over the training clips (default 30)")
+    s.add_argument("--epochs", type=int, default=30, help="most passes over the training clips in fine-tuning, "
+                                                          "after the --head-epochs (default 30)")
     s.add_argument("--patience", type=int, default=10,
                    help="stop after this many epochs in which neither the validation score nor the validation "
                         "loss improved (default 10); the weights of the best validation score are kept")
