@@ -43,7 +43,8 @@ def _only_chunks_after(fh: io.BufferedReader, pos: int, size: int) -> bool:
         chunk = fh.read(8)
         if not all(32 <= c < 127 for c in chunk[:4]):  # chunk ids are printable ASCII
             return False
-        pos += 8 + int.from_bytes(chunk[4:], "little") + (chunk[4] & 1)
+        length = int.from_bytes(chunk[4:], "little")
+        pos += 8 + length + (length & 1)
     return pos in (size, size + 1)  # writers often leave out the last chunk's pad byte
 
 
@@ -57,7 +58,12 @@ def open_unsized(path: Path, header: sf.SoundFile) -> sf.SoundFile | None:
     if header.subtype not in RAW_SUBTYPES:
         raise RuntimeError(f"the WAV header declares no audio data, and its {header.subtype} samples cannot be "
                            "read without their size")
-    return _RawWav(_Window(open(path, "rb"), start), header)
+    window = _Window(open(path, "rb"), start)
+    try:
+        return _RawWav(window, header)
+    except BaseException:
+        window.close()
+        raise
 
 
 class _RawWav(sf.SoundFile):
