@@ -453,9 +453,15 @@ def _open_soundfile(p: Path) -> sf.SoundFile:
     f = sf.SoundFile(_sf_path(p))
     if f.format not in _WAV_FORMATS or f.frames != 0:
         return f
-    with f:
+    try:
         raw = open_unsized(p, f)
-    return raw if raw is not None else sf.SoundFile(_sf_path(p))
+    except BaseException:
+        f.close()
+        raise
+    if raw is None:  # really empty: the header's handle says so
+        return f
+    f.close()
+    return raw
 
 
 def _read_soundfile(f: sf.SoundFile, p: Path, offset: float, duration: float | None, sink: FrameSink) -> None:
