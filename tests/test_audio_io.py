@@ -858,6 +858,96 @@ def test_an_mp3_behind_several_id3_tags_is_counted_whole(vbr_without_length, tmp
     assert audio_info(tagged).frames == audio_info(vbr_without_length).frames
 
 
+def _two_parts(tmp_path: Path, ext: str, **kwargs: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Two 3 s files (noise, then a quieter sine) joined byte for byte, as `cat a b > ab` does; the
+    joined path and both parts' samples at 16 kHz."""
+    rng = np.random.default_rng(1)
+    a = rng.uniform(-0.5, 0.5, 3 * 16000).astype(np.float32)
+    b = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * 16000) / 16000)).astype(np.float32)
+    for name, x in (("a", a), ("b", b)):
+        sf.write(tmp_path / f"{name}.{ext}", x, 16000, **kwargs)
+    joined = tmp_path / f"ab.{ext}"
+    joined.write_bytes((tmp_path / f"a.{ext}").read_bytes() + (tmp_path / f"b.{ext}").read_bytes())
+    assert len(sf.read(joined)[0]) <= 3 * 16000 + 1152  # libsndfile alone stops after the first
+    return joined, a, b
+
+
+def _sine_share(x: np.ndarray) -> float:
+    """The share of the energy of 16 kHz audio within 10 Hz of _two_parts' 440 Hz sine."""
+    power = np.abs(np.fft.rfft(x)) ** 2
+    hz = np.fft.rfftfreq(len(x), 1 / 16000)
+    return float(power[np.abs(hz - 440) <= 10].sum() / power.sum())
+
+
+CHAINED = [("ogg", {"format": "OGG", "subtype": "VORBIS"}), ("opus", {"format": "OGG", "subtype": "OPUS"})]
+
+
+def test_chained_and_multiplexed_ogg_are_told_apart(tmp_path, encoded):
+    from musicssl.audio.ogg import ogg_chained
+
+    joined, _, _ = _two_parts(tmp_path, "ogg", format="OGG", subtype="VORBIS")
+    assert ogg_chained(joined) and not ogg_chained(tmp_path / "a.ogg") and not ogg_chained(encoded["opus"])
+    if HAVE_FFMPEG:  # two streams opened together (a multiplexed file) are not a chain
+        mux = tmp_path / "mux.ogg"
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", tmp_path / "a.ogg", "-i", tmp_path / "b.ogg",
+                        "-map", "0", "-map", "1", "-c", "copy", mux], check=True)
+        assert not ogg_chained(mux)
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize(("ext", "kwargs"), CHAINED)
+def test_a_chained_ogg_decodes_every_stream(tmp_path, monkeypatch, ext, kwargs):
+    """libsndfile stops at the end of the first stream; ffmpeg reads the chain to its end."""
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    joined, a, b = _two_parts(tmp_path, ext, **kwargs)
+    x, _ = load_audio(joined, sr=16000)  # ffmpeg decodes Opus at 48 kHz, libsndfile at the input's rate
+    assert 6 * 16000 <= len(x) <= 6 * 16000 + 600  # codec priming may add a few hundred samples
+    assert _sine_share(x[16000 : 2 * 16000]) < 0.1 and _sine_share(x[-2 * 16000 :]) > 0.9  # noise, then the sine
+    assert abs(audio_info(joined).duration - len(x) / 16000) < 0.05
+    part, _ = load_audio(joined, sr=16000, offset=4.0, duration=1.0)  # inside the second stream
+    assert len(part) == 16000 and _sine_share(part) > 0.9
+
+
+@pytest.mark.parametrize(("ext", "kwargs"), CHAINED)
+def test_a_chained_ogg_without_ffmpeg_gives_the_first_stream_and_says_so(tmp_path, no_fallback, caplog, ext, kwargs):
+    joined, a, _ = _two_parts(tmp_path, ext, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(joined)
+    assert abs(len(x) - len(a)) <= 600
+    assert f"ab.{ext} chains several Ogg streams" in caplog.text and "install ffmpeg" in caplog.text
+
+
+def test_joined_mp3s_are_counted_whole(tmp_path):
+    """The first part's length tag covers only itself: the frames of both are counted."""
+    from musicssl.audio.mpeg import mpeg_samples
+
+    joined, _, _ = _two_parts(tmp_path, "mp3", format="MP3")
+    assert mpeg_samples(tmp_path / "a.mp3") is None  # one file: its tag covers it
+    trailing = tmp_path / "tags.mp3"  # ... and trailing APEv2 and ID3v1 tags are not a next part
+    trailing.write_bytes((tmp_path / "a.mp3").read_bytes() + b"APETAGEX" + bytes(2000) + b"TAG" + bytes(125))
+    assert mpeg_samples(trailing) is None
+    held = mpeg_samples(joined)
+    assert 6 * 16000 <= held <= 6 * 16000 + 8 * 576
+    assert audio_info(joined).frames == held
+
+
+@needs_ffmpeg
+def test_joined_mp3s_decode_whole(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    joined, _, _ = _two_parts(tmp_path, "mp3", format="MP3")
+    x, _ = load_audio(joined)
+    assert 6 * 16000 <= len(x) <= 6 * 16000 + 8 * 576
+    assert _sine_share(x[16000 : 2 * 16000]) < 0.1 and _sine_share(x[-2 * 16000 :]) > 0.9
+
+
+def test_joined_mp3s_without_ffmpeg_give_the_first_part_and_say_so(tmp_path, no_fallback, caplog):
+    joined, a, _ = _two_parts(tmp_path, "mp3", format="MP3")
+    with caplog.at_level(logging.WARNING, logger="musicssl.audio.io"):
+        x, _ = load_audio(joined)
+    assert abs(len(x) - len(a)) <= 2 * 1152
+    assert "ab.mp3" in caplog.text and "covers only the first of MP3 files joined end to end" in caplog.text
+
+
 @needs_ffmpeg
 def test_an_offset_past_the_end_of_a_vbr_mp3_says_so(vbr_without_length, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchcodec", None)

@@ -31,7 +31,7 @@ import soundfile as sf
 import soxr
 
 from musicssl.audio.mpeg import has_length_tag, mpeg_samples
-from musicssl.audio.ogg import ogg_cut_short
+from musicssl.audio.ogg import ogg_chained, ogg_cut_short
 from musicssl.audio.sink import MIN_RATE, FrameSink, ImplausibleRate, mix_down
 from musicssl.audio.wav import open_unsized
 from musicssl.errors import AudioDecodeError, AudioInputError, OffsetPastEndError
@@ -107,6 +107,9 @@ def audio_info(path: PathLike) -> AudioInfo:
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
+            ffmpeg = shutil.which("ffmpeg") if info.format == "OGG" and ogg_chained(p) else None
+            if ffmpeg is not None:  # ffmpeg decodes every stream in the chain (as load_audio): count them
+                return _run_fallbacks(p, None, [("ffmpeg", lambda: _info_ffmpeg(ffmpeg, p))])
             return _make_info(info.samplerate, _true_frames(p, info), info.channels, "soundfile")
     attempts: list[tuple[str, Callable[[], AudioInfo]]] = []
     decoder_cls = _torchcodec_decoder()
@@ -369,23 +372,52 @@ def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> 
             sndfile_err = err
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
         else:
-            if f.format == "RAW":
-                log.warning("%s: its WAV header declares no audio data, but %d frames follow it (a recording "
-                            "whose header was never finished); reading them", p, f.frames)
             with f:
-                sink.start(f.samplerate, f.channels)
-                # libsndfile cannot seek past its estimate of an MP3's length, whatever is there.
-                beyond = f.format == "MP3" and round(offset * f.samplerate) >= f.frames
-                if not beyond:
-                    _read_soundfile(f, p, offset, duration, sink)
-                short = _mpeg_cut_short(f, p, offset, duration, sink.frames)
-            if short is not None:
-                return _decode_whole_mpeg(p, offset, duration, sink, f.samplerate, short)
-            if beyond:
-                raise _offset_past_end(p, offset, f.frames / f.samplerate)
-            return sink, f.samplerate, "soundfile"
+                chained = f.format == "OGG" and ogg_chained(p)
+                ffmpeg = shutil.which("ffmpeg") if chained else None
+                if ffmpeg is None:
+                    return _decode_soundfile(f, p, offset, duration, sink, chained)
+            return _decode_chained(ffmpeg, p, offset, duration, sink)
     fresh = FrameSink(sink.mono, sink.sr)
     sr, backend = _run_fallbacks(p, sndfile_err, _fallback_decoders(p, offset, duration, fresh))
+    return fresh, sr, backend
+
+
+def _decode_soundfile(
+    f: sf.SoundFile, p: Path, offset: float, duration: float | None, sink: FrameSink, chained: bool
+) -> tuple[FrameSink, int, str]:
+    """The span through libsndfile's handle `f`, or through a fallback decoder where libsndfile
+    stops before the end of an MP3's frames; as _decode."""
+    if f.format == "RAW":
+        log.warning("%s: its WAV header declares no audio data, but %d frames follow it (a recording "
+                    "whose header was never finished); reading them", p, f.frames)
+    sink.start(f.samplerate, f.channels)
+    # libsndfile cannot seek past its estimate of an MP3's length, whatever is there.
+    beyond = f.format == "MP3" and round(offset * f.samplerate) >= f.frames
+    if not beyond:
+        _read_soundfile(f, p, offset, duration, sink)
+    short = _mpeg_cut_short(f, p, offset, duration, sink.frames)
+    if short is not None:
+        return _decode_whole_mpeg(p, offset, duration, sink, f.samplerate, short)
+    if beyond:
+        raise _offset_past_end(p, offset, f.frames / f.samplerate)
+    if chained:
+        log.warning("%s chains several Ogg streams (tracks joined end to end) and libsndfile decodes only "
+                    "the first; install ffmpeg to decode them all", p)
+    return sink, f.samplerate, "soundfile"
+
+
+def _decode_chained(
+    ffmpeg: str, p: Path, offset: float, duration: float | None, sink: FrameSink
+) -> tuple[FrameSink, int, str]:
+    """A chained Ogg file's span through ffmpeg, which decodes every stream in the chain; as _decode.
+
+    Not torchcodec: whether it reads past the first stream is untested here.
+    """
+    fresh = FrameSink(sink.mono, sink.sr)
+    # ffmpeg seeks in a chain only within its first stream: decode from the start and drop the rest.
+    attempt = ("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration, fresh, seek_input=False))
+    sr, backend = _run_fallbacks(p, None, [attempt])
     return fresh, sr, backend
 
 
@@ -422,8 +454,9 @@ def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | N
     held = mpeg_samples(p)
     if held is None or held <= f.frames + 1152:  # a frame's worth: the encoder's padding
         return None
-    return (f"libsndfile decodes {f.frames / sr:.1f} s of '{p}', whose frames hold {held / sr:.1f} s: it is "
-            "a VBR MP3 without a length (Xing/Info) header")
+    why = ("its length (Xing/Info) header covers only the first of MP3 files joined end to end" if has_length_tag(p)
+           else "it is a VBR MP3 without a length (Xing/Info) header")
+    return f"libsndfile decodes {f.frames / sr:.1f} s of '{p}', whose frames hold {held / sr:.1f} s: {why}"
 
 
 def _decode_whole_mpeg(
@@ -720,22 +753,22 @@ def _info_torchcodec(decoder_cls: Any, p: Path) -> AudioInfo:
 
 
 def _decode_ffmpeg(
-    ffmpeg: str, p: Path, offset: float, duration: float | None, sink: FrameSink
+    ffmpeg: str, p: Path, offset: float, duration: float | None, sink: FrameSink, *, seek_input: bool = True
 ) -> tuple[int, str]:
     """Decode with the ffmpeg binary to a float32 WAV on stdout, read into `sink` block by block (a
     long file is never held whole); the rate in Hz and "ffmpeg".
 
     The WAV header gives the rate and channel count without ffprobe; its size fields are
     placeholders on a pipe, so the samples are everything after the data chunk header.
+    With `seek_input` the span is cut before decoding (nothing before `offset` is decoded), else
+    after: slower, for inputs ffmpeg cannot seek in.
     """
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error"]
-    if offset > 0:
-        cmd += ["-ss", f"{offset:.6f}"]  # before -i: seek in the input, decode nothing before
-    if duration is not None:
-        cmd += ["-t", f"{duration:.6f}"]
+    span = ["-ss", f"{offset:.6f}"] if offset > 0 else []
+    span += ["-t", f"{duration:.6f}"] if duration is not None else []
     # "file:" keeps ffmpeg from reading a path such as "a:b.m4a" as a protocol.
-    cmd += ["-i", "file:" + os.fspath(p.absolute()), "-map", "0:a:0", "-map_metadata", "-1",
-            "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *(span if seek_input else []),
+           "-i", "file:" + os.fspath(p.absolute()), *([] if seek_input else span), "-map", "0:a:0",
+           "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: ffmpeg never blocks on it
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)

@@ -2,12 +2,16 @@
 
 libsndfile takes an MP3's length from its Xing/Info/VBRI header, or without one estimates it from
 the file size and the first frame's bitrate, and never decodes past that count. A VBR file without
-such a header can come out at a third of its length; this count says when that happened.
+such a header can come out at a third of its length, and MP3 files joined end to end (`cat a.mp3
+b.mp3`, as audiobooks and podcasts are joined) at the first part's; this count says when that
+happened.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 # Bitrates in kbit/s by [MPEG-1?][layer 1..3][index]; index 0 is "free format", 15 is invalid.
 _BITRATES = {
@@ -21,15 +25,18 @@ _BITRATES = {
 # Sample rates in Hz by version bits: 0 MPEG-2.5, 2 MPEG-2, 3 MPEG-1 (1 is reserved).
 _RATES = {0: (11025, 12000, 8000), 2: (22050, 24000, 16000), 3: (44100, 48000, 32000)}
 _LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")
+_ID3V1_BYTES = 128  # the trailing tag that may follow the bytes a length tag declares
+_NEXT_PART_BYTES = 1 << 12  # where a joined file's next part starts its frames (encoders' byte counts may be off)
 _HEAD_BYTES = 1 << 16  # the first frame (and its length tag) starts within this, after any ID3v2
 _FAR_BYTES = 1 << 22  # where to look when it does not
 
 
 def mpeg_samples(path: Path) -> int | None:
     """Samples per channel that the file's frames hold, or None when its first frame carries a
-    length tag (libsndfile's count is then exact) or no run of valid frames is found."""
+    length tag that covers the whole file (libsndfile's count is then exact) or no run of valid
+    frames is found."""
     start, head, first = _head(path)  # the head first: most files carry a length tag
-    if first is None or _tagged(head, first):
+    if first is None or _tag_covers(path, start + first, head, first):
         return None
     data = Path(path).read_bytes()
     pos: int | None = start + first
@@ -70,6 +77,42 @@ def _head(path: Path) -> tuple[int, bytes, int | None]:
 
 def _tagged(head: bytes, first: int) -> bool:
     return any(tag in head[first : first + 200] for tag in _LENGTH_TAGS)
+
+
+def _tag_covers(path: Path, audio_start: int, head: bytes, first: int) -> bool:
+    """Whether the first frame's length tag covers the file: False without a tag, or when frames
+    follow the bytes it declares (a joined file) rather than trailing tags or nothing."""
+    if not _tagged(head, first):
+        return False
+    declared = _declared_bytes(head, first)
+    if declared is None:  # a tag without a byte count: take its word
+        return True
+    end = audio_start + declared
+    if os.path.getsize(path) - end <= _ID3V1_BYTES:
+        return True
+    with open(path, "rb") as fh:
+        while skip := _skip_id3v2(_read_at(fh, end, 10)):  # the next part's own tags
+            end += skip
+        return _first_frame(_read_at(fh, end, _NEXT_PART_BYTES), 0) is None
+
+
+def _read_at(fh: BinaryIO, pos: int, size: int) -> bytes:
+    fh.seek(pos)
+    return fh.read(size)
+
+
+def _declared_bytes(head: bytes, first: int) -> int | None:
+    """The stream size in bytes that a Xing/Info or VBRI tag declares, or None where it has none."""
+    for tag in (b"Xing", b"Info"):
+        at = head.find(tag, first, first + 200)
+        if at != -1 and at + 16 <= len(head):
+            flags, field = int.from_bytes(head[at + 4 : at + 8], "big"), at + 8
+            field += 4 if flags & 1 else 0  # the frame count comes first when present
+            return int.from_bytes(head[field : field + 4], "big") if flags & 2 else None
+    at = head.find(b"VBRI", first, first + 200)
+    if at != -1 and at + 14 <= len(head):
+        return int.from_bytes(head[at + 10 : at + 14], "big")
+    return None
 
 
 def _skip_id3v2(data: bytes) -> int:

@@ -1,7 +1,10 @@
-"""Whether an Ogg file (Vorbis, Opus, FLAC in Ogg) ends where its stream does.
+"""Whether an Ogg file (Vorbis, Opus, FLAC in Ogg) ends where its stream does, and whether it
+chains several streams.
 
 libsndfile takes an Ogg file's length from the last page it finds, so a file cut short decodes to
 the cut without complaint. The last page of a whole stream carries the end-of-stream flag.
+libsndfile also stops at the end of the first logical stream: in a chained file (tracks joined end
+to end, as `cat a.ogg b.ogg` or a stream recorder writes them) the rest is never decoded.
 """
 
 from __future__ import annotations
@@ -10,10 +13,31 @@ from pathlib import Path
 
 _TAIL_BYTES = 1 << 16  # an Ogg page holds at most 65 307 bytes, so the last page starts within this
 _EOS = 0x04  # header_type flag of a stream's last page
+_BOS = 0x02  # header_type flag of a stream's first page
 
 
 def ogg_cut_short(path: Path) -> bool:
     """True when the file's last whole page is not an end-of-stream page (or a page is cut off)."""
+    tail, pos, end = _last_page(path)
+    if pos is None:
+        return False  # no page found: not ours to judge
+    return end != len(tail) or not tail[pos + 5] & _EOS
+
+
+def ogg_chained(path: Path) -> bool:
+    """True when the file's last page belongs to none of the streams that begin at its start: a
+    later stream was chained after the first ended. (A multiplexed file, Ogg Skeleton with Vorbis
+    say, opens all its streams at the start and is not chained.)"""
+    tail, pos, _ = _last_page(path)
+    openers = _opening_serials(path)
+    if pos is None or not openers:  # no sound page at one end or the other: not ours to judge
+        return False
+    return _serial(tail, pos) not in openers
+
+
+def _last_page(path: Path) -> tuple[bytes, int | None, int]:
+    """The file's last _TAIL_BYTES, where its last page with a sound header starts in them (None if
+    none does) and where that page ends (past the end when it is cut off)."""
     with open(path, "rb") as fh:
         fh.seek(0, 2)
         size = fh.tell()
@@ -22,10 +46,27 @@ def ogg_cut_short(path: Path) -> bool:
     pos = tail.rfind(b"OggS")
     while pos != -1:
         end = _page_end(tail, pos)
-        if end is not None:  # the last page whose header is sound
-            return end != len(tail) or not tail[pos + 5] & _EOS
+        if end is not None:
+            return tail, pos, end
         pos = tail.rfind(b"OggS", 0, pos)
-    return False  # no page found: not ours to judge
+    return tail, None, 0
+
+
+def _opening_serials(path: Path) -> set[bytes]:
+    """Serial numbers of the beginning-of-stream pages that open the file, one per stream."""
+    with open(path, "rb") as fh:
+        head = fh.read(_TAIL_BYTES)
+    serials, pos = set(), 0
+    while head.startswith(b"OggS", pos) and (end := _page_end(head, pos)) is not None and end <= len(head):
+        if not head[pos + 5] & _BOS:
+            break
+        serials.add(_serial(head, pos))
+        pos = end
+    return serials
+
+
+def _serial(data: bytes, pos: int) -> bytes:
+    return data[pos + 14 : pos + 18]
 
 
 def _page_end(data: bytes, pos: int) -> int | None:
