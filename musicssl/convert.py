@@ -9,6 +9,7 @@ unpickle), maps the state dict with its module's `checkpoint_filter_fn`, and loa
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -30,6 +31,12 @@ from musicssl.errors import ReleaseFormatError
 log = logging.getLogger(__name__)
 
 CONVERTED_DIR = "converted"
+# Raised when a port's conversion changes what it writes, so that caches made before convert again.
+CONVERSION = 2
+# Beside a cached conversion: the sha256 of its model.safetensors, checked before each load.
+WEIGHTS_SHA256 = "model.safetensors.sha256"
+# Beside an unpinned port's conversions: the commit and sha256 of its first download.
+FIRST_FETCH = "first-download.json"
 
 
 # --- reading upstream files ---------------------------------------------------------------------
@@ -93,25 +100,63 @@ def fold_weight_norm(state: dict[str, torch.Tensor], prefix: str, dim: int) -> d
     for g_key, v_key in (("weight_g", "weight_v"),
                          ("parametrizations.weight.original0", "parametrizations.weight.original1")):
         if prefix + g_key in state:
+            if prefix + v_key not in state:
+                raise ReleaseFormatError(f"{prefix + g_key!r} without {prefix + v_key!r}: the weight norm is half there")
             g, v = state.pop(prefix + g_key), state.pop(prefix + v_key)
             axes = [a for a in range(v.dim()) if a != dim % v.dim()]
             state[prefix + "weight"] = g * v / v.norm(dim=axes, keepdim=True)
             return state
-    raise ReleaseFormatError(f"no weight-norm parameters at {prefix!r} (weight_g/weight_v or parametrizations)")
+    raise ReleaseFormatError(f"no weight-norm parameters at {prefix!r} (weight_g/weight_v or parametrizations); "
+                             f"{key_outline(state)}")
+
+
+def unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of tensors in a checkpoint as training code saves it: plain, under one of
+    _WRAPPERS beside other entries (Lightning's "state_dict", "model"), and with DDP's "module."
+    prefix removed; anything else is refused, naming the file."""
+    if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
+        if inner is not None:
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise ReleaseFormatError(f"{path} holds {'an empty dict' if obj == {} else 'a ' + type(obj).__name__}, "
+                                 "not a state dict of tensors")
+    odd = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ReleaseFormatError(f"{path}: the entries {odd[:3]} are {type(obj[odd[0]]).__name__}s, not tensors: "
+                                 "give the file that holds the model's state dict")
+    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+# Where training code nests the state dict beside its other entries (epoch, optimizer, ...).
+_WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
+
+
+def key_outline(state: Mapping[str, Any]) -> str:
+    """A line on what a state dict holds: its keys' first components, which name a wrapper or head."""
+    heads: dict[str, int] = {}
+    for k in state:
+        heads[k.split(".", 1)[0]] = heads.get(k.split(".", 1)[0], 0) + 1
+    shown = ", ".join(f"{h!r} ({n})" for h, n in sorted(heads.items(), key=lambda kv: -kv[1])[:6])
+    return f"the file's {len(state)} keys start with {shown}{', ...' if len(heads) > 6 else ''}"
 
 
 def pick_file(files: Mapping[str, Path], suffixes: Sequence[str], what: str) -> Path:
     """The one file in `files` whose name ends with one of `suffixes` (e.g. the checkpoint)."""
     found = [p for name, p in files.items() if name.endswith(tuple(suffixes))]
     if len(found) != 1:
-        raise ReleaseFormatError(f"expected one {what} file ({'/'.join(suffixes)}) among {sorted(files)}")
+        given = sorted(str(p) for p in files.values())
+        raise ReleaseFormatError(f"expected one {what} file ({'/'.join(suffixes)}) among the files given {given}")
     return Path(found[0])
 
 
 # --- the cache of converted weights -------------------------------------------------------------
 def source_key(spec: Any) -> str:
     """A short hash of everything that decides the converted weights: source, pins, architecture."""
-    ident = {"weights": spec.weights, "revision": spec.revision, "files": spec.files, "args": spec.args}
+    ident = {"weights": spec.weights, "revision": spec.revision, "files": spec.files, "args": spec.args,
+             "conversion": CONVERSION}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -132,14 +177,15 @@ def convert_files(spec: Any, files: Mapping[str, Path]) -> Any:
     return model.eval()
 
 
-def provenance(spec: Any, files: Mapping[str, Path]) -> dict[str, Any]:
-    """What a converted folder records about its source: the files' sha256 (recorded on first
-    download when the registry pins none) and the upstream location."""
+def provenance(spec: Any, files: Mapping[str, Path], sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What a converted folder records about its source: the files' sha256 (`sha256` when already
+    hashed), the upstream location, and whether every file is one the registry pins."""
+    sha256 = sha256 or {name: hub.sha256_file(p) for name, p in files.items()}
     return {
         "converted_from": spec.weights,
         "revision": spec.revision,
-        "source_sha256": {name: hub.sha256_file(p) for name, p in files.items()},
-        "pinned": bool(spec.files) and all(spec.files.values()),
+        "source_sha256": dict(sha256),
+        "pinned": bool(spec.files) and all(spec.files.get(name) == sha256[name] for name in files),
     }
 
 
@@ -150,6 +196,7 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
     folder = converted_folder(spec)
     if _is_release(folder):
         try:
+            _check_weights_sha256(folder)
             model = load_release(folder)
         except ReleaseFormatError as err:  # cut short or altered: the upstream files are still cached
             log.warning("the converted copy of %s in %s is damaged (%s): converting it again", spec.name, folder, err)
@@ -157,17 +204,69 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
         else:
             model.spec = spec
             return model
-    files = hub.fetch_spec_files(spec, offline=offline)
+    files = hub.fetch_spec_files(_first_fetch(spec), offline=offline)
+    _record_first_fetch(spec, files)
     model = convert_files(spec, files)
     try:
-        _write_atomically(folder, lambda tmp: save_pretrained(
-            model, tmp, name=spec.name, card=model_card(spec), provenance=provenance(spec, files)))
+        _write_atomically(folder, lambda tmp: _keep_sha256(save_pretrained(
+            model, tmp, name=spec.name, card=model_card(spec), provenance=provenance(spec, files))))
         log.info("converted %s from %s into %s", spec.name, spec.weights, folder)
     except OSError as err:  # a read-only cache: the model is good, only keeping it failed
         log.warning("cannot keep the converted %s in %s (%s): using it uncached, so every load converts it "
                     "again; point MUSICSSL_CACHE at a folder you may write to", spec.name, folder.parent,
                     err.strerror or err)
     return model
+
+
+def _first_fetch(spec: Any) -> Any:
+    """`spec` pinned to the commit and sha256 its files had when first downloaded, where the
+    registry pins neither (a Hub branch that moves later is not followed; trust on first use)."""
+    try:
+        record = json.loads(_record_path(spec).read_text())
+        commit, sha256 = record["commit"], record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return spec
+    log.debug("%s: taking the files first downloaded, from commit %s", spec.name, commit)
+    files = {name: pin or sha256.get(name) for name, pin in spec.files.items()}
+    return dataclasses.replace(spec, revision=spec.revision or commit, files=files)
+
+
+def _record_first_fetch(spec: Any, files: Mapping[str, Path]) -> None:
+    """Keep the commit and sha256 of an unpinned Hub port's first download (see _first_fetch)."""
+    path = _record_path(spec)
+    pinned = spec.revision and all(spec.files.values())
+    if pinned or not (spec.weights or "").startswith("hf-hub:") or not files or path.exists():
+        return
+    commits = {hub.snapshot_commit(p, name) for name, p in files.items()}
+    if len(commits) != 1 or None in commits:
+        return
+    record = {"commit": commits.pop(), "sha256": {name: hub.file_sha256(p) for name, p in files.items()}}
+    try:
+        from musicssl.bulk.outputs import atomic_write
+
+        atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+    except OSError as err:  # a read-only cache: the next conversion follows the branch again
+        log.debug("cannot record the first download of %s in %s: %s", spec.name, path, err)
+
+
+def _record_path(spec: Any) -> Path:
+    return hub.cache_dir() / CONVERTED_DIR / spec.name / FIRST_FETCH
+
+
+def _keep_sha256(folder: Path) -> None:
+    (folder / WEIGHTS_SHA256).write_text(hub.sha256_file(folder / "model.safetensors") + "\n")
+
+
+def _check_weights_sha256(folder: Path) -> None:
+    """Refuse a cached conversion whose weights are not those it wrote (the sha256 is remembered by
+    file_sha256, so this costs a stat once checked)."""
+    try:
+        expected = (folder / WEIGHTS_SHA256).read_text().strip()
+    except OSError as err:
+        raise ReleaseFormatError(f"{WEIGHTS_SHA256} is missing ({err.strerror})") from err
+    actual = hub.file_sha256(folder / "model.safetensors")
+    if actual != expected:
+        raise ReleaseFormatError(f"model.safetensors has sha256 {actual[:12]}, not the {expected[:12]} it was written with")
 
 
 def _write_atomically(folder: Path, write: Any) -> None:
@@ -205,16 +304,29 @@ def model_card(spec: Any) -> str | None:
 
 # --- `musicssl convert`: upstream files a user already holds -> a release folder -----------------
 def _match_files(spec: Any, paths: Sequence[Path]) -> dict[str, Path]:
-    """{expected upstream file name: path}: by file name where it matches, else in the order given."""
+    """{expected upstream file name: path}: by file name where it matches, then by extension (a
+    renamed file keeps its kind), then in the order given."""
+    if any(_SHARD.search(p.name) for p in paths):
+        raise ValueError("a sharded checkpoint (an index and its -0000N-of-0000M parts) is not read: merge it "
+                         "into one file first, e.g. load it with transformers and save_pretrained(DIR, "
+                         "max_shard_size='20GB')")
     expected = list(spec.files) or [p.name for p in paths]
     matched = {p.name: p for p in paths if p.name in expected}
     rest = [p for p in paths if p.name not in matched]
+    for name in expected:
+        kind = [p for p in rest if p.suffix == Path(name).suffix]
+        if name not in matched and len(kind) == 1:
+            matched[name] = kind[0]
+            rest.remove(kind[0])
     for name in expected:
         if name not in matched and rest:
             matched[name] = rest.pop(0)
     if rest:
         raise ValueError(f"{spec.name} converts {expected}; got extra files {[str(p) for p in rest]}")
     return matched
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.|\.index\.json$")
 
 
 def _candidates(name_or_family: str) -> list[Any]:
@@ -245,26 +357,73 @@ def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: 
     """Convert upstream checkpoint files into a release folder at `out` (what `musicssl convert` runs).
 
     name_or_family: a registry name ("mert-v1-95m"), a family ("hubert") or a name prefix ("mert"):
-    then each such model is tried and the first whose architecture the checkpoint fits is kept.
-    Returns (the spec used, the folder).
+    then each such model is tried, those whose pinned sha256 or file names the files match first,
+    and the first whose architecture the checkpoint fits is kept. Files that are not the ones the
+    registry pins (a fine-tune, other weights of that shape) convert with a warning, and the
+    release says so. Returns (the spec used, the folder).
     """
     from musicssl.bulk.outputs import make_out_dir
-    from musicssl.factory import save_pretrained
+    from musicssl.factory import check_release_out, save_pretrained
 
     files = [Path(p) for p in paths]
     for p in files:
         if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such file (give the upstream checkpoint you downloaded)")
+            raise FileNotFoundError(f"{p}: {'a folder' if p.is_dir() else 'no such file'} (give the upstream "
+                                    "checkpoint files you downloaded)")
+    check_release_out(Path(out), "--out", files)
     make_out_dir(Path(out), "--out")  # before the conversion, not after it
-    errors = []
-    for spec in _candidates(name_or_family):
+    sha = {p: hub.sha256_file(p) for p in files}
+    candidates, errors = _candidates(name_or_family), []
+    for spec in sorted(candidates, key=lambda s: _evidence(s, files, sha), reverse=True):
         try:
             matched = _match_files(spec, files)
             model = convert_files(spec, matched)
         except (ReleaseFormatError, ValueError) as err:
             errors.append(f"{spec.name}: {err}")
             continue
-        prov = provenance(spec, matched)
+        prov = provenance(spec, matched, {name: sha[p] for name, p in matched.items()})
         prov["converted_from"] = [str(p) for p in files]
-        return spec, save_pretrained(model, out, name=spec.name, card=model_card(spec), provenance=prov)
+        _say_what_it_is(spec, matched, sha, candidates, files)
+        card = model_card(spec)
+        if not prov["pinned"] and spec.files and all(spec.files.values()) and card is not None:
+            card = _with_note(card, _other_weights_note(spec, matched, sha))
+        return spec, save_pretrained(model, out, name=spec.name, card=card, provenance=prov)
     raise ReleaseFormatError(f"{[str(p) for p in files]} fit no model of {name_or_family!r}:\n  " + "\n  ".join(errors))
+
+
+def _evidence(spec: Any, files: Sequence[Path], sha: Mapping[Path, str]) -> tuple[int, int]:
+    """How well `files` match a registry entry: (files with a sha256 it pins, files with a name it expects)."""
+    pins = set(spec.files.values())
+    return sum(sha[p] in pins for p in files), sum(p.name in spec.files for p in files)
+
+
+def _say_what_it_is(spec: Any, matched: Mapping[str, Path], sha: Mapping[Path, str], candidates: Sequence[Any],
+                    files: Sequence[Path]) -> None:
+    """Warn where the files are not the ones `spec` pins, or where nothing told apart entries of the
+    same architecture (MusicFM's MSD and FMA checkpoints)."""
+    for name, p in matched.items():
+        pin = spec.files.get(name)
+        if pin and sha[p] != pin:
+            log.warning("%s is not the %s that %s pins (sha256 %s, pinned %s): converted with %s's architecture "
+                        "as other weights of that shape (a fine-tune, or another model); the release records "
+                        "pinned: false", p, name, spec.name, sha[p][:12], pin[:12], spec.name)
+    alike = [s.name for s in candidates if s is not spec and s.family == spec.family and s.args == spec.args]
+    if alike and _evidence(spec, files, sha) == (0, 0):
+        log.warning("the files fit %s and %s alike, and neither their names nor their sha256 tell which: converted "
+                    "as %s; name the model (`musicssl convert %s ...`) to choose", spec.name, ", ".join(alike),
+                    spec.name, alike[0])
+
+
+def _with_note(card: str, note: str) -> str:
+    """`card` with `note` first after its YAML front matter (which must open the file)."""
+    end = card.find("\n---\n", 4) if card.startswith("---\n") else -1
+    at = end + len("\n---\n") if end != -1 else 0
+    return card[:at] + ("\n" if at else "") + note + card[at:]
+
+
+def _other_weights_note(spec: Any, matched: Mapping[str, Path], sha: Mapping[Path, str]) -> str:
+    """A note heading the card of a release converted from files that are not the pinned ones."""
+    held = ", ".join(f"{p.name} (sha256 {sha[p]})" for p in matched.values())
+    return (f"> **Other weights.** This release was converted from {held}, not from the files that "
+            f"{spec.name} pins: it has {spec.name}'s architecture, but the training data, evaluation and "
+            "figures below describe the upstream weights, not these.\n\n")

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -240,18 +240,54 @@ def _remove_init_guards() -> None:
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """load_state_dict(strict=True), with every missing, unexpected or mis-shaped key reported."""
+    """load_state_dict(strict=True), with the missing, unexpected and mis-shaped keys reported (a
+    few of each, and how many) and what the file's keys start with."""
+    from musicssl.convert import key_outline
+
+    odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if odd:
+        raise ReleaseFormatError(f"weights in {where}: the entries {odd[:3]} are not tensors")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
+        said = "; ".join(f"{len(keys)} {what} {keys}" if len(keys) <= 3 else f"{len(keys)} {what} (e.g. {keys[:3]})"
+                         for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+                         if keys)
         raise ReleaseFormatError(
-            f"weights in {where} do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}, "
-            f"shape mismatches {shapes}"
+            f"weights in {where} do not fit {type(model).__name__} ({len(own)} tensors): {said}; {key_outline(state)}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+RELEASE_FILES = ("config.json", "model.safetensors", "README.md")
+
+
+def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = ()) -> None:
+    """Refuse an output folder for a release whose files would replace others: one that holds
+    anything and is not a musicssl release (a project, a Hub snapshot), or where a release file
+    is one of `inputs` (converting a folder into itself)."""
+    if not out.is_dir():
+        return
+    for name in RELEASE_FILES:
+        if any((out / name).exists() and os.path.samefile(out / name, p) for p in inputs):
+            raise ValueError(f"{flag} {out} holds the input {out / name}, which the release would replace: "
+                             "give a new folder")
+    held = sorted(p.name for p in out.iterdir())
+    if held and not _is_musicssl_release(out):
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ValueError(f"{flag} {out} holds {shown} and is not a musicssl release, so its files would be "
+                         "replaced: give a new or empty folder")
+
+
+def _is_musicssl_release(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "format_version" in config and "family" in config
 
 
 def save_pretrained(
@@ -283,10 +319,17 @@ def save_pretrained(
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "musicssl": __version__})
     os.chmod(folder / "model.safetensors", usual_mode())  # safetensors writes 0600: others could not load it
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # Renamed into place: a symlink there (a Hub snapshot's) is replaced, never written through.
+    _write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if card is not None or not (folder / "README.md").exists():
-        (folder / "README.md").write_text(card if card is not None else card_stub(spec))
+        _write_text(folder / "README.md", card if card is not None else card_stub(spec))
     return folder
+
+
+def _write_text(path: Path, text: str) -> None:
+    from musicssl.bulk.outputs import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable=False)
 
 
 def _release_spec(encoder: Encoder, name: str | None) -> ModelSpec:

@@ -448,6 +448,13 @@ def _snapshot_root(pointer: Path, filename: str) -> Path:
     return pointer.parents[len(Path(filename).parts) - 1]
 
 
+def snapshot_commit(pointer: Path, filename: str) -> str | None:
+    """The Hub commit a cached file `filename` came from (its snapshot folder's name), or None when
+    `pointer` is not in a snapshot."""
+    name = _snapshot_root(Path(pointer), filename).name
+    return name if _COMMIT_RE.fullmatch(name) else None
+
+
 def _fetch_hf_files(
     repo_id: str,
     revision: str | None,

@@ -133,12 +133,78 @@ def test_pinning_is_described():
     assert _spec(upstream=False, weights="https://example.org/w").converted
 
 
-def test_files_are_matched_by_name_then_order(tmp_path):
+def test_files_are_matched_by_name_then_extension_then_order(tmp_path):
     spec = _spec(files={"ckpt.pt": None, "stats.json": None})
     a, b = tmp_path / "stats.json", tmp_path / "my_download.pt"
     assert convert._match_files(spec, [a, b]) == {"stats.json": a, "ckpt.pt": b}
+    c, d = tmp_path / "renamed.json", tmp_path / "renamed.pt"  # weights first: a renamed file keeps its kind
+    assert convert._match_files(spec, [d, c]) == {"ckpt.pt": d, "stats.json": c}
+    assert convert._match_files(spec, [tmp_path / "x.bin", tmp_path / "y.bin"])["ckpt.pt"].name == "x.bin"
     with pytest.raises(ValueError, match="extra files"):
         convert._match_files(spec, [a, b, tmp_path / "third"])
+
+
+def test_the_entry_the_files_name_or_pin_is_tried_first(tmp_path):
+    """MusicFM's MSD and FMA checkpoints share one architecture: the file names (or pinned sha256)
+    choose, not the registry's order."""
+    fma = _spec(name="m-fma", files={"pretrained_fma.pt": None, "fma_stats.json": None})
+    msd = _spec(name="m-msd", files={"pretrained_msd.pt": "ab" * 32, "msd_stats.json": None})
+    files = [tmp_path / "pretrained_msd.pt", tmp_path / "msd_stats.json"]
+    sha = {p: "00" * 32 for p in files}
+    assert convert._evidence(msd, files, sha) == (0, 2) and convert._evidence(fma, files, sha) == (0, 0)
+    renamed = [tmp_path / "a.pt", tmp_path / "b.json"]
+    sha = {renamed[0]: "ab" * 32, renamed[1]: "00" * 32}
+    assert convert._evidence(msd, renamed, sha) == (1, 0) and convert._evidence(fma, renamed, sha) == (0, 0)
+
+
+def test_unwrap_state_takes_the_state_dict_training_code_saved(tmp_path):
+    t = torch.ones(1)
+    path = tmp_path / "ckpt.pt"
+    assert convert.unwrap_state({"a.w": t}, path) == {"a.w": t}
+    assert convert.unwrap_state({"state_dict": {"a.w": t}, "epoch": 3}, path) == {"a.w": t}
+    assert convert.unwrap_state({"model": {"module.a.w": t}, "optimizer": {}}, path) == {"a.w": t}
+    with pytest.raises(ReleaseFormatError, match=r"ckpt.pt: the entries \['a.w'\] are floats, not tensors"):
+        convert.unwrap_state({"a.w": 1.0, "b": t}, path)
+    with pytest.raises(ReleaseFormatError, match="ckpt.pt holds a list"):
+        convert.unwrap_state([t], path)
+
+
+def test_a_half_weight_norm_is_a_format_error():
+    with pytest.raises(ReleaseFormatError, match="weight_g' without 'pos.weight_v'"):
+        convert.fold_weight_norm({"pos.weight_g": torch.ones(1)}, "pos.", dim=2)
+
+
+def test_convert_refuses_an_out_whose_files_it_would_replace(tmp_path):
+    """A project folder, or the folder the inputs are in (a Hub snapshot, whose files link to
+    blobs), is refused before anything is written; an earlier release is replaced."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    blob = tmp_path / "blob"
+    blob.write_text('{"upstream": 1}')
+    (snap / "config.json").symlink_to(blob)
+    (snap / "model.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="holds the input .*config.json, which the release would replace"):
+        convert.convert_local("pesto", [snap / "model.pt", snap / "config.json"], snap)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# mine")
+    with pytest.raises(ValueError, match="holds README.md and is not a musicssl release"):
+        convert.convert_local("pesto", [snap / "model.pt"], project)
+    assert blob.read_text() == '{"upstream": 1}' and (project / "README.md").read_text() == "# mine"
+
+
+def test_a_release_never_writes_through_a_link_in_its_folder(tmp_path):
+    import musicssl
+    from musicssl.factory import save_pretrained
+
+    folder = tmp_path / "release"
+    save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), folder)
+    blob = tmp_path / "blob"
+    blob.write_text("upstream")
+    (folder / "README.md").unlink()
+    (folder / "README.md").symlink_to(blob)
+    save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), folder, card="# ours")
+    assert blob.read_text() == "upstream" and not (folder / "README.md").is_symlink()
 
 
 def test_convert_unknown_family(tmp_path):
@@ -203,6 +269,15 @@ def test_a_damaged_or_unwritable_conversion_cache_still_gives_the_model(tmp_path
     with caplog.at_level("WARNING", logger="musicssl.convert"):
         assert convert.load_converted(spec) is small and len(conversions) == 2
     assert "is damaged" in caplog.text and convert.load_converted(spec).num_layers == 1 and len(conversions) == 2
+    other = musicssl.load("jepa-tiny", pretrained=False, depth=1)  # weights of the same shape, put in by hand
+    from musicssl.factory import save_pretrained
+
+    save_pretrained(other, tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="musicssl.convert"):
+        convert.load_converted(spec)
+    assert "not the" in caplog.text and "it was written with" in caplog.text and len(conversions) == 3
     (tmp_path / "a-file").write_text("x")
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "a-file"))
     with caplog.at_level("WARNING", logger="musicssl.convert"):

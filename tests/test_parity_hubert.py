@@ -261,6 +261,66 @@ def test_a_checkpoint_that_does_not_fit_names_the_file(tmp_path, edit, words):
     assert all(w in str(err.value) for w in [str(path), *words]), str(err.value)
 
 
+# --- `musicssl convert` of files a user holds -----------------------------------------------------
+@pytest.fixture()
+def small_mert(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mert-v1-95m's registry entry at SMALL_95M's size (its pin stays the released file's)."""
+    import dataclasses
+
+    from musicssl import registry
+
+    spec, build = registry._lookup("mert-v1-95m")
+    monkeypatch.setitem(registry._MODELS, "mert-v1-95m", (dataclasses.replace(spec, args=dict(SMALL_95M)), build))
+    monkeypatch.setenv("MUSICSSL_CACHE", "/nonexistent-musicssl-cache")  # convert reads nothing cached
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lightning", "ddp", "fine-tuned"])
+def test_convert_reads_wrapped_and_fine_tuned_checkpoints_and_says_they_are_not_the_pinned_file(
+    tmp_path, small_mert, caplog, wrap
+):
+    """Training code nests the state dict, DDP prefixes it, transformers' HubertFor... models hold it
+    under "hubert." beside a head: the encoder is taken from each. None is the file the registry
+    pins, so each converts with a warning and a release that says so."""
+    import json
+
+    from musicssl import convert
+
+    ref = make_reference(SMALL_95M, seed=4)
+    state = ref.state_dict()
+    state = {"plain": state, "lightning": {"state_dict": state, "epoch": 3}, "ddp": {"module." + k: v for k, v in state.items()},
+             "fine-tuned": {**{"hubert." + k: v for k, v in state.items()}, "classifier.weight": torch.zeros(2, 64)}}[wrap]
+    path = tmp_path / "my-mert.bin"
+    path.write_bytes(save(state))
+    with caplog.at_level("WARNING"):
+        spec, folder = convert.convert_local("mert-v1-95m", [path], tmp_path / "out")
+    assert "is not the pytorch_model.bin that mert-v1-95m pins" in caplog.text
+    assert ("dropping ['classifier']" in caplog.text) == (wrap == "fine-tuned")
+    assert json.loads((folder / "config.json").read_text())["provenance"]["pinned"] is False
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "**Other weights.**" in card.split("\n---\n", 1)[1][:200]
+    import musicssl
+
+    wav = clip(1.0, seed=5)
+    got = musicssl.load(folder).embed(wav, sr=SR, layers="all").frames[0]
+    assert rel_err(got, torch.stack(reference_states(ref, wav))) < TOL
+
+
+def test_convert_names_what_does_not_fit(tmp_path, small_mert):
+    from musicssl import convert
+
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(save(make_reference({**SMALL_95M, "hidden_size": 32}).state_dict()))  # another width
+    with pytest.raises(ReleaseFormatError) as err:
+        convert.convert_local("mert-v1-95m", [path], tmp_path / "out")
+    said = str(err.value)
+    assert "of another shape (e.g." in said and "the file's" in said and len(said) < 2000, said
+    shards = [tmp_path / "pytorch_model-00001-of-00002.bin", tmp_path / "pytorch_model.bin.index.json"]
+    for shard in shards:
+        shard.write_bytes(b"{}")
+    with pytest.raises(ReleaseFormatError, match="sharded checkpoint .* merge it"):
+        convert.convert_local("mert-v1-95m", shards, tmp_path / "out")
+
+
 # --- through the (fake) Hub ---------------------------------------------------------------------
 @pytest.mark.parametrize("name, args, spelling", [
     ("mert-v1-95m", SMALL_95M, "weight_g/weight_v"),
@@ -279,6 +339,36 @@ def test_registry_name_loads_merts_file_from_the_hub(fake_hub, monkeypatch, name
     assert rel_err(emb.frames[0], expected) < TOL
     torch.testing.assert_close(second.embed(wav, sr=SR, layers="all").frames, emb.frames, rtol=0, atol=0)
     assert first.spec.license == "CC-BY-NC-4.0" and first.spec.noncommercial
+
+
+def test_an_unpinned_port_keeps_its_first_download_when_the_branch_moves(fake_hub, monkeypatch):
+    """Where the registry pins neither commit nor sha256, the first download's are recorded: a
+    conversion made again later (its cached copy removed) takes the same files, not the branch's
+    newer ones, until the record is removed too."""
+    import dataclasses
+    import shutil
+
+    import musicssl
+    from musicssl import convert, registry
+
+    spec, build = registry._lookup("mert-v1-95m")
+    spec = dataclasses.replace(spec, revision=None, files={"pytorch_model.bin": None}, args=dict(SMALL_95M))
+    monkeypatch.setitem(registry._MODELS, "mert-v1-95m", (spec, build))
+    first, later = make_reference(SMALL_95M, seed=6), make_reference(SMALL_95M, seed=7)
+    fake_hub.add_repo("m-a-p/MERT-v1-95M", {"pytorch_model.bin": save(first.state_dict())})
+    wav = clip(1.0, seed=8)
+
+    def matches(ref: nn.Module) -> bool:
+        got = musicssl.load("mert-v1-95m").embed(wav, sr=SR, layers="all").frames[0]
+        return rel_err(got, torch.stack(reference_states(ref, wav))) < TOL
+
+    assert matches(first)
+    fake_hub.move_ref("m-a-p/MERT-v1-95M", {"pytorch_model.bin": save(later.state_dict())})
+    shutil.rmtree(convert.converted_folder(spec))
+    assert matches(first)
+    (convert.converted_folder(spec).parent / convert.FIRST_FETCH).unlink()
+    shutil.rmtree(convert.converted_folder(spec))
+    assert matches(later)
 
 
 # --- for bench/parity_speed.py ------------------------------------------------------------------

@@ -32,6 +32,7 @@ statistics and masked out of attention (upstream's batched path lets padding int
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musicssl.convert import fold_weight_norm, pick_file, read_checkpoint
+from musicssl.convert import fold_weight_norm, pick_file, read_checkpoint, take, unwrap_state
 from musicssl.errors import ReleaseFormatError
 from musicssl.models.base import Encoder
 from musicssl.registry import ModelSpec, register_family, register_model
@@ -52,8 +53,11 @@ CITATION = (
 )
 
 # Keys of upstream checkpoints that inference never uses, dropped by name.
+log = logging.getLogger(__name__)
+
 TRAINING_ONLY_KEYS = ("masked_spec_embed",)  # the learned mask token of masked prediction
 POS_CONV = "encoder.pos_conv_embed.conv."
+BASE = "hubert."  # transformers' prefix for the encoder inside a fine-tuned HubertFor... model
 
 
 class ConvLayer(nn.Module):
@@ -356,9 +360,7 @@ class HuBERT(Encoder):
         from musicssl.factory import load_state_strict
 
         path = pick_file({k: Path(v) for k, v in files.items()}, (".bin", ".pt", ".pth"), "checkpoint")
-        state = read_checkpoint(path)
-        if not isinstance(state, dict):
-            raise ReleaseFormatError(f"{path} holds a {type(state).__name__}, not MERT's state dict of tensors")
+        state = unwrap_state(read_checkpoint(path), path)
         try:
             state = checkpoint_filter_fn(state)
         except ReleaseFormatError as err:
@@ -375,6 +377,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     normalised over all axes but the kernel axis, dim=2) is folded into a plain weight. Any other
     unknown key is left in, so strict loading reports it.
     """
+    if not any(k.startswith("feature_extractor.") for k in state_dict) and any(k.startswith(BASE) for k in state_dict):
+        heads = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(BASE)})
+        log.warning("the checkpoint holds a fine-tuned model: keeping its %r encoder, dropping %s", BASE, heads)
+        state_dict = take(state_dict, BASE)
     state = {k: v for k, v in state_dict.items() if k not in TRAINING_ONLY_KEYS}
     if POS_CONV + "weight" not in state:
         fold_weight_norm(state, POS_CONV, dim=2)
