@@ -349,3 +349,47 @@ def test_cpu_generator_gives_the_same_views_on_gpu() -> None:
         cpu, amount_cpu = OPS[name](x, gen(7))
         gpu, amount_gpu = OPS[name](x.cuda(), gen(7))
         torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
+
+
+# --- edge cases a helper's hostile pass found ----------------------------------------------------
+def test_clips_of_no_samples_do_not_hang_the_eq() -> None:
+    """equalize padded to a fast FFT length found by a loop that never ended at 0."""
+    x = torch.zeros(2, 0)
+    assert A.random_eq(x, 16000, torch.Generator().manual_seed(0))[0].shape == (2, 0)
+    assert A.default_augment(16000)(x, torch.Generator().manual_seed(0))[0].shape == (2, 0)
+    with pytest.raises(ValueError, match="0 samples: there is nothing to stretch"):
+        A.time_stretch(x, 1.2)
+
+
+def test_a_batch_of_one_mixes_in_nothing() -> None:
+    """The batch rolled by one is the clip itself: mixing it in is a gain change, not a mix."""
+    x = torch.randn(1, 1600)
+    y, ratio = A.mix(x, None, torch.Generator().manual_seed(0))
+    assert torch.equal(y, x) and ratio.item() == math.inf
+
+
+def test_float64_input_draws_what_float32_input_draws() -> None:
+    x = torch.randn(2, 16000) * 0.1
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    ya, _ = A.add_noise(x, a)
+    yb, _ = A.add_noise(x.double(), b)
+    assert torch.rand(1, generator=a) == torch.rand(1, generator=b)
+    torch.testing.assert_close(yb.float(), ya, rtol=1e-4, atol=1e-6)
+
+
+def test_user_mistakes_are_said_plainly() -> None:
+    x, gen = torch.randn(2, 16000), torch.Generator().manual_seed(0)
+    assert A.add_noise(x, gen, snr_db=20)[1].tolist() in ([20.0, 20.0], [20.0, math.inf], [math.inf, 20.0], [math.inf] * 2)
+    assert A.random_crop(x, 8000.0, gen).shape == (2, 8000)  # a whole float, as seconds * sr gives
+    with pytest.raises(ValueError, match=r"n_samples must be a whole number >= 1, got 8000.5 \(round it"):
+        A.random_crop(x, 8000.5, gen)
+    for bad in (None, 0):
+        with pytest.raises(TypeError, match="gen must be a torch.Generator"):
+            A.random_gain(x, bad)
+    with pytest.raises(ValueError, match="out_samples must be a whole number >= 1"):
+        A.pitch_shift(x, 16000, 2.0, out_samples=-1)
+    with pytest.raises(ValueError, match="n_masks must be a whole number >= 0"):
+        A.time_mask(x, gen, 0.1, -1)
+    with pytest.raises(ValueError, match="sr must be the audio's sample rate"):
+        A.random_eq(x, 0, gen)
+    assert A.random_eq(x, 16000, gen, low_hz=50)[0].shape == x.shape

@@ -255,6 +255,9 @@ def test_paths_are_decoded(tmp_path):
         (np.zeros(1000, np.int64), {"sr": SR}, r"int64, which is no PCM format.*astype\(np.int16\)"),
         (np.zeros((0, 16000), np.float32), {"sr": SR}, "an empty batch"),
         (np.zeros((16, 0), np.float32), {"sr": SR}, "item 0 has no samples"),
+        # No channels: averaging them would give NaN, said as if the samples held it.
+        (np.zeros((1, 0, 16000), np.float32), {"sr": SR}, r"shape \(1, 0, 16000\), has 0 channels"),
+        ([np.zeros((0, 16000), np.float32)], {"sr": SR}, "item 0, shape .*has 0 channels"),
     ],
 )
 def test_bad_inputs_are_refused_clearly(audio, kwargs, match):

@@ -6,6 +6,7 @@ Tolerance: relative error ||ours - ref|| / ||ref|| below 1e-4 (float32 against f
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -146,6 +147,38 @@ def test_mel_filterbank_matches_librosa(
     assert ours.shape == (n_mels, n_fft // 2 + 1)
     assert rel_err(ours, ref) < RTOL
     assert float(np.abs(ours.numpy() - ref).max()) < 1e-6 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("make", [lambda: MelSpectrogram(16000, n_fft=2048), lambda: MFCC(16000),
+                                  lambda: KaldiFbank(16000, input_scale=32768)], ids=["mel", "mfcc", "kaldi"])
+def test_front_ends_stay_float32_under_autocast(make: Callable[[], torch.nn.Module], dtype: torch.dtype) -> None:
+    """A loud tone's mel power passes fp16's 65504: a filterbank matmul that autocast ran in fp16
+    gave inf, and the log of it NaN. Front-ends run with autocast off."""
+    tone = 0.9 * torch.sin(2 * torch.pi * 440 * torch.arange(16000) / 16000)
+    fe = make()
+    with torch.autocast("cpu", dtype=dtype):
+        got = fe(tone)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, fe(tone), rtol=0, atol=0)
+
+
+def test_impossible_mel_bands_and_frames_are_refused() -> None:
+    for f_min, f_max in ((8000.0, 4000.0), (4000.0, 4000.0), (-10.0, 4000.0)):
+        with pytest.raises(ValueError, match="give 0 <= f_min < f_max"):
+            mel_filterbank(16000, 512, 64, f_min, f_max)
+    with pytest.raises(ValueError, match="hop_length must be at least 1 sample, got 0 \\(win_length // 4 of 3\\)"):
+        Spectrogram(3)
+    with pytest.raises(ValueError, match="1000 samples is too short .* at least 1025"):
+        Spectrogram(2048, pad_mode="reflect")(torch.zeros(1000))
+    with pytest.raises(ValueError, match="0 samples is too short"):
+        Spectrogram(512)(torch.zeros(2, 0))
+
+
+def test_mel_filters_past_nyquist_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="musicssl.audio.frontends"):
+        mel_filterbank(16000, 512, 64, 0.0, 20000.0)  # a 44.1 kHz setting copied to 16 kHz audio
+    assert "past the Nyquist frequency of 16000 Hz audio (8000.0 Hz)" in caplog.text
 
 
 def test_mel_filterbank_rejects_unknown_norm() -> None:

@@ -95,19 +95,20 @@ def _rand(gen: Generators, batch: int) -> Tensor:
 
 def _randn(gen: Generators, batch: int, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(batch, n) standard normal noise on ``device``, drawn on the generator's device."""
+    # Drawn in float32 whatever `dtype`: a float64 draw uses the generator up differently, and an
+    # example's views must depend only on the example and its generator.
     if isinstance(gen, torch.Generator):
-        return torch.randn(batch, n, generator=gen, device=gen.device, dtype=dtype).to(device)
+        return torch.randn(batch, n, generator=gen, device=gen.device).to(device, dtype)
     gens = _check_gens(gen, batch)
-    return torch.stack([
-        torch.randn(n, generator=g, device=g.device, dtype=dtype).to(device) for g in gens
-    ])
+    return torch.stack([torch.randn(n, generator=g, device=g.device).to(device, dtype) for g in gens])
 
 
 def _check_gens(gens: Sequence[torch.Generator], batch: int) -> Sequence[torch.Generator]:
-    if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+    if not isinstance(gens, Sequence) or len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+        got = f"{type(gens).__name__} of length {len(gens)}" if isinstance(gens, Sequence) else repr(gens)
         raise TypeError(
-            f"gen must be a torch.Generator or a sequence of {batch} generators (one per example), "
-            f"got {type(gens).__name__} of length {len(gens)}"
+            f"gen must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or a sequence of {batch} "
+            f"generators (one per example), got {got}"
         )
     return gens
 
@@ -116,6 +117,23 @@ def _uniform(gen: Generators, batch: int, low: float, high: float, what: str) ->
     if not (math.isfinite(low) and math.isfinite(high) and low <= high):
         raise ValueError(f"{what} range must be finite with low <= high, got ({low}, {high})")
     return low + (high - low) * _rand(gen, batch)
+
+
+def _bounds(value: float | Sequence[float], what: str) -> tuple[float, float]:
+    """A (low, high) range; one number is the range of that value alone."""
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    if isinstance(value, Sequence) and len(value) == 2:
+        return float(value[0]), float(value[1])
+    raise ValueError(f"{what} must be a number or a (low, high) pair, got {value!r}")
+
+
+def _count(n: float, what: str, minimum: int) -> int:
+    """A whole number of samples (or masks) >= minimum; an integral float (16000 * 3.0) is taken."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < minimum:
+        raise ValueError(f"{what} must be a whole number >= {minimum}, got {n!r}"
+                         + (" (round it, e.g. int(seconds * sr))" if isinstance(n, float) else ""))
+    return int(n)
 
 
 def _log_uniform(gen: Generators, batch: int, low: float, high: float, what: str) -> Tensor:
@@ -197,7 +215,8 @@ def _take(x: Tensor, starts: Tensor, n: int) -> Tensor:
 
 
 def _fast_len(n: int) -> int:
-    """The smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    """The smallest m >= max(n, 1) whose prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    n = max(n, 1)  # 0 would loop for ever (0 % p == 0)
     while True:
         m = n
         for p in (2, 3, 5):
@@ -218,14 +237,13 @@ def random_crop(x: Tensor, n_samples: int, gen: Generators) -> Tensor:
     Each example's start is uniform over the valid offsets. Examples shorter than the window are
     placed at a uniform position inside it and zero-padded.
     """
-    return _take(x, _crop_starts(x, n_samples, gen), n_samples)
+    return _take(x, _crop_starts(x, n_samples, gen), _count(n_samples, "n_samples", 1))
 
 
 def _crop_starts(x: Tensor, n: int, gen: Generators) -> Tensor:
     """(B,) int64 start of each crop in input samples; negative where the input is zero-padded."""
     b, s = _check_batch(x)
-    if n < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n}")
+    n = _count(n, "n_samples", 1)
     positions = torch.floor(_rand(gen, b) * (abs(s - n) + 1)).long()
     return positions if s >= n else -positions
 
@@ -275,7 +293,7 @@ def add_noise(
     if color not in ("white", "pink"):
         raise ValueError(f"color must be 'white' or 'pink', got {color!r}")
     apply = _applied(gen, b, p)
-    snr = torch.where(apply, _uniform(gen, b, *snr_db, "snr_db"), math.inf)
+    snr = torch.where(apply, _uniform(gen, b, *_bounds(snr_db, "snr_db"), "snr_db"), math.inf)
     dtype = _work_dtype(x)
     noise = _randn(gen, b, s, x.device, dtype)
     if color == "pink":
@@ -299,15 +317,16 @@ def mix(
     """Mix another clip into each example, at a level ratio uniform in [min_ratio_db, max_ratio_db].
 
     ``other`` is (B, S) like ``x``, or None for the batch rolled by one (example b gets example
-    b - 1; that depends on the batch's composition). The ratio is the power of ``x`` over the
+    b - 1; that depends on the batch's composition; a batch of one is left as it is). The ratio is the power of ``x`` over the
     power of the scaled ``other``, in dB; a silent ``x`` or ``other`` adds nothing. Returns
     ``(y, ratio_db)``, ratio_db (B,) in dB (+inf where not applied).
     """
     b, _ = _check_batch(x)
+    alone = other is None and b == 1  # the batch rolled by one is the clip itself: a gain, not a mix
     other = x.roll(1, dims=0) if other is None else other
     if other.shape != x.shape:
         raise ValueError(f"other must have x's shape {tuple(x.shape)}, got {tuple(other.shape)}")
-    apply = _applied(gen, b, p)
+    apply = _applied(gen, b, p) & (not alone)
     ratio = torch.where(apply, _uniform(gen, b, min_ratio_db, max_ratio_db, "ratio (dB)"), math.inf)
     dtype = _work_dtype(x)
     y = _add_at_ratio(x.to(dtype), other.to(device=x.device, dtype=dtype), ratio).to(x.dtype)
@@ -329,7 +348,7 @@ def time_mask(
     apply = _applied(gen, b, p)
     positions = torch.arange(s, device=x.device)
     masked = torch.zeros(b, s, dtype=torch.bool, device=x.device)
-    for _ in range(n_masks):
+    for _ in range(_count(n_masks, "n_masks", 0)):
         width = torch.floor(_rand(gen, b) * (math.floor(max_fraction * s) + 1)).long()
         start = torch.floor(_rand(gen, b) * (s - width + 1)).long()
         start, end = start.to(x.device)[:, None], (start + width).to(x.device)[:, None]
@@ -412,14 +431,17 @@ def random_eq(
     peak_db 0.
     """
     b, _ = _check_batch(x)
+    if not sr > 0:
+        raise ValueError(f"sr must be the audio's sample rate in Hz, got {sr}")
+    low_hz, high_hz = _bounds(low_hz, "low_hz"), _bounds(high_hz, "high_hz")
     if low_hz[1] >= high_hz[0]:
         raise ValueError(f"the low_hz range {low_hz} must lie below the high_hz range {high_hz}")
     apply = _applied(gen, b, p)
     lo = _log_uniform(gen, b, *low_hz, "low_hz")
     hi = _log_uniform(gen, b, *high_hz, "high_hz")
     fc = torch.exp(torch.log(lo) + (torch.log(hi) - torch.log(lo)) * _rand(gen, b))
-    gain = _uniform(gen, b, *peak_db, "peak_db")
-    width = _log_uniform(gen, b, *peak_octaves, "peak_octaves")
+    gain = _uniform(gen, b, *_bounds(peak_db, "peak_db"), "peak_db")
+    width = _log_uniform(gen, b, *_bounds(peak_octaves, "peak_octaves"), "peak_octaves")
     params = {
         "low_hz": torch.where(apply, lo, 0.0),
         "high_hz": torch.where(apply, hi, math.inf),
@@ -462,7 +484,7 @@ def pitch_shift(
     b, s = _check_batch(x)
     del sr  # a relative shift: kept in the signature so every spectral op takes the rate
     shift = _amounts(semitones, b, "semitones")
-    n = s if out_samples is None else int(out_samples)
+    n = s if out_samples is None else _count(out_samples, "out_samples", 1)
     xw = x.to(_work_dtype(x))
     y = xw.new_empty(b, n)
     for value in torch.unique(shift).tolist():
@@ -517,10 +539,12 @@ def time_stretch(
     back as the centre crop, unchanged. Returns (B, n), n = ``out_samples`` or S.
     """
     b, s = _check_batch(x)
+    if s == 0:
+        raise ValueError("x holds clips of 0 samples: there is nothing to stretch")
     rates = _amounts(rate, b, "rate")
     if bool((rates <= 0).any()):
         raise ValueError(f"rate must be positive, got {rates.tolist()}")
-    n = s if out_samples is None else int(out_samples)
+    n = s if out_samples is None else _count(out_samples, "out_samples", 1)
     hop = n_fft // 4 if hop_length is None else int(hop_length)
     if not 0 < hop <= n_fft:
         raise ValueError(f"hop_length must be in [1, n_fft={n_fft}], got {hop}")
@@ -726,7 +750,7 @@ class ViewMaker:
             view, info = x, {}
             if self.crop_samples is not None:
                 starts = _crop_starts(x, self.crop_samples, gen)
-                view = _take(x, starts, self.crop_samples)
+                view = _take(x, starts, _count(self.crop_samples, "crop_samples", 1))
                 info["crop_start"] = starts.to(x.device)
             if self.augment is not None:
                 view, more = self.augment(view, gen)

@@ -6,8 +6,8 @@ in librosa. That holds for `KaldiFbank` too, although Kaldi itself writes ``(T, 
 
 Front-ends always compute in float32: the input is cast inside ``forward`` and their filterbanks and
 windows (non-persistent buffers, so they follow ``.to(device)`` but stay out of state dicts) keep
-float32 when the module is cast with ``.to(torch.bfloat16)`` or ``.half()``. An encoder can therefore
-run its backbone in bf16/fp16 without quantising its front-end.
+float32 when the module is cast with ``.to(torch.bfloat16)`` or ``.half()``, and autocast is off
+inside them. An encoder can therefore run its backbone in bf16/fp16 without quantising its front-end.
 
 Conventions follow librosa 0.11 (periodic windows, Slaney or HTK mel scale, dB with ``top_db``,
 orthonormal DCT-II) and Kaldi's ``compute-fbank-feats`` (see `KaldiFbank`); the tests check parity
@@ -16,6 +16,7 @@ with librosa and kaldi-native-fbank.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -23,6 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AmplitudeToDB",
@@ -48,6 +51,13 @@ class _Float32Module(nn.Module):
     Device moves still apply. Only floating-point casts of float32 tensors are refused, so a
     front-end inside a bf16 encoder keeps full-precision windows and filterbanks.
     """
+
+    def __call__(self, *args: object, **kwargs: object) -> Tensor:
+        # Autocast would run filterbank matmuls in fp16/bf16 on float32 input, and fp16 overflows
+        # on loud audio (a mel power of 1e5 and more): front-ends run with it off.
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return super().__call__(*args, **kwargs)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
         def keep_float32(t: Tensor) -> Tensor:
@@ -137,12 +147,16 @@ class Spectrogram(_Float32Module):
         self.n_fft = n_fft
         self.win_length = win_length
         self.hop_length = win_length // 4 if hop_length is None else hop_length
+        if self.hop_length < 1:
+            raise ValueError(f"hop_length must be at least 1 sample, got {self.hop_length}"
+                             + (f" (win_length // 4 of {win_length})" if hop_length is None else ""))
         self.power = power
         self.center = center
         self.pad_mode = pad_mode
         self.register_buffer("window", get_window(window, win_length), persistent=False)
 
     def forward(self, waveform: Tensor) -> Tensor:
+        self._check_length(waveform.shape[-1])
         x, lead = _flatten_batch(waveform.to(torch.float32))
         spec = torch.stft(
             x,
@@ -162,6 +176,13 @@ class Spectrogram(_Float32Module):
         if self.power == 1.0:
             return spec.abs()
         return spec.abs().pow(self.power)
+
+    def _check_length(self, n: int) -> None:
+        """Refuse clips torch.stft cannot frame, saying why (its own error names padding internals)."""
+        need = self.n_fft // 2 + 1 if self.center and self.pad_mode == "reflect" else 1 if self.center else self.n_fft
+        if n < need:
+            raise ValueError(f"a clip of {n} samples is too short for this spectrogram: it needs at least {need} "
+                             f"(n_fft={self.n_fft}, center={self.center}, pad_mode={self.pad_mode!r})")
 
     def extra_repr(self) -> str:
         return (
@@ -218,6 +239,11 @@ def mel_filterbank(
     if norm not in ("slaney", None):
         raise ValueError(f"norm must be 'slaney' or None, got {norm!r}")
     f_max = sample_rate / 2.0 if f_max is None else f_max
+    if not 0 <= f_min < f_max:
+        raise ValueError(f"the mel band runs from f_min={f_min} to f_max={f_max} Hz: give 0 <= f_min < f_max")
+    if f_max > sample_rate / 2.0:
+        log.warning("mel filters above f_max=%s Hz are past the Nyquist frequency of %s Hz audio (%s Hz) and stay "
+                    "empty: give f_max <= %s", f_max, sample_rate, sample_rate / 2.0, sample_rate / 2.0)
     f64 = torch.float64
     fft_freqs = torch.arange(n_fft // 2 + 1, dtype=f64) * (sample_rate / n_fft)
     mel_edges = torch.linspace(
@@ -798,6 +824,8 @@ class VQT(_Float32Module):
         window: str = "hann",
     ) -> None:
         super().__init__()
+        if hop_length < 1 or n_bins < 1:
+            raise ValueError(f"hop_length ({hop_length} samples) and n_bins ({n_bins}) must be at least 1")
         bpo = 12 * bins_per_semitone
         freqs = vqt_frequencies(fmin, n_bins, bpo)
         if float(freqs[-1]) >= sample_rate / 2:

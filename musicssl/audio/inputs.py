@@ -40,6 +40,7 @@ def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray
         elif arr.ndim == 2:
             clips = list(arr)
         elif arr.ndim == 3:
+            _check_channels(arr.shape[1], f"the audio, shape {tuple(arr.shape)},")
             clips = [c.mean(axis=0) for c in arr]
         else:
             raise AudioInputError(
@@ -64,6 +65,7 @@ def _one_item(x: Any, sr: int | None, target_sr: int, i: int) -> np.ndarray:
         raise AudioInputError(f"item {i} of the list is a {type(x).__name__}; expected a path, array or tensor")
     arr = _channels_first(_as_numpy(x, f"item {i}"), f"item {i}", sr)
     if arr.ndim == 2:
+        _check_channels(arr.shape[0], f"item {i}, shape {tuple(arr.shape)},")
         arr = arr.mean(axis=0)
     elif arr.ndim != 1:
         raise AudioInputError(f"item {i} has shape {tuple(arr.shape)}; list items are (samples,) or (channels, samples)")
@@ -114,6 +116,11 @@ def _channels_first(arr: np.ndarray, what: str, sr: int | None) -> np.ndarray:
             f"(x.transpose(0, 2, 1) for a batch), or x.mean(axis=-1) for mono"
         )
     return arr
+
+
+def _check_channels(n: int, what: str) -> None:
+    if n == 0:  # averaging no channels would give NaN, said as if the user's samples held it
+        raise AudioInputError(f"{what} has 0 channels: pass (channels, samples) with at least one channel")
 
 
 def _finish(x: np.ndarray, sr: int | None, target_sr: int, what: str) -> np.ndarray:
