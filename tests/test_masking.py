@@ -199,9 +199,19 @@ def test_jepa_rejects_bad_settings(kwargs: dict) -> None:
 
 
 def test_impossible_context_raises() -> None:
-    # Four targets of the whole grid leave no context, ever.
-    with pytest.raises(ValueError, match="context tokens"):
+    # Four targets of the whole grid leave no context, ever: said before any draw.
+    with pytest.raises(ValueError, match="can cover all but 0 of the 3 tokens"):
         jepa_masks(4, 1, seed_generator(0), target_size=4, target_freq=(1, 1))
+    with pytest.raises(ValueError, match="no draw left 1 context tokens"):  # asked for: drawn, and failed
+        jepa_masks(4, 1, seed_generator(0), target_size=4, target_freq=(1, 1), min_keep=1)
+
+
+def test_targets_that_would_leave_a_sliver_of_context_are_refused() -> None:
+    """Eight 10 % targets on the JEPA recipe's 40 x 5 grid leave 10 of 170 tokens: every context
+    cut to 10 tokens, 5 % of the grid. Under 1/10 of the grid is refused up front."""
+    assert jepa_mask_counts(40, 5, n_targets=7) == (30, 20)
+    with pytest.raises(ValueError, match="8 targets of 20 tokens can cover all but 10 of the 170 tokens"):
+        jepa_mask_counts(40, 5, n_targets=8)
 
 
 # collate_masks ----------------------------------------------------------------------------------------

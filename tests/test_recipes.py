@@ -168,6 +168,7 @@ def test_a_moved_run_resumes_whatever_its_folder_and_data_are_called(tmp_path, m
     ("byol", {"ema_start": 2.0}, "ema_start must be in [0, 1]"),
     ("vicreg", {"view_seconds": 3.0}, "view_seconds=3.0 must be > 0 and at most crop_seconds=2.0"),
     ("simclr", {"min_lr_ratio": 5.0}, "min_lr_ratio (the last step's share of lr) must be in [0, 1]"),
+    ("jepa", {"n_targets": 12}, "12 targets of 8 tokens can cover all but 0 of the 70 tokens"),  # a context of a sliver
 ])
 def test_settings_a_recipe_cannot_train_with_are_refused(name, change, said, tmp_path):
     with pytest.raises(ValueError, match=re.escape(said)):
@@ -189,6 +190,27 @@ def test_train_and_export_never_write_over_a_release_or_a_run(tmp_path, capsys):
         export_run(run, run)
     assert main(["train", "jepa", "--presets"]) == 0 and "jepa-tiny:" in capsys.readouterr().out
     assert main(["train", "jepa"]) == 2 and "--out RUN_DIR is required" in capsys.readouterr().err
+
+
+def test_a_log_line_gives_the_means_of_its_steps(tmp_path):
+    """A line every 3 steps gives the mean loss and gradient norm of those 3 steps (it gave the
+    last step's alone, as noisy as one batch)."""
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 6}
+    every = train("simclr", out=str(tmp_path / "every"), progress=False, **settings)
+    third = train("simclr", out=str(tmp_path / "third"), progress=False, **{**settings, "log_every": 3})
+    lines = [[json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()] for run in (every, third)]
+    assert [r["step"] for r in lines[1]] == [3, 6]
+    for i, record in enumerate(lines[1]):
+        for key in ("loss", "grad_norm"):
+            assert record[key] == pytest.approx(np.mean([r[key] for r in lines[0][3 * i : 3 * i + 3]]), rel=1e-5)
+
+
+def test_a_batch_larger_than_the_data_is_said_for_in_batch_negatives(tmp_path, caplog):
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 1, "data_length": 3}
+    with caplog.at_level("WARNING", logger="musicssl.recipes.train"):
+        train("simclr", out=str(tmp_path / "simclr"), progress=False, **settings)
+        train("byol", out=str(tmp_path / "byol"), progress=False, **{**settings, **SETTINGS["byol"]})
+    assert caplog.text.count("holds more items than the 3 files") == 1 and "simclr takes them for negatives" in caplog.text
 
 
 def test_clip_grad_0_means_no_clipping(tmp_path):

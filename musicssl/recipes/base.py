@@ -65,6 +65,7 @@ class Recipe(nn.Module):
     PRESETS: dict[str, dict[str, Any]] = {}
     MIN_BATCH = 1  # items per process that a step needs
     BACKBONE_FAMILIES: tuple[str, ...] | None = None  # None: any trainable encoder
+    NEGATIVES_IN_BATCH = False  # the loss pushes a batch's other items away (a file twice repels itself)
 
     def __init__(self, cfg: RecipeConfig):
         super().__init__()

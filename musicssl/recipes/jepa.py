@@ -14,7 +14,7 @@ import torch
 
 from musicssl.recipes.base import Recipe, RecipeConfig, build_backbone, check_ema, frozen_copy, full_lengths
 from musicssl.recipes.losses import cosine_schedule, ema_update, jepa_loss
-from musicssl.recipes.masking import apply_masks, collate_masks
+from musicssl.recipes.masking import apply_masks, collate_masks, jepa_mask_counts
 from musicssl.recipes.predictor import MaskedPredictor
 
 
@@ -52,6 +52,7 @@ class JEPA(Recipe):
         )
         n_samples = round(cfg.crop_seconds * self.encoder.sample_rate)
         self.n_time = int(self.encoder.frame_lengths(torch.tensor([n_samples]))[0])
+        jepa_mask_counts(self.n_time, self.encoder.n_freq, n_targets=cfg.n_targets)  # refused here, not mid-run
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().collate(items)

@@ -80,6 +80,11 @@ def apply_masks(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 #   batch built at once equal to its halves built on two ranks.
 
 
+# Without min_keep, the context every draw must leave is at least 1/10 of the grid (I-JEPA keeps 10
+# of 196 patches, 1/20, at least; a thinner context leaves the predictor nothing to go on).
+_MIN_CONTEXT_SHARE = 10
+
+
 def _extent(v: Extent, n: int, name: str) -> int:
     """An int counts units, in [1, n]; a float is a fraction of n in (0, 1], rounded, at least 1."""
     if isinstance(v, bool) or not isinstance(v, int | float):
@@ -117,7 +122,14 @@ def _geometry(
     ctx = _span(context_keep, n_time, "context_keep")
     guaranteed = ctx[0] * n_freq - n_targets * size
     if min_keep is None:
-        min_keep = max(1, guaranteed)
+        floor = -(-n_time * n_freq // _MIN_CONTEXT_SHARE)  # the context the predictor needs to say anything
+        if guaranteed < floor:
+            raise ValueError(
+                f"{n_targets} targets of {size} tokens can cover all but {max(guaranteed, 0)} of the {ctx[0] * n_freq} "
+                f"tokens of the shortest context block ({n_time} x {n_freq} grid), so every context would be cut "
+                f"to that: use fewer targets (n_targets) or smaller ones, or give min_keep"
+            )
+        min_keep = guaranteed
     elif not 1 <= min_keep <= ctx[1] * n_freq:
         raise ValueError(f"min_keep must be in [1, {ctx[1] * n_freq}], got {min_keep}")
     return size, heights, ctx, min_keep

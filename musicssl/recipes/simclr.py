@@ -24,6 +24,7 @@ class SimCLR(TwoViewRecipe):
     """Backbone + projector; the views' projections attract, the rest of the batch repels."""
 
     Config = SimCLRConfig
+    NEGATIVES_IN_BATCH = True
     PRESETS: dict[str, dict[str, Any]] = {
         "simclr-tiny": {"backbone": "jepa-tiny"},
         "clmr": {"backbone": "clmr-samplecnn", "crop_seconds": 3 * CLMR_SECONDS, "view_seconds": CLMR_SECONDS,

@@ -393,6 +393,10 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)
+    if model.NEGATIVES_IN_BATCH and len(data) < tcfg.batch_size and rank == 0:
+        log.warning("the batch of %d holds more items than the %d files of the data, so copies of one file meet in "
+                    "a batch, and %s takes them for negatives of each other: give at least %d files, or a smaller "
+                    "--batch-size", tcfg.batch_size, len(data), recipe, tcfg.batch_size)
     loader = make_loader(data, tcfg.batch_size // world, collate=model.collate, num_workers=tcfg.num_workers,
                          seed=tcfg.seed, rank=rank, world_size=world, start_step=start)
     bar = _progress_bar(tcfg, start, rank, progress)
@@ -403,6 +407,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if ckpt is not None:
         _restore_rng(ckpt["rng"])
     saved = done = start
+    window = _Window()
     whole = True  # the model and optimiser hold a finished step (a checkpoint of them is sound)
     try:
         for step, batch in zip(range(start, last), batches):
@@ -411,7 +416,8 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
             with signals.held():
                 out, grad_norm = _step(step, batch, model, step_module, opt, scaler, amp, device, tcfg)
                 done = step + 1
-                _report(run, bar, out, grad_norm, done, tcfg, world, time.perf_counter() - t0, start, rank)
+                window.add(out, grad_norm)
+                _report(run, bar, window, done, tcfg, world, time.perf_counter() - t0, start, rank)
                 if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
                     save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
                     saved = done
@@ -466,11 +472,32 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
     return out, grad_norm
 
 
-def _report(run: Path, bar: Any, out: dict[str, torch.Tensor], grad_norm: torch.Tensor, done: int,
-            tcfg: TrainConfig, world: int, seconds: float, start: int, rank: int) -> None:
-    """Every log_every steps (and at the end): a line in log.jsonl and on the progress bar."""
+class _Window:
+    """The scalar outputs (loss, ...) and gradient norms of the steps since the last log line,
+    summed on their device (no host sync per step); a log line gives their means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+
+    def add(self, out: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        scalars = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        for k, v in {**scalars, "grad_norm": grad_norm.detach().float()}.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.steps += 1
+
+    def take(self) -> dict[str, float]:
+        means = {k: float(v) / self.steps for k, v in self.sums.items()}
+        self.sums, self.steps = {}, 0
+        return means
+
+
+def _report(run: Path, bar: Any, window: _Window, done: int, tcfg: TrainConfig, world: int, seconds: float,
+            start: int, rank: int) -> None:
+    """Every log_every steps (and at the end): a line in log.jsonl and on the progress bar, with
+    the means over the steps since the last line."""
     if done % tcfg.log_every == 0 or done == tcfg.steps:
-        record = _log_record(out, grad_norm, done, tcfg, world, seconds, start)  # all ranks: it averages
+        record = _log_record(window.take(), done, tcfg, world, seconds, start)  # all ranks: it averages
         if rank == 0:
             with open(run / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -500,15 +527,14 @@ def _restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _log_record(out: dict[str, torch.Tensor], grad_norm: torch.Tensor, step: int, tcfg: TrainConfig, world: int,
-                seconds: float, start: int) -> dict[str, Any]:
-    values = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+def _log_record(values: dict[str, float], step: int, tcfg: TrainConfig, world: int, seconds: float,
+                start: int) -> dict[str, Any]:
     if world > 1:  # average what each rank saw
         t = torch.tensor(list(values.values()), dtype=torch.float64)
         dist.all_reduce(t)
         values = dict(zip(values, (t / world).tolist()))
     samples = (step - start) * tcfg.batch_size
-    return {"step": step, **values, "grad_norm": float(grad_norm), "lr": tcfg.lr * lr_factor(step - 1, tcfg),
+    return {"step": step, **values, "lr": tcfg.lr * lr_factor(step - 1, tcfg),
             "samples_per_second": samples / max(seconds, 1e-9)}
 
 
