@@ -62,11 +62,20 @@ def median_seconds(fn, device: str, repeats: int) -> float:
 
 
 def matmul_peak(device: str, dtype: torch.dtype, repeats: int = 5) -> float:
-    """Measured dense matmul rate in TFLOP/s: n x n x n (n = 8192 on GPU, 4096 on CPU)."""
-    n = 8192 if device.startswith("cuda") else 4096
+    """Measured dense matmul rate in TFLOP/s: n x n x n (n = 8192 on GPU, 4096 on CPU; 1024 for
+    float16 on CPU, which has no fp16 matrix units: a 4096 cube takes minutes there)."""
+    n = 8192 if device.startswith("cuda") else 1024 if dtype == torch.float16 else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats) / 1e12
+
+
+def dtypes_for(device: str, chosen: list[str] | None) -> list[str]:
+    """The dtypes timed on `device`: those given, else all three on a GPU and float32 + bfloat16 on
+    a CPU (float16 matmuls on a CPU run ~100x slower than bfloat16: no one would embed in it there)."""
+    if chosen:
+        return chosen
+    return list(DTYPES) if device.startswith("cuda") else ["float32", "bfloat16"]
 
 
 def hardware(devices: list[str]) -> dict:
@@ -92,15 +101,18 @@ def noise(seconds: float, sr: int, seed: int = 0) -> np.ndarray:
 
 
 def clips_for(enc: musicssl.Encoder, batch: int) -> list[np.ndarray]:
-    """Enough one-minute clips for two full batches of windows."""
-    per_clip = max(1, math.ceil(CLIP_SECONDS / (enc.context_seconds - enc.overlap_seconds)))
-    n = max(1, math.ceil(2 * batch / per_clip))
-    return [noise(CLIP_SECONDS, enc.sample_rate, seed=i) for i in range(n)]
+    """Clips of about a minute that cut into exactly two full batches of whole windows: a clip of
+    W + (k - 1) * step samples holds k windows of W, none of them short (a short last window would
+    go into a batch of its own, and the rate said to be batch B's would be smaller batches')."""
+    W, step, _ = enc._window_plan()
+    per_clip = max(1, round((CLIP_SECONDS * enc.sample_rate - W) / step) + 1)
+    counts = [per_clip] * (2 * batch // per_clip) + ([2 * batch % per_clip] if 2 * batch % per_clip else [])
+    return [noise((W + (k - 1) * step) / enc.sample_rate, enc.sample_rate, seed=i) for i, k in enumerate(counts)]
 
 
 def x_realtime(enc: musicssl.Encoder, device: str, batch: int, repeats: int) -> float:
     clips = clips_for(enc, batch)
-    seconds = CLIP_SECONDS * len(clips)
+    seconds = sum(len(c) for c in clips) / enc.sample_rate
     return seconds / median_seconds(lambda: enc.embed(clips, sr=enc.sample_rate, batch_size=batch), device, repeats)
 
 
@@ -148,32 +160,74 @@ def reference_ratio(name: str, device: str, repeats: int) -> dict | None:
         return None
     sys.path.insert(0, str(ROOT / "tests"))
     try:
-        ours, ref, x = importlib.import_module(f"test_parity_{family}").make_pair(full=True)
+        with torch.device(device):  # weights, and tensors the pair's closures make, on the device
+            ours, ref, x = importlib.import_module(f"test_parity_{family}").make_pair(full=True)
     except BaseException as err:  # noqa: BLE001 -- a reference not installed (pytest.skip) is reported
         return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    for m in (ours, ref):
-        if isinstance(m, torch.nn.Module):
-            m.to(device)
+    for m in _modules(ours) + _modules(ref):
+        m.to(device)
     try:
-        t_ours, t_ref = alternate_times(ours, ref, x.to(device), device, repeats)
+        t_ours, t_ref, err = alternate_times(ours, ref, x.to(device), device, repeats)
     except RuntimeError as err:  # a reference that cannot run on this device
         return {"skipped": f"{type(err).__name__}: {str(err).splitlines()[0]}"}
-    return {"family": family, "ours_s": statistics.median(t_ours), "reference_s": statistics.median(t_ref),
-            "speedup": statistics.median(t_ref) / statistics.median(t_ours)}
+    res = {"family": family, "ours_s": statistics.median(t_ours), "reference_s": statistics.median(t_ref),
+           "rel_err": err}
+    if not err <= EQUAL_OUTPUTS:  # a speed-up of unequal outputs says nothing
+        return {**res, "unequal": f"outputs differ by {err:.1e} (more than {EQUAL_OUTPUTS:g})"}
+    return {**res, "speedup": statistics.median(t_ref) / statistics.median(t_ours)}
 
 
-def alternate_times(ours, ref, x: torch.Tensor, device: str, repeats: int) -> tuple[list[float], list[float]]:
+# Relative error under which the two sides' outputs count as equal (the parity tests hold 1e-5 at
+# small sizes; the released sizes sum over more terms).
+EQUAL_OUTPUTS = 1e-4
+
+
+def _modules(fn) -> list[torch.nn.Module]:
+    """The module `fn` is, or those its closure holds (a make_pair may return a function over one)."""
+    if isinstance(fn, torch.nn.Module):
+        return [fn]
+    return [c.cell_contents for c in getattr(fn, "__closure__", None) or () if isinstance(c.cell_contents, torch.nn.Module)]
+
+
+def alternate_times(ours, ref, x: torch.Tensor, device: str, repeats: int) -> tuple[list[float], list[float], float]:
+    """Alternated timed calls of both sides (the first round a warm-up) and the relative error of
+    ours against the reference on the warm-up's outputs."""
     t_ours: list[float] = []
     t_ref: list[float] = []
+    outputs = {}
     with torch.inference_mode():
-        for i in range(repeats + 1):  # the first round is the warm-up; which side goes first alternates
+        for i in range(repeats + 1):  # which side goes first alternates
             for fn, out in [(ours, t_ours), (ref, t_ref)][:: 1 if i % 2 else -1]:
                 start = time.perf_counter()
-                fn(x)
+                y = fn(x)
                 sync(device)
                 if i:
                     out.append(time.perf_counter() - start)
-    return t_ours, t_ref
+                else:
+                    outputs[fn] = y
+    return t_ours, t_ref, output_error(outputs[ours], outputs[ref])
+
+
+def output_error(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| over every tensor both return (hidden states as a list or stacked);
+    where one side returns only the last hidden state, over that one."""
+    a, b = _tensors(ours), _tensors(ref)
+    if sum(t.numel() for t in a) != sum(t.numel() for t in b):
+        a, b = a[-1:], b[-1:]
+    va = torch.cat([t.detach().double().flatten().cpu() for t in a])
+    vb = torch.cat([t.detach().double().flatten().cpu() for t in b])
+    if va.shape != vb.shape:
+        return math.inf
+    return float((va - vb).norm() / vb.norm().clamp_min(1e-30))
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    hidden = getattr(out, "hidden_states", None) or getattr(out, "last_hidden_state", None)
+    return _tensors(hidden) if hidden is not None else []
 
 
 # --- fresh processes: memory, import, load ----------------------------------------------------
@@ -213,6 +267,7 @@ def memory_child(name: str, device: str, dtype: str, minutes: float, batch: int)
 
 
 def load_child(folder: str) -> dict:
+    musicssl.list_models()  # imports every family: the import time is its own figure
     start = time.perf_counter()
     musicssl.load(folder)
     return {"load_s": time.perf_counter() - start}
@@ -262,7 +317,7 @@ def measure_model(name: str, a: argparse.Namespace, peaks: dict) -> dict:
     reference = cpu32.embed(noise(CLIP_SECONDS, cpu32.sample_rate, seed=99), sr=cpu32.sample_rate).frames.double()
     row["runs"] = []
     for device in a.devices:
-        for dtype in a.dtypes:
+        for dtype in dtypes_for(device, a.dtypes):
             for compiled in (False, True) if a.compile else (False,):
                 enc = copy.deepcopy(cpu32).to(device=device, dtype=DTYPES[dtype])
                 if compiled:
@@ -273,13 +328,15 @@ def measure_model(name: str, a: argparse.Namespace, peaks: dict) -> dict:
         row.setdefault("memory", {})[device] = {
             f"{m:g}min": child(["memory", name, device, a.memory_dtype, str(m), str(a.memory_batch)])
             for m in (1, a.long_minutes)}
+        row["memory"][device].update(dtype=a.memory_dtype, batch=a.memory_batch)  # one run, whatever the row's dtype
         row.setdefault("reference", {})[device] = reference_ratio(name, device, a.repeats) if a.reference else None
     return row
 
 
-def table(rows: list[dict], long_minutes: float) -> str:
+def table(rows: list[dict], a: argparse.Namespace) -> str:
+    long_minutes, of = a.long_minutes, f"{a.memory_dtype}, batch {a.memory_batch}"
     head = (f"| model | device | dtype | x-rt batch 1 | x-rt best (batch) | drift vs fp32 | GFLOP/audio-s | TFLOP/s | "
-            f"% matmul peak | peak MiB 1 min | peak MiB {long_minutes:g} min | load s | ref. speed-up |")
+            f"% matmul peak | peak MiB 1 min ({of}) | peak MiB {long_minutes:g} min ({of}) | load s | ref. speed-up |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         for run in r["runs"]:
@@ -291,7 +348,7 @@ def table(rows: list[dict], long_minutes: float) -> str:
                 f"{run['x_rt_best']:.1f} ({run['best_batch']}) | {run['drift']:.1e} | {r['gflop_per_audio_s']:.1f} | "
                 f"{run['tflops']:.2f} | {100 * run['peak_fraction']:.0f} | {memory_cell(mem['1min'])} | "
                 f"{memory_cell(mem[f'{long_minutes:g}min'])} | {r['load_s']:.2f} | "
-                f"{format(ref['speedup'], '.2f') if 'speedup' in ref else '-'} |")
+                f"{format(ref['speedup'], '.2f') if 'speedup' in ref else 'unequal' if 'unequal' in ref else '-'} |")
     return "\n".join(lines)
 
 
@@ -306,7 +363,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="*", default=None, help="default: every registered architecture")
     p.add_argument("--devices", nargs="*", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    p.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES),
+                   help="default: all three on a GPU, float32 and bfloat16 on a CPU")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     p.add_argument("--cpu-batches", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--gpu-batches", type=int, nargs="*", default=[1, 4, 16, 32, 64, 128])
@@ -334,8 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     info = hardware(a.devices)
     info["import_torch_s"] = import_seconds("import torch", a.import_repeats)
     info["import_musicssl_s"] = import_seconds("import musicssl", a.import_repeats)  # lazy: torch comes later
-    info["import_models_s"] = import_seconds("import musicssl.factory", a.import_repeats)  # torch and the zoo
-    peaks = {d: {t: matmul_peak(d, DTYPES[t]) for t in a.dtypes} for d in a.devices}
+    info["import_models_s"] = import_seconds("import musicssl; musicssl.list_models()", a.import_repeats)  # + the zoo
+    peaks = {d: {t: matmul_peak(d, DTYPES[t]) for t in dtypes_for(d, a.dtypes)} for d in a.devices}
     info["matmul_peak_tflops"] = peaks
     print(json.dumps(info), file=sys.stderr, flush=True)
     rows = []
@@ -348,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
           f"import musicssl {info['import_musicssl_s']:.2f} s, with torch and the zoo "
           f"{info['import_models_s']:.2f} s (torch alone {info['import_torch_s']:.2f} s); "
           "matmul peak TFLOP/s " + ", ".join(f"{d} {t} {v:.2f}" for d, p in peaks.items() for t, v in p.items()))
-    print(table(rows, a.long_minutes))
+    print(table(rows, a))
 
 
 if __name__ == "__main__":

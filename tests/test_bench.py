@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def run(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import run as module
+
+    return module
 
 
 def test_bench_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
@@ -26,7 +39,9 @@ def test_bench_prints_the_table_and_writes_every_figure(tmp_path: Path) -> None:
     assert fp32["drift"] == 0.0 and 0 < bf16["drift"] < 0.1  # a copy of the same weights: bf16 rounding only
     assert all(r["x_rt_batch1"] > 0 and r["best_batch"] in (1, 2) and r["tflops"] > 0 for r in row["runs"])
     memory = row["memory"]["cpu"]
-    assert set(memory) == {"1min", "0.5min"} and all("host_mb" in m and m["output_mb"] > 0 for m in memory.values())
+    assert memory["dtype"] == "bfloat16" and memory["batch"] == 1  # one memory run, said as such
+    assert all("host_mb" in memory[k] and memory[k]["output_mb"] > 0 for k in ("1min", "0.5min"))
+    assert "peak MiB 1 min (bfloat16, batch 1)" in res.stdout
 
 
 def test_embed_batches_compares_both_batchings() -> None:
@@ -47,3 +62,48 @@ def test_load_time_times_both_ways_of_loading() -> None:
     assert res.returncode == 0, res.stderr[-2000:]
     (row,) = [line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| jepa-tiny |")]
     assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[3]) > 0
+
+
+def test_a_reference_ratio_is_given_only_at_equal_outputs(run, monkeypatch):
+    """A port that gives other outputs than its upstream is not "faster" than it: the ratio is
+    refused, saying by how much they differ."""
+    torch.manual_seed(0)
+    upstream, x = torch.nn.Linear(8, 8), torch.randn(4, 8)
+    broken = copy.deepcopy(upstream)
+    with torch.no_grad():
+        broken.weight.add_(0.1)
+    pair = types.ModuleType("test_parity_fake")
+    monkeypatch.setitem(sys.modules, "test_parity_fake", pair)
+    monkeypatch.setitem(run.REFERENCE, "fake-port", "fake")
+    pair.make_pair = lambda full: (lambda wav: [upstream(wav)], upstream, x)  # a function over the module, a list
+    same = run.reference_ratio("fake-port", "cpu", 1)
+    assert same["rel_err"] < 1e-7 and same["speedup"] > 0
+    pair.make_pair = lambda full: (broken, upstream, x)
+    differ = run.reference_ratio("fake-port", "cpu", 1)
+    assert "speedup" not in differ and "outputs differ by" in differ["unequal"]
+
+
+def test_output_error_reads_lists_stacks_and_last_states(run):
+    states = [torch.randn(1, 5, 3) for _ in range(3)]
+    assert run.output_error(states, torch.stack(states)) == 0.0  # ours a list, upstream stacked
+    assert run.output_error(states, states[-1]) == 0.0  # upstream gives the last state only
+    assert run.output_error(states, [s + 1 for s in states]) > 0.1
+
+
+@pytest.mark.parametrize("name", ["simclr-mini", "jepa-tiny", "logmel"])
+@pytest.mark.parametrize("batch", [1, 4, 32])
+def test_timed_clips_cut_into_two_full_batches(run, name, batch):
+    """The rate said to be batch B's is timed on two batches of B whole windows (a short last
+    window would go into a batch of its own)."""
+    import musicssl
+
+    enc = musicssl.load(name, pretrained=False)
+    W, _, _ = enc._window_plan()
+    windows = enc._windows([len(c) for c in run.clips_for(enc, batch)])
+    assert len(windows) == 2 * batch and all(w.length == W for w in windows)
+
+
+def test_float16_is_timed_on_a_cpu_only_when_asked(run):
+    assert run.dtypes_for("cpu", None) == ["float32", "bfloat16"]
+    assert run.dtypes_for("cuda", None) == ["float32", "bfloat16", "float16"]
+    assert run.dtypes_for("cpu", ["float16"]) == ["float16"]
