@@ -111,8 +111,8 @@ def test_a_stop_signal_keeps_the_steps_since_the_last_checkpoint(tmp_path, monke
     monkeypatch.setattr(signals, "received", [])
     report = train_mod._report
 
-    def stop_after_step_3(run, bar, out, grad_norm, done, *args):
-        report(run, bar, out, grad_norm, done, *args)
+    def stop_after_step_3(run, bar, window, done, *args):
+        report(run, bar, window, done, *args)
         if done == 3:
             signals.received.append(signal.SIGINT)  # as the handler does while the step is held
 
