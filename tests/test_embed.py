@@ -265,6 +265,16 @@ def test_bad_inputs_are_refused_clearly(audio, kwargs, match):
         musicssl.load("logmel").embed(audio, **kwargs)
 
 
+def test_an_item_too_short_for_one_frame_is_refused_not_given_a_nan_clip():
+    """Dasheng's first frame needs 30 ms: a 25 ms item had a clip of 0 / 0 (NaN; -inf pooled by max)."""
+    enc = musicssl.load("dasheng-base", pretrained=False, depth=1, embed_dim=64, num_heads=4)
+    short, long = np.zeros(400, np.float32), 0.1 * np.ones(16000, np.float32)
+    for pool in (None, "mean", "max"):
+        with pytest.raises(AudioInputError, match=r"item 0 holds 25.0 ms .* needs 30.0 ms \(480 samples at 16000 Hz\)"):
+            enc.embed([short, long], sr=16000, pool=pool)
+    assert enc.embed(np.zeros(480, np.float32), sr=16000).frames.shape[1] == 1
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"batch_size": "8"}, "batch_size must be an integer"),
     ({"dtype": "bf16"}, "floating dtype"),

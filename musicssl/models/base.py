@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from musicssl.errors import AudioInputError
 from musicssl.registry import ModelSpec
 
 AudioLike = Union[str, os.PathLike, np.ndarray, torch.Tensor]
@@ -161,9 +162,28 @@ class Encoder(nn.Module):
                              "the model's own precision is set by load(..., dtype=...) or enc.to(dtype=...)")
         keep = self._layer_indices(layers)
         items = prepare_items(audio, sr, self.sample_rate)
+        self._check_one_frame(items)
         with torch.inference_mode(), evaluating(self):
             frames, lengths = self._embed_items(items, keep, batch_size, pooled=pool is not None)
         return self._assemble(frames, lengths, keep, pool, dtype, single_layer=_single_layer(layers))
+
+    def _check_one_frame(self, items: list[np.ndarray]) -> None:
+        """Refuse items too short for one frame: their clip embedding would be 0 / 0 (NaN), or the
+        max of nothing (-inf)."""
+        lengths = self.frame_lengths(torch.tensor([len(x) for x in items])).tolist()
+        short = [i for i, n in enumerate(lengths) if n == 0]
+        if not short:
+            return
+        lo, hi = 1, self._window_plan()[0]  # the fewest samples that give a frame, by bisection
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if int(self.frame_lengths(torch.tensor([mid]))[0]) else (mid + 1, hi)
+        first, more = short[0], f" (and {len(short) - 1} more)" if len(short) > 1 else ""
+        raise AudioInputError(
+            f"item {first}{more} holds {len(items[first]) / self.sample_rate * 1000:.1f} ms of audio, too short for one "
+            f"frame of this model, which needs {lo / self.sample_rate * 1000:.1f} ms ({lo} samples at "
+            f"{self.sample_rate} Hz): drop it, or pad it with silence to that length"
+        )
 
     def _layer_indices(self, layers: LayersArg) -> list[int]:
         n = self.num_layers
