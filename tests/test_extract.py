@@ -287,9 +287,9 @@ def test_a_table_of_clips_of_other_shapes_names_the_odd_output(tmp_path, monkeyp
 
     rows = [("a.wav", "a.wav.npz", np.zeros(4, np.float32)), ("b.wav", "b.wav.npz", np.zeros((2, 4), np.float32))]
     with pytest.raises(ValueError, match=r"b\.wav\.npz holds a clip shaped \(2, 4\) and a\.wav\.npz one shaped \(4,\)"):
-        write_table(tmp_path, "clips", rows, [0, 1])
+        write_table(tmp_path, "clips", rows, [0, 1], (4,))
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # the .npy table's index keeps names as they are
-    write_table(tmp_path, "clips", [("dé\tjà.wav", "dé\tjà.wav.npz", np.zeros(4, np.float32))], [0])
+    write_table(tmp_path, "clips", [("dé\tjà.wav", "dé\tjà.wav.npz", np.zeros(4, np.float32))], [0], (4,))
     assert (tmp_path / "clips.index.tsv").read_text(encoding="utf-8").splitlines()[1] == "dé\\tjà.wav\tdé\\tjà.wav.npz"
 
 
@@ -786,3 +786,80 @@ def test_compile_flag_gives_the_same_outputs(tmp_path, tiny_model, monkeypatch):
         with np.load(ref[key]) as a, np.load(out[key]) as b:
             np.testing.assert_allclose(b["frames"], a["frames"], rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()
+
+
+# --- what the table and run.json hold across runs (a consumer's hostile pass) ----------------------
+
+def _table_rows(out: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(out / "clips.parquet").to_pydict()
+    return {o: np.asarray(c, np.float32) for o, c in zip(t["output"], t["clip"])}
+
+
+def test_a_run_over_part_of_a_collection_writes_where_the_whole_run_did(tmp_path):
+    """A run over one file of OUT's collection used to lay it out from that file's folder, and its
+    settings stamp (keyed by input) then hid the stale output where the whole run had put it."""
+    pytest.importorskip("pyarrow")
+    files = corpus(tmp_path / "in", 4)
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--pool", "mean"]) == 0
+    assert main(["embed", str(files[0]), "-o", str(out), "--model", "mfcc", "--pool", "max", "--overwrite"]) == 0
+    assert set(outputs(out)) == {f"d{i % 3}/track {i:02d}.wav.npz" for i in range(4)}  # nothing beside them
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--pool", "max", "--table"]) == 0
+    enc = musicssl.load("mfcc")
+    for key, clip in _table_rows(out).items():
+        np.testing.assert_allclose(clip, enc.embed(tmp_path / "in" / key[:-4], pool="max").clip[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_table_holds_the_whole_collection_and_no_input_whose_last_run_failed(tmp_path):
+    pytest.importorskip("pyarrow")
+    files = corpus(tmp_path / "in", 3)
+    out, args = tmp_path / "out", ["-o", str(tmp_path / "out"), "--model", "mfcc", "--table"]
+    assert main(["embed", str(tmp_path / "in"), *args]) == 0 and len(_table_rows(out)) == 3
+    files[1].write_bytes(b"RIFF not audio")  # damaged since
+    assert main(["embed", str(tmp_path / "in"), *args, "--overwrite"]) == 1
+    assert set(_table_rows(out)) == {"d0/track 00.wav.npz", "d2/track 02.wav.npz"}  # its old vector is not given
+    tone(files[1], 1.0, seed=1)  # fixed: the retry of failed.txt gives the whole table, not its one file
+    assert main(["embed", "--files-from", str(out / "failed.txt"), "--root", str(tmp_path / "in"), *args]) == 0
+    assert len(_table_rows(out)) == 3
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_a_table_of_no_rows_is_written_empty(tmp_path, monkeypatch, arrow):
+    """A shard with nothing embedded (or a retry whose files all fail) writes a table of 0 rows of
+    the model's width, and the run ends as it would without --table."""
+    if arrow:
+        pytest.importorskip("pyarrow")
+    else:
+        monkeypatch.setitem(sys.modules, "pyarrow", None)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF not audio")
+    res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", table=True, num_workers=0)
+    assert res.failed == 1 and res.exit_code == 1
+    if arrow:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(res.tables[0])
+        assert table.num_rows == 0 and table.schema.field("clip").type.list_size == musicssl.load("mfcc").embed_dim
+    else:
+        assert np.load(res.tables[0]).shape == (0, musicssl.load("mfcc").embed_dim)
+
+
+def test_run_json_says_the_precision_of_a_cast_encoder_and_how_to_time_frames(tmp_path):
+    tone(tmp_path / "in" / "a.wav", 3.0)
+    enc = musicssl.load("simclr-mini", dtype=torch.bfloat16)
+    res = extract([tmp_path / "in"], tmp_path / "out", enc, format="npy", num_workers=0)
+    info = json.loads((res.out_dir / "run.json").read_text())
+    assert info["dtype"] == "bfloat16"
+    frames = np.load(res.out_dir / "a.wav.npy")
+    t = (info["frame_offset"] + np.arange(frames.shape[0]) * info["hop_length"]) / info["sample_rate"]
+    np.testing.assert_allclose(t, musicssl.load("simclr-mini").embed(tmp_path / "in" / "a.wav").timestamps.numpy())
+
+
+def test_names_that_are_not_utf8_and_names_with_backslashes_keep_apart_in_the_table():
+    from musicssl.bulk.outputs import _tsv_field, printable
+
+    latin1 = os.fsdecode(b"caf\xe9.flac")
+    assert printable(latin1) == "caf\\xe9.flac" and printable("caf\\xe9.flac") == "caf\\\\xe9.flac"
+    assert _tsv_field('a\tb "c".wav') == 'a\\tb "c".wav'  # quotes as they are; pandas: quoting=csv.QUOTE_NONE

@@ -39,8 +39,23 @@ def settings_id(info: dict[str, Any]) -> str:
 
 
 def stamps(path: Path) -> dict[str, str]:
-    """input path -> the settings stamp of its latest `ok` record ("" for a record older than stamps)."""
-    return {r["input"]: r.get("settings", "") for r in read_records(path) if r.get("status") == "ok" and "input" in r}
+    """output (its name in OUT) -> the settings stamp of its latest `ok` record ("" for a record
+    older than stamps). By output, not input: where an input's output goes depends on the root."""
+    return {r["output"]: r.get("settings", "") for r in read_records(path) if r.get("status") == "ok" and "output" in r}
+
+
+def latest_outputs(path: Path) -> dict[str, dict[str, Any]]:
+    """output (its name in OUT) -> its latest manifest record."""
+    return {r["output"]: r for r in read_records(path) if "output" in r and "input" in r}
+
+
+def earlier_root(out_dir: Path) -> Path | None:
+    """The root an earlier run into `out_dir` laid its outputs out from (run.json), if any."""
+    try:
+        root = json.loads((out_dir / RUN_INFO).read_text())["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(root) if isinstance(root, str) and os.path.isabs(root) else None
 
 
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:

@@ -169,17 +169,19 @@ def read_clip(fmt: str, path: Path, pooled: bool) -> np.ndarray:
     return arr if pooled else arr.mean(axis=-2)
 
 
-def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]], layers: list[int]) -> list[Path]:
-    """The clip embeddings of every row (input path, output rel path, clip (D,) or (L, D)) as one
-    table: `name.parquet` (columns path, output, clip or clip_layer{i}) when pyarrow is installed,
-    else `name.npy` (N, D) or (N, L, D) with `name.index.tsv` (path and output per row, in order)."""
+def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]], layers: list[int],
+                clip: tuple[int, ...]) -> list[Path]:
+    """The clip embeddings of every row (input path, output rel path, clip shaped `clip`: (D,) or
+    (L, D)) as one table: `name.parquet` (columns path, output, clip or clip_layer{i}) when pyarrow
+    is installed, else `name.npy` (N, D) or (N, L, D) with `name.index.tsv` (path and output per
+    row, in order). No rows give an empty table of that shape."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        return _write_table_npy(out_dir, name, rows)
+        return _write_table_npy(out_dir, name, rows, clip)
     columns: dict[str, Any] = {"path": [printable(r[0]) for r in rows], "output": [printable(r[1]) for r in rows]}
-    clips = _clip_matrix(rows)
+    clips = _clip_matrix(rows, clip)
     if clips.ndim == 2:
         columns["clip"] = _fixed_lists(pa, clips)
     else:
@@ -193,14 +195,15 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
 
 def printable(text: str) -> str:
     """Text holding file names, as valid UTF-8 for Parquet strings and terminals: bytes of a name
-    that is not UTF-8 show as \\xe9 escapes (the manifest and failed.txt keep the name exactly)."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    that is not UTF-8 show as \\xe9 escapes, and a backslash as two, so that no two names meet
+    (the manifest and failed.txt keep the name exactly)."""
+    return text.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]]) -> np.ndarray:
+def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]], clip: tuple[int, ...]) -> np.ndarray:
     """The rows' clips stacked: (N, D) or (N, L, D) float32."""
     if not rows:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, *clip), np.float32)
     odd = next((r for r in rows if r[2].shape != rows[0][2].shape), None)
     if odd is not None:
         raise ValueError(f"{printable(odd[1])} holds a clip shaped {odd[2].shape} and {printable(rows[0][1])} one "
@@ -213,8 +216,9 @@ def _fixed_lists(pa: Any, matrix: np.ndarray) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]]) -> list[Path]:
-    matrix = _clip_matrix(rows)
+def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]],
+                     clip: tuple[int, ...]) -> list[Path]:
+    matrix = _clip_matrix(rows, clip)
     index = "".join(f"{_tsv_field(r[0])}\t{_tsv_field(r[1])}\n" for r in rows)
     npy, tsv = out_dir / f"{name}.npy", out_dir / f"{name}.index.tsv"
     atomic_write(npy, lambda fh: np.save(fh, matrix))
@@ -223,6 +227,6 @@ def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np
 
 
 def _tsv_field(text: str) -> str:
-    """A name as one TSV field: UTF-8 as it is (as Parquet stores it), with tabs, newlines and
-    backslashes escaped as in JSON."""
-    return json.dumps(printable(text), ensure_ascii=False)[1:-1]
+    """A name as one TSV field: as Parquet stores it (`printable`), with a tab, line feed or carriage
+    return written \\t, \\n, \\r (read it with quoting off: pandas' quoting=csv.QUOTE_NONE)."""
+    return printable(text).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

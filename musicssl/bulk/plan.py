@@ -78,12 +78,22 @@ def default_root(files: Sequence[Path], folders: Sequence[Path]) -> Path:
 def plan_jobs(
     inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, suffix: str, *,
     files_from: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
-    extensions: Iterable[str] | None = None,
+    extensions: Iterable[str] | None = None, earlier_root: str | os.PathLike | None = None,
 ) -> tuple[list[Job], Path]:
-    """One job per distinct input file (by real path; the first name wins), sorted by `rel`, and the root used."""
+    """One job per distinct input file (by real path; the first name wins), sorted by `rel`, and the root used.
+
+    earlier_root: the root of an earlier run into the same OUT, kept (without `root`) when every
+    input lies inside it, so that a run over part of a collection, or one that adds a folder beside
+    it, writes where the earlier run did instead of laying OUT out anew.
+    """
     listed = read_list(files_from) if files_from is not None else []
     files, folders = gather(inputs, listed, extensions)
-    base = Path(os.path.abspath(root)) if root is not None else default_root(files, folders)
+    if root is not None:
+        base = Path(os.path.abspath(root))
+    elif earlier_root is not None and files and all(Path(f).is_relative_to(earlier_root) for f in files):
+        base = Path(earlier_root)
+    else:
+        base = default_root(files, folders)
     out_dir = Path(os.path.abspath(out_dir))
     jobs: dict[str, Job] = {}
     seen: set[str] = set()

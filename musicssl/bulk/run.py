@@ -30,8 +30,8 @@ import torch
 
 from musicssl import __version__, signals
 from musicssl.bulk import distributed
-from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, latest_status, merge_parts, now,
-                                    settings_id, stamps, write_failed, write_run_info)
+from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, latest_outputs,
+                                    latest_status, merge_parts, now, settings_id, stamps, write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
                                    write_table)
 from musicssl.bulk.decoders import DecoderPool
@@ -120,11 +120,14 @@ def extract(
 ) -> ExtractResult:
     """Embed every audio file of `inputs` (a file or folder, or a list of them) and `files_from` (a
     list file, "-" for stdin) into `out`, mirroring their tree under `root` (default: the deepest
-    folder holding them).
+    folder holding them, or an earlier run's root in `out` when it holds them all).
 
     model: a registry name, "hf-hub:org/repo", a release folder, or a loaded Encoder.
     layers, pool: as in `Encoder.embed`; format: "npz", "npy" or "safetensors"; table: also write
-        the clip embeddings of every input as one table (Parquet, or .npy plus an index).
+        the clip embeddings of every output in `out` made with these settings (a shard's: its own)
+        as one table (Parquet, or .npy plus an index).
+    device, dtype: where and in what precision the model runs (default: a GPU when there is one;
+        the model's own dtype); outputs are stored in float32 whatever the dtype.
     batch_size: windows per forward pass, packed across files; num_workers: decoding processes
         (default up to 8 with a GPU; on CPU 1, or 0 with two cores or fewer; by default more are added
         while the run waits for decoded audio; 0 decodes in this process). In a decoding process, a
@@ -172,7 +175,7 @@ class _Run:
         self.out_dir = Path(os.path.abspath(out))
         self.format, self.overwrite, self.ranks, self.shard = fmt, overwrite, ranks, shard
         jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
-                                    extensions=extensions)
+                                    extensions=extensions, earlier_root=earlier_root(self.out_dir))
         make_out_dir(self.out_dir)
         self.found = len(jobs)
         if shard:
@@ -255,7 +258,7 @@ class _Run:
         if self.overwrite:
             return list(self.mine)
         made = stamps(self.out_dir / MANIFEST)
-        self.remade = {j.source for j in self.mine if made.get(str(j.source), "") not in ("", self.settings)}
+        self.remade = {j.source for j in self.mine if made.get(self._key(j), "") not in ("", self.settings)}
         if self.remade:
             log.info("%d outputs in %s were made with other settings (by an --overwrite run over part of the inputs, "
                      "or one cut short): they are made again", len(self.remade), self.out_dir)
@@ -265,6 +268,10 @@ class _Run:
         for job in done:
             self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
+
+    def _key(self, job: Job) -> str:
+        """The output's name in OUT, as the manifest records it."""
+        return job.output.relative_to(self.out_dir).as_posix()
 
     def _done(self, job: Job) -> bool:
         try:
@@ -401,7 +408,7 @@ class _Run:
         }
 
     def _record(self, job: Job, status: str, reason: str = "", seconds: float = 0.0, **extra: Any) -> None:
-        rec = {"input": str(job.source), "output": job.output.relative_to(self.out_dir).as_posix(),
+        rec = {"input": str(job.source), "output": self._key(job),
                "status": status, "reason": reason, **extra, "seconds": round(seconds, 3), "time": now(),
                "host": f"{socket.gethostname()}:{os.getpid()}"}
         with self.lock:  # the main thread and the writer threads all record
@@ -457,10 +464,16 @@ class _Run:
         return path
 
     def _table(self) -> list[Path]:
-        rows = [(str(j.source), j.output.relative_to(self.out_dir).as_posix(),
-                 read_clip(self.format, j.output, pooled=self.pool is not None))
-                for j in self.jobs if j.output.exists()]
-        return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep)
+        """The clips of the outputs made with this run's settings whose input did not fail since:
+        every such output in OUT (a retry of failed.txt gives the whole collection's table), or
+        this shard's."""
+        latest, made = latest_outputs(self.out_dir / MANIFEST), stamps(self.out_dir / MANIFEST)
+        keys = [self._key(j) for j in self.jobs] if self.shard else sorted(latest)
+        rows = [(latest[k]["input"], k, read_clip(self.format, self.out_dir / k, pooled=self.pool is not None))
+                for k in keys if k in latest and latest[k]["status"] != "error" and made.get(k) == self.settings
+                and (self.out_dir / k).exists()]
+        clip = (len(self.keep),) * (not self.single) + (self.encoder.embed_dim,)
+        return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep, clip)
 
 
 def _would_change(enc: Encoder, device: str | None, dtype: torch.dtype | None) -> bool:
@@ -479,13 +492,21 @@ def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: 
         "model": name, "family": enc.family, "revision": spec.revision if spec else None,
         "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
         "layers": enc._layer_indices(layers), "layer_axis": not _single_layer(layers), "pool": pool, "format": fmt,
-        "dtype": str(dtype or torch.float32).replace("torch.", ""),
+        "dtype": str(dtype or _model_dtype(enc)).replace("torch.", ""),
         "sample_rate": enc.sample_rate, "frame_rate": enc.frame_rate, "context_seconds": enc.context_seconds,
+        # Frame t is centred at (frame_offset + t * hop_length) / sample_rate s (the npz's timestamps).
+        "frame_offset": enc.frame_offset, "hop_length": enc.hop_length,
         "root": str(run.root), "shard": run.shard, "processes": run.ranks.world if run.ranks else 1,
         "inputs": len(run.jobs), "musicssl_version": __version__, "torch_version": torch.__version__,
         "python": sys.version.split()[0], "started": now(), "command": sys.argv,
     }
     return {**info, "settings_id": settings_id(info)}
+
+
+def _model_dtype(enc: Encoder) -> torch.dtype:
+    """The precision an encoder runs in: its parameters' (front-ends keep float32 under a cast)."""
+    floats = {p.dtype for p in enc.parameters() if p.is_floating_point()}
+    return next(iter(floats - {torch.float32}), torch.float32)
 
 
 def model_sha256(enc: Encoder) -> str:
