@@ -31,9 +31,9 @@ from musicssl.errors import ReleaseFormatError
 log = logging.getLogger(__name__)
 
 CONVERTED_DIR = "converted"
-# Raised when a port's conversion changes what it writes, so that caches made before convert again.
-CONVERSION = 2
-# Beside a cached conversion: the sha256 of its model.safetensors, checked before each load.
+# Raised when a port's conversion changes what it writes, so that copies made before convert again.
+CONVERSION = 1
+# Beside a cached conversion: its model.safetensors' sha256 and identity, and CONVERSION (JSON).
 WEIGHTS_SHA256 = "model.safetensors.sha256"
 # Beside an unpinned port's conversions: the commit and sha256 of its first download.
 FIRST_FETCH = "first-download.json"
@@ -155,8 +155,7 @@ def pick_file(files: Mapping[str, Path], suffixes: Sequence[str], what: str) -> 
 # --- the cache of converted weights -------------------------------------------------------------
 def source_key(spec: Any) -> str:
     """A short hash of everything that decides the converted weights: source, pins, architecture."""
-    ident = {"weights": spec.weights, "revision": spec.revision, "files": spec.files, "args": spec.args,
-             "conversion": CONVERSION}
+    ident = {"weights": spec.weights, "revision": spec.revision, "files": spec.files, "args": spec.args}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -226,6 +225,8 @@ def _first_fetch(spec: Any) -> Any:
         commit, sha256 = record["commit"], record["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return spec
+    if record.get("weights") != spec.weights or record.get("revision") != spec.revision:
+        return spec  # the registry moved the entry since: the record is of another source
     log.debug("%s: taking the files first downloaded, from commit %s", spec.name, commit)
     files = {name: pin or sha256.get(name) for name, pin in spec.files.items()}
     return dataclasses.replace(spec, revision=spec.revision or commit, files=files)
@@ -234,13 +235,14 @@ def _first_fetch(spec: Any) -> Any:
 def _record_first_fetch(spec: Any, files: Mapping[str, Path]) -> None:
     """Keep the commit and sha256 of an unpinned Hub port's first download (see _first_fetch)."""
     path = _record_path(spec)
-    pinned = spec.revision and all(spec.files.values())
+    pinned = bool(spec.files) and all(spec.files.values())  # a sha256 per file: nothing to trust on first use
     if pinned or not (spec.weights or "").startswith("hf-hub:") or not files or path.exists():
         return
     commits = {hub.snapshot_commit(p, name) for name, p in files.items()}
     if len(commits) != 1 or None in commits:
         return
-    record = {"commit": commits.pop(), "sha256": {name: hub.file_sha256(p) for name, p in files.items()}}
+    record = {"weights": spec.weights, "revision": spec.revision, "commit": commits.pop(),
+              "sha256": {name: hub.file_sha256(p) for name, p in files.items()}}
     try:
         from musicssl.bulk.outputs import atomic_write
 
@@ -254,19 +256,34 @@ def _record_path(spec: Any) -> Path:
 
 
 def _keep_sha256(folder: Path) -> None:
-    (folder / WEIGHTS_SHA256).write_text(hub.sha256_file(folder / "model.safetensors") + "\n")
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    record = {"sha256": hub.sha256_file(weights), "size": st.st_size, "ino": st.st_ino, "mtime_ns": st.st_mtime_ns,
+              "conversion": CONVERSION}
+    (folder / WEIGHTS_SHA256).write_text(json.dumps(record) + "\n")
 
 
 def _check_weights_sha256(folder: Path) -> None:
-    """Refuse a cached conversion whose weights are not those it wrote (the sha256 is remembered by
-    file_sha256, so this costs a stat once checked)."""
+    """Refuse a cached conversion whose weights are not those it wrote, or that an older converter
+    made. The file keeps the size, inode and mtime it was written with (a rename changes none), so
+    the check is a stat, and the sha256 is read again only when they differ: a cache that may not
+    be written to (a shared, read-only one) costs no hashing either. A copy from before these
+    records (no file) is taken as it is."""
     try:
-        expected = (folder / WEIGHTS_SHA256).read_text().strip()
-    except OSError as err:
-        raise ReleaseFormatError(f"{WEIGHTS_SHA256} is missing ({err.strerror})") from err
-    actual = hub.file_sha256(folder / "model.safetensors")
-    if actual != expected:
-        raise ReleaseFormatError(f"model.safetensors has sha256 {actual[:12]}, not the {expected[:12]} it was written with")
+        record = json.loads((folder / WEIGHTS_SHA256).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as err:
+        raise ReleaseFormatError(f"{WEIGHTS_SHA256} is unreadable ({err})") from err
+    if not isinstance(record, dict) or record.get("conversion", 0) < CONVERSION:
+        raise ReleaseFormatError("it was made by an older converter")
+    st = (folder / "model.safetensors").stat()
+    if [st.st_size, st.st_ino, st.st_mtime_ns] == [record.get("size"), record.get("ino"), record.get("mtime_ns")]:
+        return
+    actual = hub.sha256_file(folder / "model.safetensors")
+    if actual != record.get("sha256"):
+        raise ReleaseFormatError(f"model.safetensors has sha256 {actual[:12]}, not the "
+                                 f"{str(record.get('sha256'))[:12]} it was written with")
 
 
 def _write_atomically(folder: Path, write: Any) -> None:

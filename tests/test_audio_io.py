@@ -887,6 +887,9 @@ def test_chained_and_multiplexed_ogg_are_told_apart(tmp_path, encoded):
 
     joined, _, _ = _two_parts(tmp_path, "ogg", format="OGG", subtype="VORBIS")
     assert ogg_chained(joined) and not ogg_chained(tmp_path / "a.ogg") and not ogg_chained(encoded["opus"])
+    twice = tmp_path / "aa.ogg"  # one file twice: both streams have the same serial number
+    twice.write_bytes((tmp_path / "a.ogg").read_bytes() * 2)
+    assert ogg_chained(twice)
     if HAVE_FFMPEG:  # two streams opened together (a multiplexed file) are not a chain
         mux = tmp_path / "mux.ogg"
         subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", tmp_path / "a.ogg", "-i", tmp_path / "b.ogg",

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -381,6 +382,8 @@ def test_user_mistakes_are_said_plainly() -> None:
     x, gen = torch.randn(2, 16000), torch.Generator().manual_seed(0)
     assert A.add_noise(x, gen, snr_db=20)[1].tolist() in ([20.0, 20.0], [20.0, math.inf], [math.inf, 20.0], [math.inf] * 2)
     assert A.random_crop(x, 8000.0, gen).shape == (2, 8000)  # a whole float, as seconds * sr gives
+    assert A.random_crop(x, np.int64(8000), gen).shape == A.random_crop(x, torch.tensor(8000), gen).shape == (2, 8000)
+    assert A.add_noise(x, gen, snr_db=np.array([5.0, 20.0]))[0].shape == x.shape
     with pytest.raises(ValueError, match=r"n_samples must be a whole number >= 1, got 8000.5 \(round it"):
         A.random_crop(x, 8000.5, gen)
     for bad in (None, 0):

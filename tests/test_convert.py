@@ -278,6 +278,13 @@ def test_a_damaged_or_unwritable_conversion_cache_still_gives_the_model(tmp_path
     with caplog.at_level("WARNING", logger="musicssl.convert"):
         convert.load_converted(spec)
     assert "not the" in caplog.text and "it was written with" in caplog.text and len(conversions) == 3
+    record = convert.converted_folder(spec) / convert.WEIGHTS_SHA256
+    record.unlink()  # a copy made before these records: taken as it is
+    convert.load_converted(spec)
+    assert len(conversions) == 3
+    record.write_text('{"conversion": 0}')  # made by an older converter: made again
+    convert.load_converted(spec)
+    assert len(conversions) == 4
     (tmp_path / "a-file").write_text("x")
     monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path / "a-file"))
     with caplog.at_level("WARNING", logger="musicssl.convert"):

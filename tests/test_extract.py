@@ -851,15 +851,29 @@ def test_run_json_says_the_precision_of_a_cast_encoder_and_how_to_time_frames(tm
     enc = musicssl.load("simclr-mini", dtype=torch.bfloat16)
     res = extract([tmp_path / "in"], tmp_path / "out", enc, format="npy", num_workers=0)
     info = json.loads((res.out_dir / "run.json").read_text())
-    assert info["dtype"] == "bfloat16"
+    assert info["model_dtype"] == "bfloat16"
     frames = np.load(res.out_dir / "a.wav.npy")
     t = (info["frame_offset"] + np.arange(frames.shape[0]) * info["hop_length"]) / info["sample_rate"]
     np.testing.assert_allclose(t, musicssl.load("simclr-mini").embed(tmp_path / "in" / "a.wav").timestamps.numpy())
 
 
 def test_names_that_are_not_utf8_and_names_with_backslashes_keep_apart_in_the_table():
-    from musicssl.bulk.outputs import _tsv_field, printable
+    from musicssl.bulk.outputs import _tsv_field, printable, table_name
 
     latin1 = os.fsdecode(b"caf\xe9.flac")
-    assert printable(latin1) == "caf\\xe9.flac" and printable("caf\\xe9.flac") == "caf\\\\xe9.flac"
+    assert table_name(latin1) == "caf\\xe9.flac" and table_name("caf\\xe9.flac") == "caf\\\\xe9.flac"
+    assert printable("a\\b") == "a\\b"  # messages keep a name as it is
     assert _tsv_field('a\tb "c".wav') == 'a\\tb "c".wav'  # quotes as they are; pandas: quoting=csv.QUOTE_NONE
+
+
+def test_outputs_made_before_settings_stamps_stay_in_the_table(tmp_path):
+    """Manifest lines of an earlier version carry no stamp: such outputs are skipped as done, and
+    so they belong in the table too."""
+    pytest.importorskip("pyarrow")
+    corpus(tmp_path / "in", 3)
+    out, args = tmp_path / "out", ["-o", str(tmp_path / "out"), "--model", "mfcc"]
+    assert main(["embed", str(tmp_path / "in"), *args]) == 0
+    lines = [{k: v for k, v in r.items() if k != "settings"} for r in manifest(out)]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["embed", str(tmp_path / "in"), *args, "--table"]) == 0
+    assert len(_table_rows(out)) == 3

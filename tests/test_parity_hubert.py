@@ -339,6 +339,10 @@ def test_registry_name_loads_merts_file_from_the_hub(fake_hub, monkeypatch, name
     assert rel_err(emb.frames[0], expected) < TOL
     torch.testing.assert_close(second.embed(wav, sr=SR, layers="all").frames, emb.frames, rtol=0, atol=0)
     assert first.spec.license == "CC-BY-NC-4.0" and first.spec.noncommercial
+    from musicssl import convert, registry
+
+    # A sha256 per file pins it: no first download is recorded (its commit would be pinned too).
+    assert not (convert.converted_folder(registry.model_info(name)).parent / convert.FIRST_FETCH).exists()
 
 
 def test_an_unpinned_port_keeps_its_first_download_when_the_branch_moves(fake_hub, monkeypatch):

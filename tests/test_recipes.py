@@ -205,6 +205,18 @@ def test_a_log_line_gives_the_means_of_its_steps(tmp_path):
             assert record[key] == pytest.approx(np.mean([r[key] for r in lines[0][3 * i : 3 * i + 3]]), rel=1e-5)
 
 
+def test_steps_fp16_skips_are_counted_not_averaged_into_the_gradient_norm(tmp_path):
+    """fp16's scaler skips steps whose gradients overflow (their norm inf or NaN): a log line gave
+    NaN for the whole window (not even strict JSON); it now averages the finite ones and counts the rest."""
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 6, "log_every": 3, "precision": "fp16"}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **settings)
+    lines = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
+             for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("skipped_steps") for r in lines)  # the first steps overflow at the initial scale
+    for r in lines:
+        assert r["grad_norm"] is None if r.get("skipped_steps") == 3 else np.isfinite(r["grad_norm"])
+
+
 def test_a_batch_larger_than_the_data_is_said_for_in_batch_negatives(tmp_path, caplog):
     settings = {**LOOP, **SETTINGS["simclr"], "steps": 1, "data_length": 3}
     with caplog.at_level("WARNING", logger="musicssl.recipes.train"):

@@ -25,6 +25,8 @@ a chain, as the contrastive, BYOL and VICReg collators need.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -120,20 +122,27 @@ def _uniform(gen: Generators, batch: int, low: float, high: float, what: str) ->
 
 
 def _bounds(value: float | Sequence[float], what: str) -> tuple[float, float]:
-    """A (low, high) range; one number is the range of that value alone."""
-    if isinstance(value, (int, float)):
-        return float(value), float(value)
-    if isinstance(value, Sequence) and len(value) == 2:
-        return float(value[0]), float(value[1])
-    raise ValueError(f"{what} must be a number or a (low, high) pair, got {value!r}")
+    """A (low, high) range from a pair (list, tuple, array, tensor); one number is the range of that value alone."""
+    try:
+        flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        flat = np.zeros(0)
+    if flat.size not in (1, 2):
+        raise ValueError(f"{what} must be a number or a (low, high) pair, got {value!r}")
+    return float(flat[0]), float(flat[-1])
 
 
-def _count(n: float, what: str, minimum: int) -> int:
-    """A whole number of samples (or masks) >= minimum; an integral float (16000 * 3.0) is taken."""
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) or n < minimum:
+def _count(n: Any, what: str, minimum: int) -> int:
+    """A whole number of samples (or masks) >= minimum: an int of any kind (numpy's, a 0-d
+    tensor's), or an integral float (16000 * 3.0)."""
+    try:
+        whole = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError:
+        whole = int(n) if isinstance(n, numbers.Real) and float(n).is_integer() else None
+    if whole is None or whole < minimum:
         raise ValueError(f"{what} must be a whole number >= {minimum}, got {n!r}"
                          + (" (round it, e.g. int(seconds * sr))" if isinstance(n, float) else ""))
-    return int(n)
+    return whole
 
 
 def _log_uniform(gen: Generators, batch: int, low: float, high: float, what: str) -> Tensor:

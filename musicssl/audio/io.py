@@ -862,9 +862,16 @@ def _info_ffprobe(ffprobe: str, p: Path) -> AudioInfo:
 
 
 def _info_ffmpeg(ffmpeg: str, p: Path) -> AudioInfo:
-    sink = FrameSink(mono=True, sr=None)  # counts frames; keeps one channel's worth
+    sink = _FrameCount(mono=True, sr=None)
     sr, _ = _decode_ffmpeg(ffmpeg, p, 0.0, None, sink)
     return _make_info(sr, sink.frames, sink.channels, "ffmpeg")
+
+
+class _FrameCount(FrameSink):
+    """A sink that only counts the frames it is given (an hour's decode costs no memory)."""
+
+    def add(self, block: np.ndarray) -> None:
+        self.frames += len(block)
 
 
 def _make_info(sr: int, frames: int, channels: int, backend: str) -> AudioInfo:

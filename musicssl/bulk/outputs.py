@@ -180,7 +180,7 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
         import pyarrow.parquet as pq
     except ImportError:
         return _write_table_npy(out_dir, name, rows, clip)
-    columns: dict[str, Any] = {"path": [printable(r[0]) for r in rows], "output": [printable(r[1]) for r in rows]}
+    columns: dict[str, Any] = {"path": [table_name(r[0]) for r in rows], "output": [table_name(r[1]) for r in rows]}
     clips = _clip_matrix(rows, clip)
     if clips.ndim == 2:
         columns["clip"] = _fixed_lists(pa, clips)
@@ -195,9 +195,14 @@ def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndar
 
 def printable(text: str) -> str:
     """Text holding file names, as valid UTF-8 for Parquet strings and terminals: bytes of a name
-    that is not UTF-8 show as \\xe9 escapes, and a backslash as two, so that no two names meet
-    (the manifest and failed.txt keep the name exactly)."""
-    return text.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    that is not UTF-8 show as \\xe9 escapes (the manifest and failed.txt keep the name exactly)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def table_name(text: str) -> str:
+    """A file name as a table key: `printable`, with a backslash written as two, so that a Latin-1
+    `caf\\xe9` and a name holding the characters `caf\\\\xe9` never meet (POSIX names rarely hold one)."""
+    return printable(text.replace("\\", "\\\\"))
 
 
 def _clip_matrix(rows: Sequence[tuple[str, str, np.ndarray]], clip: tuple[int, ...]) -> np.ndarray:
@@ -227,6 +232,6 @@ def _write_table_npy(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np
 
 
 def _tsv_field(text: str) -> str:
-    """A name as one TSV field: as Parquet stores it (`printable`), with a tab, line feed or carriage
+    """A name as one TSV field: as Parquet stores it (`table_name`), with a tab, line feed or carriage
     return written \\t, \\n, \\r (read it with quoting off: pandas' quoting=csv.QUOTE_NONE)."""
-    return printable(text).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return table_name(text).replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")

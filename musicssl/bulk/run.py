@@ -470,7 +470,8 @@ class _Run:
         latest, made = latest_outputs(self.out_dir / MANIFEST), stamps(self.out_dir / MANIFEST)
         keys = [self._key(j) for j in self.jobs] if self.shard else sorted(latest)
         rows = [(latest[k]["input"], k, read_clip(self.format, self.out_dir / k, pooled=self.pool is not None))
-                for k in keys if k in latest and latest[k]["status"] != "error" and made.get(k) == self.settings
+                for k in keys if k in latest and latest[k]["status"] != "error"
+                and made.get(k, "") in ("", self.settings)  # "": made before stamps, kept as _skip_finished keeps it
                 and (self.out_dir / k).exists()]
         clip = (len(self.keep),) * (not self.single) + (self.encoder.embed_dim,)
         return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep, clip)
@@ -492,7 +493,8 @@ def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: 
         "model": name, "family": enc.family, "revision": spec.revision if spec else None,
         "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
         "layers": enc._layer_indices(layers), "layer_axis": not _single_layer(layers), "pool": pool, "format": fmt,
-        "dtype": str(dtype or _model_dtype(enc)).replace("torch.", ""),
+        "dtype": str(dtype or torch.float32).replace("torch.", ""),  # as asked: one of the settings runs compare
+        "model_dtype": str(dtype or _model_dtype(enc)).replace("torch.", ""),  # what the model ran in
         "sample_rate": enc.sample_rate, "frame_rate": enc.frame_rate, "context_seconds": enc.context_seconds,
         # Frame t is centred at (frame_offset + t * hop_length) / sample_rate s (the npz's timestamps).
         "frame_offset": enc.frame_offset, "hop_length": enc.hop_length,

@@ -474,7 +474,8 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
 
 class _Window:
     """The scalar outputs (loss, ...) and gradient norms of the steps since the last log line,
-    summed on their device (no host sync per step); a log line gives their means."""
+    summed on their device; a log line gives their means. A step whose gradient norm is not finite
+    (fp16's scaler skips it and lowers its scale) is counted apart, not averaged in."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -482,12 +483,20 @@ class _Window:
 
     def add(self, out: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
         scalars = {k: v.detach().float() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
-        for k, v in {**scalars, "grad_norm": grad_norm.detach().float()}.items():
+        g = grad_norm.detach().float()
+        finite = torch.isfinite(g)
+        scalars.update(grad_norm=torch.where(finite, g, 0.0), finite_grads=finite.float())
+        for k, v in scalars.items():
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.steps += 1
 
-    def take(self) -> dict[str, float]:
-        means = {k: float(v) / self.steps for k, v in self.sums.items()}
+    def take(self) -> dict[str, float | None]:
+        sums = {k: float(v) for k, v in self.sums.items()}
+        finite = sums.pop("finite_grads")
+        means: dict[str, float | None] = {k: v / self.steps for k, v in sums.items()}
+        means["grad_norm"] = sums["grad_norm"] / finite if finite else None
+        if finite < self.steps:
+            means["skipped_steps"] = int(self.steps - finite)
         self.sums, self.steps = {}, 0
         return means
 
@@ -527,12 +536,13 @@ def _restore_rng(rng: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _log_record(values: dict[str, float], step: int, tcfg: TrainConfig, world: int, seconds: float,
+def _log_record(values: dict[str, float | None], step: int, tcfg: TrainConfig, world: int, seconds: float,
                 start: int) -> dict[str, Any]:
-    if world > 1:  # average what each rank saw
-        t = torch.tensor(list(values.values()), dtype=torch.float64)
+    if world > 1:  # average what each rank saw (a gradient norm, all-reduced, is None on all or none)
+        keys = [k for k, v in values.items() if v is not None]
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
-        values = dict(zip(values, (t / world).tolist()))
+        values = {**values, **dict(zip(keys, (t / world).tolist()))}
     samples = (step - start) * tcfg.batch_size
     return {"step": step, **values, "lr": tcfg.lr * lr_factor(step - 1, tcfg),
             "samples_per_second": samples / max(seconds, 1e-9)}
