@@ -413,6 +413,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from musicssl.bulk.outputs import make_out_dir
 
         make_out_dir(Path(args.out), "-o")  # before the work, not after it
+    missing = [t for t in args.tasks if not os.path.exists(t)]
+    if missing:  # said before the first task's work, not after it
+        raise ValueError(f"task {missing[0]} does not exist{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                         "give a task CSV, a TASK.json or a folder with a subfolder per class")
     names: dict[str, int] = {}
     for task in args.tasks:
         result = evaluate(
@@ -497,12 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        unknown = [e for e in extra if args.command != "train" or e.startswith("-") or "=" not in e]
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
     except (MusicsslError, FileNotFoundError, ValueError) as err:
         print(f"musicssl {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `command`, whose usage line an error about its options should print."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices.get(command, parser)
 
 
 def run() -> None:
@@ -512,6 +523,9 @@ def run() -> None:
     from musicssl.heap import keep_freed_memory
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # huggingface_hub adds its own stderr handler on first use: through ours as well, each of its
+    # lines (retries of a download) would print twice.
+    logging.getLogger("huggingface_hub").propagate = False
     keep_freed_memory()  # this process is ours: reuse freed pages across batches (see heap.py)
     stops = signals.catch()
     try:

@@ -66,7 +66,8 @@ def read_checkpoint(
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    # Bytes that are no pickle can break the unpickler anywhere (a WAV: IndexError from its stack).
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, IndexError, KeyError, ValueError, TypeError) as err:
         raise ReleaseFormatError(
             f"cannot read the checkpoint {path}: {_load_failure(path, err)}. Is it the upstream file this "
             "model expects (see `musicssl info NAME`)? Download it again if it may be truncated."

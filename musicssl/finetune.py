@@ -299,6 +299,17 @@ def layer_groups(encoder: Encoder) -> list[list[str]]:
     return groups
 
 
+def _check_rates(**settings: float) -> None:
+    """Refuse settings that would train backwards or not at all, naming them: a negative or NaN
+    learning rate or layer decay (llrd ** (L - i) alternates in sign below 0), a negative width."""
+    rules = {"lr": (0, False), "head_lr": (0, False), "llrd": (0, False), "weight_decay": (0, True), "hidden": (0, True)}
+    for name, value in settings.items():
+        low, inclusive = rules[name]
+        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+
+
 def check_freeze_form(policy: Any) -> re.Match[str]:
     """The policy's form, checked before a model is loaded (N against its blocks comes later)."""
     m = re.fullmatch(r"frozen|full|last-(\d+)", policy) if isinstance(policy, str) else None
@@ -553,6 +564,8 @@ def finetune(
         # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
         raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
                          f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
+    given = {"lr": lr} if lr is not None else {}  # None: the freeze policy's default, set below
+    _check_rates(**given, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay, hidden=hidden)  # before any work
     device = check_device(device or default_device())
     check_freeze_form(freeze)  # before a folder is made
     if out is not None:

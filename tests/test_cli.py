@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import musicssl
 from musicssl.cli import main
 from musicssl.registry import DEFAULT_MODEL, model_info
 
@@ -175,3 +176,29 @@ def test_a_reader_that_stops_early_gets_no_traceback():
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == ""
+
+
+def test_an_unknown_option_prints_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["list", "--bogus"])
+    assert err.value.code == 2 and "usage: musicssl list" in capsys.readouterr().err
+
+
+def test_eval_names_a_missing_task_before_working_on_the_others(tmp_path, monkeypatch, capsys):
+    import musicssl.evaluate
+
+    (tmp_path / "task.csv").write_text("path,label\n")
+    monkeypatch.setattr(musicssl.evaluate, "evaluate", lambda *a, **k: pytest.fail("a task ran first"))
+    assert main(["eval", str(tmp_path / "task.csv"), str(tmp_path / "nope.csv"), "--models", "mfcc"]) == 2
+    assert "nope.csv does not exist" in capsys.readouterr().err
+
+
+def test_an_embedding_cache_that_cannot_be_written_costs_only_time(tmp_path, caplog):
+    from musicssl.evaluate.cache import EmbeddingCache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cache = EmbeddingCache(blocker, musicssl.load("mfcc"), "mfcc")
+    with caplog.at_level("WARNING", logger="musicssl.evaluate.cache"):
+        cache._write({0: {"k": np.zeros(3, np.float32)}})
+    assert "the results stand, but the next run embeds again" in caplog.text

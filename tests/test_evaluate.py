@@ -195,6 +195,7 @@ def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None
     ("nan_label", "line 5: label 'nan' is not a finite number"),
     ("separator_digits", "line 5: label '1_0' is not a number"),
     ("no_rows", r"has a header \(path, label\) but no rows"),
+    ("empty_file", r"has no 'path' column \(columns: none\)"),  # it said "I/O operation on closed file"
     ("constant_regression", "every train label is the same value"),
     ("short_row", "line 4: 2 fields where the header has 3"),
     ("unquoted_comma", "line 4: 4 fields where the header has 3; quote a field that holds a comma"),
@@ -233,6 +234,8 @@ def test_bad_tasks_name_the_file_and_the_fix(tmp_path: Path, problem: str, messa
     path = write_csv(tmp_path / "task.csv", rows)
     if problem == "no_rows":
         path.write_text("path,label\n")
+    if problem == "empty_file":
+        path.write_text("")
     if problem in ("short_row", "unquoted_comma"):
         lines = ["path,label,group"] + [f"{r['path']},{r['label']},g{i}" for i, r in enumerate(rows)]
         lines[3] = "2.wav,a" if problem == "short_row" else "2.wav,rock, pop,g2"

@@ -877,3 +877,35 @@ def test_outputs_made_before_settings_stamps_stay_in_the_table(tmp_path):
     (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert main(["embed", str(tmp_path / "in"), *args, "--table"]) == 0
     assert len(_table_rows(out)) == 3
+
+
+def test_an_input_never_takes_the_output_of_another_file(tmp_path, capsys):
+    """lib/a/x.wav into OUT, then lib/b/x.wav into the same OUT: laid out from its own folder, it
+    would be named x.wav.npz too and skipped as done, with a's embedding under its name."""
+    tone(tmp_path / "lib" / "a" / "x.wav", 1.0, seed=1)
+    tone(tmp_path / "lib" / "b" / "x.wav", 1.0, seed=2)
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "lib" / "a"), "-o", str(out), "--model", "mfcc"]) == 0
+    assert main(["embed", str(tmp_path / "lib" / "b"), "-o", str(out), "--model", "mfcc"]) == 2
+    assert "x.wav.npz, which holds" in capsys.readouterr().err and len(manifest(out)) == 1
+    assert main(["embed", str(tmp_path / "lib" / "b"), "-o", str(out), "--model", "mfcc", "--overwrite"]) == 2
+    (tmp_path / "lib" / "a").rename(tmp_path / "moved")  # a's file is gone: b's is made, not refused
+    assert main(["embed", str(tmp_path / "lib" / "b"), "-o", str(out), "--model", "mfcc"]) == 0
+    assert manifest(out)[-1]["status"] == "ok" and manifest(out)[-1]["input"].endswith("b/x.wav")
+
+
+def test_a_run_that_finds_no_audio_leaves_no_run_json_to_refuse_the_next(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "empty"), "-o", str(out)]) == 1
+    assert not (out / "run.json").exists()
+    tone(tmp_path / "in" / "a.wav", 1.0)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc"]) == 0
+
+
+def test_mistakes_said_before_any_work_leave_no_folder_behind(tmp_path, capsys):
+    tone(tmp_path / "in" / "a.wav", 1.0)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "no-such-model"]) == 2
+    assert not (tmp_path / "out").exists()  # it was made for a run that never began
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--root", str(tmp_path / "in" / "a.wav")]) == 2
+    assert "a.wav is a file: give the folder that holds every input" in capsys.readouterr().err

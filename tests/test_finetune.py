@@ -315,6 +315,16 @@ def test_finetune_never_writes_over_the_model_it_starts_from(task_csv, tmp_path,
     assert musicssl.load(model).family == tiny().family  # still the release it was
 
 
+@pytest.mark.parametrize("setting, value", [("lr", -1.0), ("lr", float("nan")), ("llrd", -0.5), ("hidden", -5),
+                                            ("head_lr", 0.0), ("weight_decay", -0.1)])
+def test_rates_that_would_train_backwards_are_refused_before_any_work(task_csv, tmp_path, setting, value):
+    """llrd -1 gave every other block a negative rate (gradient ascent) and ran to the end; lr -1
+    was said by torch only after the head epochs; hidden -5 was a torch traceback."""
+    with pytest.raises(ValueError, match=f"{setting} must be a finite number"):
+        finetune(task_csv, model=tiny(), out=tmp_path / "run", **{setting: value})
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_task_raises_before_training(tmp_path):
     with pytest.raises(TaskFormatError):
         finetune(tmp_path / "nope.csv", model=tiny())

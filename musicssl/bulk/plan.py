@@ -90,6 +90,8 @@ def plan_jobs(
     files, folders = gather(inputs, listed, extensions)
     if root is not None:
         base = Path(os.path.abspath(root))
+        if base.is_file():
+            raise ValueError(f"--root {root} is a file: give the folder that holds every input")
     elif earlier_root is not None and files and all(Path(f).is_relative_to(earlier_root) for f in files):
         base = Path(earlier_root)
     else:

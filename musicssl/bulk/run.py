@@ -41,6 +41,7 @@ from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
+from musicssl.errors import MusicsslError
 from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
@@ -156,12 +157,18 @@ def extract(
     ranks = distributed.from_env()
     if ranks:
         distributed.start(ranks)
+    fresh = not os.path.exists(out)
     try:
         run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
         return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
                            num_workers=num_workers, decode_timeout=decode_timeout, device=device, dtype=dtype,
                            fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
                            compile=compile)
+    except (MusicsslError, ValueError, OSError):
+        if fresh and os.path.isdir(out) and not os.listdir(out):  # made for a run that never began (a bad model)
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
     finally:
         if ranks:
             distributed.stop()
@@ -198,8 +205,9 @@ class _Run:
             self.encoder.compile_windows()
         self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
+        self._check_names_taken()
         self.settings = info["settings_id"]
-        if not self.ranks or self.ranks.rank == 0:
+        if self.found and (not self.ranks or self.ranks.rank == 0):  # no input: nothing to say of OUT
             write_run_info(self.out_dir, info)
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
         self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
@@ -259,6 +267,7 @@ class _Run:
             return list(self.mine)
         made = stamps(self.out_dir / MANIFEST)
         self.remade = {j.source for j in self.mine if made.get(self._key(j), "") not in ("", self.settings)}
+        self.remade |= self.moved
         if self.remade:
             log.info("%d outputs in %s were made with other settings (by an --overwrite run over part of the inputs, "
                      "or one cut short): they are made again", len(self.remade), self.out_dir)
@@ -268,6 +277,23 @@ class _Run:
         for job in done:
             self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
+
+    def _check_names_taken(self) -> None:
+        """Refuse inputs whose output name in OUT holds another file's embedding (an earlier run
+        laid out from another root: `lib/a/x.ogg` and then `lib/b/x.ogg` both give `x.ogg.npz`).
+        Where that other file is gone (a moved collection), the output is made again instead."""
+        latest = latest_outputs(self.out_dir / MANIFEST)
+        taken = [(j, latest[k]["input"]) for j in self.mine if (k := self._key(j)) in latest
+                 and os.path.realpath(latest[k]["input"]) != os.path.realpath(j.source)]
+        gone = {j.source for j, other in taken if not os.path.exists(other)}
+        held = [(j, other) for j, other in taken if j.source not in gone]
+        if held:
+            job, other = held[0]
+            raise ValueError(
+                f"{len(held)} inputs would take outputs in {self.out_dir} made from other files, e.g. {job.source} -> "
+                f"{self._key(job)}, which holds {other}'s embedding (an earlier run laid OUT out from "
+                f"{earlier_root(self.out_dir) or 'another root'}): give --root a folder holding both, or another -o")
+        self.moved = gone  # made again below, whatever their stamps say
 
     def _key(self, job: Job) -> str:
         """The output's name in OUT, as the manifest records it."""

@@ -82,12 +82,21 @@ class EmbeddingCache:
             return {}
 
     def _write(self, tables: dict[int, dict[str, np.ndarray]]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for layer, table in tables.items():
-            merged = {**self._read(layer), **table}  # keep rows another run added meanwhile
-            keys = np.array(sorted(merged))
-            x = np.stack([merged[k] for k in keys]).astype(np.float32) if len(keys) else np.zeros((0, 0), np.float32)
-            atomic_write(self._path(layer), lambda fh: np.savez(fh, keys=keys, x=x), "wb")
+        """Keep `tables`; a cache that cannot be written is only time lost next run, said once."""
+        if getattr(self, "unwritable", False):
+            return
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for layer, table in tables.items():
+                merged = {**self._read(layer), **table}  # keep rows another run added meanwhile
+                keys = np.array(sorted(merged))
+                x = np.stack([merged[k] for k in keys]).astype(np.float32) if len(keys) else np.zeros((0, 0), np.float32)
+                atomic_write(self._path(layer), lambda fh: np.savez(fh, keys=keys, x=x), "wb")
+        except OSError as err:
+            self.unwritable = True
+            log.warning("cannot keep embeddings in the cache %s (%s): the results stand, but the next run embeds "
+                        "again; give --cache (or MUSICSSL_CACHE) a folder you may write to", self.dir,
+                        err.strerror or err)
 
     def _embed(self, paths: Sequence[Path], keys: list[str], todo: list[int],
                tables: dict[int, dict[str, np.ndarray]], batch_size: int) -> list[tuple[Path, str]]:

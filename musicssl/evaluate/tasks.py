@@ -173,10 +173,10 @@ def _csv_rows(path: Path, label: str, group: str | None = None) -> list[dict[str
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
+            columns = list(reader.fieldnames or [])  # read inside: an empty file reads it on this first use
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise TaskFormatError(f"cannot read task CSV {path}: {err}") from err
-    columns = list(reader.fieldnames or [])
     if columns and not rows:
         raise TaskFormatError(f"{path} has a header ({', '.join(columns)}) but no rows: add a row per audio file")
     for need in ("path", label, *([group] if group else [])):
