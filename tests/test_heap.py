@@ -36,13 +36,20 @@ print(plain, min(faults()), took)
 
 
 def test_freed_memory_is_reused_without_page_faults():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
-    plain, kept, took = (int(v) if v.isdigit() else v for v in out.split())
-    assert took == "True"
     # Without it, glibc gives memory back and each call faults it in again: 2 000-52 000 faults per
-    # call over runs on one machine (its trimming depends on which thread frees what, and when).
-    assert plain >= 1000, f"only {plain} page faults per call without the setting: the probe measures nothing"
-    assert kept <= 200, f"{kept} page faults per call with the setting (without: {plain})"
+    # call over runs on one machine (its trimming depends on which thread frees what, and when), but
+    # once in a while a process trims almost nothing (135 in one CI run): then the probe is repeated.
+    seen = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout
+        plain, kept, took = (int(v) if v.isdigit() else v for v in out.split())
+        assert took == "True"
+        assert kept <= 200, f"{kept} page faults per call with the setting (without: {plain})"
+        seen.append(plain)
+        if plain >= 1000:
+            return
+    pytest.skip(f"glibc trimmed next to nothing in 3 processes ({seen} page faults per call without the setting): "
+                "the setting had nothing to save here")
 
 
 def test_the_command_sets_it(monkeypatch):
