@@ -283,8 +283,8 @@ class _Run:
         laid out from another root: `lib/a/x.ogg` and then `lib/b/x.ogg` both give `x.ogg.npz`).
         Where that other file is gone (a moved collection), the output is made again instead."""
         latest = latest_outputs(self.out_dir / MANIFEST)
-        taken = [(j, latest[k]["input"]) for j in self.mine if (k := self._key(j)) in latest
-                 and os.path.realpath(latest[k]["input"]) != os.path.realpath(j.source)]
+        taken = [(j, other) for j in self.mine if (other := latest.get(self._key(j), {}).get("input")) is not None
+                 and other != str(j.source) and os.path.realpath(other) != os.path.realpath(j.source)]
         gone = {j.source for j, other in taken if not os.path.exists(other)}
         held = [(j, other) for j, other in taken if j.source not in gone]
         if held:
