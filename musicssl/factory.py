@@ -262,16 +262,13 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-RELEASE_FILES = ("config.json", "model.safetensors", "README.md")
-
-
 def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = ()) -> None:
     """Refuse an output folder for a release whose files would replace others: one that holds
     anything and is not a musicssl release (a project, a Hub snapshot), or where a release file
     is one of `inputs` (converting a folder into itself)."""
     if not out.is_dir():
         return
-    for name in RELEASE_FILES:
+    for name in (*hub.RELEASE_FILES, "README.md"):  # what save_pretrained writes
         if any((out / name).exists() and os.path.samefile(out / name, p) for p in inputs):
             raise ValueError(f"{flag} {out} holds the input {out / name}, which the release would replace: "
                              "give a new folder")
