@@ -97,6 +97,9 @@ class _BackendFailed(Exception):
 def audio_info(path: PathLike) -> AudioInfo:
     """Sample rate (Hz), frames, channels and duration (s) of an audio file."""
     p = _check_path(path)
+    ffmpeg = shutil.which("ffmpeg") if _chained_ogg(p) else None
+    if ffmpeg is not None:  # ffmpeg decodes every stream in the chain (as load_audio): count them
+        return _run_fallbacks(p, None, [("ffmpeg", lambda: _info_ffmpeg(ffmpeg, p))])
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
@@ -107,9 +110,6 @@ def audio_info(path: PathLike) -> AudioInfo:
         except _SNDFILE_ERRORS as err:
             sndfile_err = err
         else:
-            ffmpeg = shutil.which("ffmpeg") if info.format == "OGG" and ogg_chained(p) else None
-            if ffmpeg is not None:  # ffmpeg decodes every stream in the chain (as load_audio): count them
-                return _run_fallbacks(p, None, [("ffmpeg", lambda: _info_ffmpeg(ffmpeg, p))])
             return _make_info(info.samplerate, _true_frames(p, info), info.channels, "soundfile")
     attempts: list[tuple[str, Callable[[], AudioInfo]]] = []
     decoder_cls = _torchcodec_decoder()
@@ -364,6 +364,10 @@ def _offset_past_end(p: Path, offset: float, file_seconds: float | None) -> Offs
 def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> tuple[FrameSink, int, str]:
     """Decode the span of ``p`` into ``sink`` (or a fresh one like it, from a fallback decoder); the
     sink that holds it, the file's rate in Hz and the backend's name."""
+    chained = _chained_ogg(p)
+    ffmpeg = shutil.which("ffmpeg") if chained else None
+    if ffmpeg is not None:
+        return _decode_chained(ffmpeg, p, offset, duration, sink)
     sndfile_err: Exception | None = None
     if p.suffix.lower() not in _FALLBACK_ONLY:
         try:
@@ -373,11 +377,7 @@ def _decode(p: Path, offset: float, duration: float | None, sink: FrameSink) -> 
             log.debug("libsndfile cannot open %s (%s); trying fallbacks", p, _cause(err))
         else:
             with f:
-                chained = f.format == "OGG" and ogg_chained(p)
-                ffmpeg = shutil.which("ffmpeg") if chained else None
-                if ffmpeg is None:
-                    return _decode_soundfile(f, p, offset, duration, sink, chained)
-            return _decode_chained(ffmpeg, p, offset, duration, sink)
+                return _decode_soundfile(f, p, offset, duration, sink, chained)
     fresh = FrameSink(sink.mono, sink.sr)
     sr, backend = _run_fallbacks(p, sndfile_err, _fallback_decoders(p, offset, duration, fresh))
     return fresh, sr, backend
@@ -415,17 +415,34 @@ def _decode_chained(
     Not torchcodec: whether it reads past the first stream is untested here.
     """
     fresh = FrameSink(sink.mono, sink.sr)
-    # ffmpeg seeks in a chain only within its first stream: decode from the start and drop the rest.
+    # ffmpeg seeks in a chain only within its first stream: decode from the start, cut the span here.
     attempt = ("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration, fresh, seek_input=False))
     sr, backend = _run_fallbacks(p, None, [attempt])
+    if ogg_cut_short(p):
+        _warn_ogg_cut(p)
     return fresh, sr, backend
 
 
+def _chained_ogg(p: Path) -> bool:
+    """Whether `p` is an Ogg file (by its name, or its first bytes) that chains several streams."""
+    if p.suffix.lower() not in _OGG_SUFFIXES:
+        try:
+            with open(p, "rb") as fh:
+                if fh.read(4) != b"OggS":
+                    return False
+        except OSError:
+            return False
+    return ogg_chained(p)
+
+
+_OGG_SUFFIXES = (".ogg", ".oga", ".opus")
+
+
 def _fallback_decoders(
-    p: Path, offset: float, duration: float | None, sink: FrameSink
+    p: Path, offset: float, duration: float | None, sink: FrameSink, seek_input: bool = True
 ) -> list[tuple[str, Callable[[], tuple[int, str]]]]:
     """The decoders installed besides libsndfile, best first, as (name, decode the span into `sink`
-    and give its rate and the decoder's name)."""
+    and give its rate and the decoder's name); `seek_input` as in _decode_ffmpeg."""
     attempts: list[tuple[str, Callable[[], tuple[int, str]]]] = []
     decoder_cls = _torchcodec_decoder()
     if decoder_cls is not None:
@@ -434,7 +451,7 @@ def _fallback_decoders(
         )
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is not None:
-        attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration, sink)))
+        attempts.append(("ffmpeg", lambda: _decode_ffmpeg(ffmpeg, p, offset, duration, sink, seek_input=seek_input)))
     return attempts
 
 
@@ -465,7 +482,7 @@ def _decode_whole_mpeg(
     """The span through a fallback decoder, which reads to the real end; without one, what
     libsndfile gave (in `sink`), with a warning that says what is missing and how to get it."""
     fresh = FrameSink(sink.mono, sink.sr)
-    attempts = _fallback_decoders(p, offset, duration, fresh)
+    attempts = _fallback_decoders(p, offset, duration, fresh, seek_input=False)  # its seeks land a frame off
     if attempts:
         try:
             return fresh, *_run_fallbacks(p, None, attempts)
@@ -632,8 +649,12 @@ def _warn_if_cut_short(f: sf.SoundFile, p: Path, end: int) -> None:
         log.warning("%s: its length tag promises %d frames but only %d decode; the file is probably "
                     "truncated, using the frames present", p, f.frames, end)
     elif f.format == "OGG" and ogg_cut_short(p):
-        log.warning("%s: the Ogg stream stops without its last page; the file is probably truncated, "
-                    "using the frames present", p)
+        _warn_ogg_cut(p)
+
+
+def _warn_ogg_cut(p: Path) -> None:
+    log.warning("%s: the Ogg stream stops without its last page; the file is probably truncated, "
+                "using the frames present", p)
 
 
 # Frames an MP3 may decode short of its length tag without being cut: two frames (encoder padding).
@@ -761,14 +782,16 @@ def _decode_ffmpeg(
     The WAV header gives the rate and channel count without ffprobe; its size fields are
     placeholders on a pipe, so the samples are everything after the data chunk header.
     With `seek_input` the span is cut before decoding (nothing before `offset` is decoded), else
-    after: slower, for inputs ffmpeg cannot seek in.
+    from the decoded stream by sample counts at its rate: slower, for inputs ffmpeg cannot seek in
+    exactly (chained Ogg, joined MP3).
     """
     span = ["-ss", f"{offset:.6f}"] if offset > 0 else []
     span += ["-t", f"{duration:.6f}"] if duration is not None else []
+    if not seek_input:  # by sample counts: ffmpeg's own times drift where a chain's rate changes
+        sink, span = _SpanOf(sink, offset, duration), []
     # "file:" keeps ffmpeg from reading a path such as "a:b.m4a" as a protocol.
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *(span if seek_input else []),
-           "-i", "file:" + os.fspath(p.absolute()), *([] if seek_input else span), "-map", "0:a:0",
-           "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *span, "-i", "file:" + os.fspath(p.absolute()),
+           "-map", "0:a:0", "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "wav", "-acodec", "pcm_f32le", "-"]
     with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: ffmpeg never blocks on it
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
@@ -865,6 +888,31 @@ def _info_ffmpeg(ffmpeg: str, p: Path) -> AudioInfo:
     sink = _FrameCount(mono=True, sr=None)
     sr, _ = _decode_ffmpeg(ffmpeg, p, 0.0, None, sink)
     return _make_info(sr, sink.frames, sink.channels, "ffmpeg")
+
+
+class _SpanOf:
+    """Passes to `sink` only the frames of a decoded stream from `offset` s for `duration` s (None:
+    to the end), counted at the rate the stream starts with."""
+
+    def __init__(self, sink: FrameSink, offset: float, duration: float | None) -> None:
+        self.sink, self.offset, self.duration = sink, offset, duration
+
+    def start(self, file_sr: int, channels: int) -> None:
+        self.sink.start(file_sr, channels)
+        self.skip = round(self.offset * file_sr)
+        self.left = None if self.duration is None else max(1, round(self.duration * file_sr))
+
+    def add(self, block: np.ndarray) -> None:
+        cut = min(self.skip, len(block))
+        block, self.skip = block[cut:], self.skip - cut
+        if self.left is not None:
+            block = block[: self.left]
+            self.left -= len(block)
+        self.sink.add(block)
+
+    @property
+    def frames(self) -> int:
+        return self.sink.frames
 
 
 class _FrameCount(FrameSink):

@@ -32,23 +32,28 @@ _FAR_BYTES = 1 << 22  # where to look when it does not
 
 
 def mpeg_samples(path: Path) -> int | None:
-    """Samples per channel that the file's frames hold, or None when its first frame carries a
-    length tag that covers the whole file (libsndfile's count is then exact) or no run of valid
-    frames is found."""
+    """Samples per channel that the file's frames hold, at the first frame's rate (joined parts
+    may have others), or None when its first frame carries a length tag that covers the whole file
+    (libsndfile's count is then exact) or no run of valid frames is found."""
     start, head, first = _head(path)  # the head first: most files carry a length tag
     if first is None or _tag_covers(path, start + first, head, first):
         return None
     data = Path(path).read_bytes()
     pos: int | None = start + first
-    samples = 0
+    seconds, rate0 = 0.0, _rate(data, start + first)
     while pos is not None and pos + 4 <= len(data):
         frame = _frame(data, pos)
         if frame is None:  # junk between frames, or a trailing tag: look for the next frame
             pos = _first_frame(data, pos + 1)
             continue
         size, n = frame
-        samples, pos = samples + n, pos + size
-    return samples
+        seconds, pos = seconds + n / _rate(data, pos), pos + size
+    return round(seconds * rate0)
+
+
+def _rate(data: bytes, pos: int) -> int:
+    """The sample rate in Hz of the frame whose (valid) header is at `pos`."""
+    return _RATES[(data[pos + 1] >> 3) & 3][(data[pos + 2] >> 2) & 3]
 
 
 def has_length_tag(path: Path) -> bool:
