@@ -909,3 +909,20 @@ def test_mistakes_said_before_any_work_leave_no_folder_behind(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # it was made for a run that never began
     assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--root", str(tmp_path / "in" / "a.wav")]) == 2
     assert "a.wav is a file: give the folder that holds every input" in capsys.readouterr().err
+
+
+def test_an_output_is_never_handed_to_another_input_nor_counted_twice(tmp_path):
+    """The manifest lost, an existing output is not skipped as another file's (its metadata says
+    whose it is); a root widened over an earlier run's leaves the table one row per input."""
+    pytest.importorskip("pyarrow")
+    tone(tmp_path / "lib" / "a" / "x.wav", 1.0, seed=1)
+    tone(tmp_path / "lib" / "b" / "x.wav", 1.0, seed=2)
+    out, args = tmp_path / "out", ["--model", "mfcc", "--table"]
+    assert main(["embed", str(tmp_path / "lib" / "a"), "-o", str(out), *args]) == 0
+    (out / "manifest.jsonl").unlink()
+    assert main(["embed", str(tmp_path / "lib" / "b"), "-o", str(out), *args]) == 1
+    assert manifest(out)[-1]["status"] == "error" and "holds" in manifest(out)[-1]["reason"]
+    wide = tmp_path / "wide"
+    assert main(["embed", str(tmp_path / "lib" / "a"), "-o", str(wide), *args]) == 0
+    assert main(["embed", str(tmp_path / "lib"), "-o", str(wide), *args]) == 0  # a's file laid out anew: a/x.wav.npz
+    assert sorted(_table_rows(wide)) == ["a/x.wav.npz", "b/x.wav.npz"]

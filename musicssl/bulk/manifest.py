@@ -44,9 +44,22 @@ def stamps(path: Path) -> dict[str, str]:
     return {r["output"]: r.get("settings", "") for r in read_records(path) if r.get("status") == "ok" and "output" in r}
 
 
-def latest_outputs(path: Path) -> dict[str, dict[str, Any]]:
-    """output (its name in OUT) -> its latest manifest record."""
-    return {r["output"]: r for r in read_records(path) if "output" in r and "input" in r}
+def owners(path: Path) -> dict[str, str]:
+    """output (its name in OUT) -> the input that made it: of its latest `ok` record, else (a
+    manifest lost and made again by skips) of its latest `skipped` one."""
+    made: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for r in read_records(path):
+        if "output" in r and "input" in r:
+            (made if r.get("status") == "ok" else seen if r.get("status") == "skipped" else {})[r["output"]] = r["input"]
+    return {**seen, **made}
+
+
+def newest_outputs(path: Path) -> dict[str, str]:
+    """real path of an input -> the output its latest `ok` or `skipped` record names (an input
+    laid out anew under another root has an older output elsewhere)."""
+    return {os.path.realpath(r["input"]): r["output"] for r in read_records(path)
+            if r.get("status") in ("ok", "skipped") and "output" in r and "input" in r}
 
 
 def earlier_root(out_dir: Path) -> Path | None:

@@ -169,6 +169,23 @@ def read_clip(fmt: str, path: Path, pooled: bool) -> np.ndarray:
     return arr if pooled else arr.mean(axis=-2)
 
 
+def made_from(fmt: str, path: Path) -> str | None:
+    """The input an npz or safetensors output says it was made from (its metadata's source); None
+    for npy, which holds no metadata, or an output that cannot be read."""
+    try:
+        if fmt == "npz":
+            with np.load(path) as z:
+                return json.loads(str(z["metadata"]))["source"]
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np") as f:
+                return json.loads(f.metadata()["metadata"])["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
 def write_table(out_dir: Path, name: str, rows: Sequence[tuple[str, str, np.ndarray]], layers: list[int],
                 clip: tuple[int, ...]) -> list[Path]:
     """The clip embeddings of every row (input path, output rel path, clip shaped `clip`: (D,) or

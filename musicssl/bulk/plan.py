@@ -99,7 +99,7 @@ def plan_jobs(
     out_dir = Path(os.path.abspath(out_dir))
     jobs: dict[str, Job] = {}
     seen: set[str] = set()
-    for f in files:
+    for f in sorted(files, key=os.fspath):  # of two names of one file, the first in order wins, whatever the input order
         real = os.path.realpath(f)
         if real in seen:
             continue

@@ -30,10 +30,11 @@ import torch
 
 from musicssl import __version__, signals
 from musicssl.bulk import distributed
-from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, latest_outputs,
-                                    latest_status, merge_parts, now, settings_id, stamps, write_failed, write_run_info)
-from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, read_clip, sync_outputs, write_output,
-                                   write_table)
+from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, latest_status,
+                                    merge_parts, newest_outputs, now, owners, settings_id, stamps, write_failed,
+                                    write_run_info)
+from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, made_from, read_clip, sync_outputs,
+                                   write_output, write_table)
 from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.growth import Growth
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
@@ -274,17 +275,26 @@ class _Run:
         todo, done = [], []
         for job in self.mine:
             (done if job.source not in self.remade and self._done(job) else todo).append(job)
+        made_by = owners(self.out_dir / MANIFEST)
         for job in done:
-            self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
+            other = None if self._key(job) in made_by else made_from(self.format, job.output)  # a manifest lost
+            if other is not None and os.path.realpath(other) != os.path.realpath(job.source):
+                self._record(job, "error", reason=(
+                    f"{job.source}: its output {self._key(job)} holds {other}'s embedding (made from another root, "
+                    "its manifest lines gone): give --root a folder holding both, or another -o"))
+            else:
+                self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
 
     def _check_names_taken(self) -> None:
         """Refuse inputs whose output name in OUT holds another file's embedding (an earlier run
         laid out from another root: `lib/a/x.ogg` and then `lib/b/x.ogg` both give `x.ogg.npz`).
-        Where that other file is gone (a moved collection), the output is made again instead."""
-        latest = latest_outputs(self.out_dir / MANIFEST)
-        taken = [(j, other) for j in self.mine if (other := latest.get(self._key(j), {}).get("input")) is not None
-                 and other != str(j.source) and os.path.realpath(other) != os.path.realpath(j.source)]
+        Where that other file is gone (a moved collection), the output is made again instead. All
+        of this run's inputs are checked, on every rank alike."""
+        made_by = owners(self.out_dir / MANIFEST)
+        taken = [(j, other) for j in self.jobs if (other := made_by.get(self._key(j))) is not None
+                 and other != str(j.source) and os.path.exists(j.source)
+                 and os.path.realpath(other) != os.path.realpath(j.source)]
         gone = {j.source for j, other in taken if not os.path.exists(other)}
         held = [(j, other) for j, other in taken if j.source not in gone]
         if held:
@@ -294,6 +304,13 @@ class _Run:
                 f"{self._key(job)}, which holds {other}'s embedding (an earlier run laid OUT out from "
                 f"{earlier_root(self.out_dir) or 'another root'}): give --root a folder holding both, or another -o")
         self.moved = gone  # made again below, whatever their stamps say
+        newest = newest_outputs(self.out_dir / MANIFEST)
+        elsewhere = sum(newest.get(os.path.realpath(j.source), self._key(j)) != self._key(j) for j in self.jobs)
+        if elsewhere:
+            log.warning("%d inputs have outputs in %s under other names, laid out from %s: they are made again under "
+                        "this run's root %s, and the table keeps their new ones (remove the old ones, or give --root "
+                        "%s to keep the layout)", elsewhere, self.out_dir, earlier_root(self.out_dir), self.root,
+                        earlier_root(self.out_dir))
 
     def _key(self, job: Job) -> str:
         """The output's name in OUT, as the manifest records it."""
@@ -358,6 +375,11 @@ class _Run:
             return self._cannot_write(job, err, seconds)
         if not self.overwrite and job.source not in self.remade and self._done(job):  # another run made it since
             claim.release()
+            other = made_from(self.format, job.output)
+            if other is not None and os.path.realpath(other) != os.path.realpath(job.source):
+                return self._record(job, "error", seconds=seconds, reason=(
+                    f"{job.source}: its output {self._key(job)} was made meanwhile by another run from {other} (runs "
+                    "into one OUT laid out from other roots): give both runs the same --root"))
             return self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         audio = item["audio"]
         n_frames = int(self.encoder.frame_lengths(torch.tensor([len(audio)]))[0])
@@ -490,13 +512,15 @@ class _Run:
         return path
 
     def _table(self) -> list[Path]:
-        """The clips of the outputs made with this run's settings whose input did not fail since:
-        every such output in OUT (a retry of failed.txt gives the whole collection's table), or
-        this shard's."""
-        latest, made = latest_outputs(self.out_dir / MANIFEST), stamps(self.out_dir / MANIFEST)
-        keys = [self._key(j) for j in self.jobs] if self.shard else sorted(latest)
-        rows = [(latest[k]["input"], k, read_clip(self.format, self.out_dir / k, pooled=self.pool is not None))
-                for k in keys if k in latest and latest[k]["status"] != "error"
+        """The clips of the outputs made with this run's settings whose input did not fail since,
+        one per input (its newest): every such output in OUT (a retry of failed.txt gives the whole
+        collection's table), or this shard's."""
+        path = self.out_dir / MANIFEST
+        made_by, made, status, newest = owners(path), stamps(path), latest_status(path), newest_outputs(path)
+        keys = [self._key(j) for j in self.jobs] if self.shard else sorted(made_by)
+        rows = [(made_by[k], k, read_clip(self.format, self.out_dir / k, pooled=self.pool is not None))
+                for k in keys if k in made_by and status.get(made_by[k], {}).get("status") != "error"
+                and newest.get(os.path.realpath(made_by[k])) == k
                 and made.get(k, "") in ("", self.settings)  # "": made before stamps, kept as _skip_finished keeps it
                 and (self.out_dir / k).exists()]
         clip = (len(self.keep),) * (not self.single) + (self.encoder.embed_dim,)
