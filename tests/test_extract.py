@@ -905,8 +905,8 @@ def test_a_run_that_finds_no_audio_leaves_no_run_json_to_refuse_the_next(tmp_pat
 
 def test_mistakes_said_before_any_work_leave_no_folder_behind(tmp_path, capsys):
     tone(tmp_path / "in" / "a.wav", 1.0)
-    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "no-such-model"]) == 2
-    assert not (tmp_path / "out").exists()  # it was made for a run that never began
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out" / "x" / "y"), "--model", "no-such-model"]) == 2
+    assert not (tmp_path / "out").exists()  # made for a run that never began, with the folders above it
     assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--root", str(tmp_path / "in" / "a.wav")]) == 2
     assert "a.wav is a file: give the folder that holds every input" in capsys.readouterr().err
 

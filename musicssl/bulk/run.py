@@ -158,7 +158,7 @@ def extract(
     ranks = distributed.from_env()
     if ranks:
         distributed.start(ranks)
-    fresh = not os.path.exists(out)
+    made = _missing_folders(Path(os.path.abspath(out)))
     try:
         run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
         return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
@@ -166,9 +166,9 @@ def extract(
                            fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
                            compile=compile)
     except (MusicsslError, ValueError, OSError):
-        if fresh and os.path.isdir(out) and not os.listdir(out):  # made for a run that never began (a bad model)
+        for folder in made:  # made for a run that never began (a bad model), deepest first, if still empty
             with contextlib.suppress(OSError):
-                os.rmdir(out)
+                folder.rmdir()
         raise
     finally:
         if ranks:
@@ -525,6 +525,11 @@ class _Run:
                 and (self.out_dir / k).exists()]
         clip = (len(self.keep),) * (not self.single) + (self.encoder.embed_dim,)
         return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep, clip)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first."""
+    return [p for p in (path, *path.parents) if not p.exists()]
 
 
 def _would_change(enc: Encoder, device: str | None, dtype: torch.dtype | None) -> bool:
