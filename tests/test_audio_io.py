@@ -1022,3 +1022,19 @@ def test_a_span_of_a_chain_whose_rate_changes_is_that_slice_of_the_whole(tmp_pat
         assert len(part) == round(duration * 16000)
         assert np.corrcoef(part[1000:-1000], whole[start + 1000 : start + len(part) - 1000])[0, 1] > 0.999
     assert abs(audio_info(joined).duration - len(whole) / 16000) < 0.15  # frames counted at each part's rate
+
+
+@needs_ffmpeg
+def test_untagged_mp3s_joined_mono_then_stereo_decode_whole(tmp_path, monkeypatch):
+    """libsndfile stops where the channel count changes, well short of its own estimate (3 of 7 s),
+    without a word; the frames are counted there too, and the rest decoded by ffmpeg."""
+    monkeypatch.setitem(sys.modules, "torchcodec", None)
+    parts = []
+    for name, channels, seconds in (("mono", 1, 3), ("stereo", 2, 4)):
+        parts.append(tmp_path / f"{name}.mp3")
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+                        "-ac", str(channels), "-ar", "44100", "-b:a", "128k", "-write_xing", "0", parts[-1]], check=True)
+    joined = tmp_path / "joined.mp3"
+    joined.write_bytes(b"".join(p.read_bytes() for p in parts))
+    x, _ = load_audio(joined, sr=16000)
+    assert 6.9 * 16000 < len(x) < 7.2 * 16000

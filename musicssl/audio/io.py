@@ -464,16 +464,20 @@ def _whole_into(sink: FrameSink, frames: np.ndarray, sr: int, backend: str) -> t
 
 def _mpeg_cut_short(f: sf.SoundFile, p: Path, offset: float, duration: float | None, got: int) -> str | None:
     """Why libsndfile stopped short of the end of an MP3 (its length header is missing and its
-    estimate too low), or None when it did not."""
+    estimate too low, or parts joined with another channel count stop it), or None when it did not."""
     start, sr = round(offset * f.samplerate), f.samplerate
-    if f.format != "MP3" or start + got < f.frames or (duration is not None and got >= round(duration * sr)):
+    reached = start + got
+    if f.format != "MP3" or (duration is not None and got >= round(duration * sr)):
         return None
-    held = mpeg_samples(p)
-    if held is None or held <= f.frames + 1152:  # a frame's worth: the encoder's padding
+    if f.frames - _MPEG_SLACK <= reached < f.frames:  # it ended where its estimate said: the usual case
+        return None
+    held = mpeg_samples(p)  # at its estimate, or well short of it: count the frames
+    if held is None or held <= reached + 1152:  # a frame's worth: the encoder's padding
         return None
     why = ("its length (Xing/Info) header covers only the first of MP3 files joined end to end" if has_length_tag(p)
-           else "it is a VBR MP3 without a length (Xing/Info) header")
-    return f"libsndfile decodes {f.frames / sr:.1f} s of '{p}', whose frames hold {held / sr:.1f} s: {why}"
+           else "its frames go on past where libsndfile stops (a VBR MP3 without a length (Xing/Info) header, "
+           "or MP3s joined end to end)")
+    return f"libsndfile decodes {reached / sr:.1f} s of '{p}', whose frames hold {held / sr:.1f} s: {why}"
 
 
 def _decode_whole_mpeg(
