@@ -407,16 +407,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError("--models names no model")
     layers = parse_layers(args.layers, "eval", ("recommended", "last", "all"))
     device = args.device or default_device()
+    missing = [t for t in args.tasks if not os.path.exists(os.path.expanduser(t))]
+    if missing:  # said before the first task's work (and before -o is made), not after it
+        raise ValueError(f"task {missing[0]} does not exist{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+                         "give a task CSV, a TASK.json or a folder with a subfolder per class")
     if args.out:
         from pathlib import Path
 
         from musicssl.bulk.outputs import make_out_dir
 
         make_out_dir(Path(args.out), "-o")  # before the work, not after it
-    missing = [t for t in args.tasks if not os.path.exists(t)]
-    if missing:  # said before the first task's work, not after it
-        raise ValueError(f"task {missing[0]} does not exist{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-                         "give a task CSV, a TASK.json or a folder with a subfolder per class")
     names: dict[str, int] = {}
     for task in args.tasks:
         result = evaluate(

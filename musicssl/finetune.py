@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import time
@@ -305,7 +306,8 @@ def _check_rates(**settings: float) -> None:
     rules = {"lr": (0, False), "head_lr": (0, False), "llrd": (0, False), "weight_decay": (0, True), "hidden": (0, True)}
     for name, value in settings.items():
         low, inclusive = rules[name]
-        ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if inclusive else value > low)
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+              and (value >= low if inclusive else value > low))
         if not ok:
             raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
 

@@ -926,3 +926,15 @@ def test_an_output_is_never_handed_to_another_input_nor_counted_twice(tmp_path):
     assert main(["embed", str(tmp_path / "lib" / "a"), "-o", str(wide), *args]) == 0
     assert main(["embed", str(tmp_path / "lib"), "-o", str(wide), *args]) == 0  # a's file laid out anew: a/x.wav.npz
     assert sorted(_table_rows(wide)) == ["a/x.wav.npz", "b/x.wav.npz"]
+
+
+def test_a_moved_collection_whose_manifest_was_lost_is_made_again(tmp_path):
+    """Its outputs' metadata name files that are gone: made again from where they are now, not
+    failed (a retry would fail the same way)."""
+    tone(tmp_path / "lib" / "a" / "x.wav", 1.0)
+    out = tmp_path / "out"
+    assert main(["embed", str(tmp_path / "lib" / "a"), "-o", str(out), "--model", "mfcc"]) == 0
+    (tmp_path / "lib" / "a").rename(tmp_path / "lib" / "d")
+    (out / "manifest.jsonl").unlink()
+    assert main(["embed", str(tmp_path / "lib" / "d"), "-o", str(out), "--model", "mfcc"]) == 0
+    assert manifest(out)[-1]["status"] == "ok"

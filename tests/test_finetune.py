@@ -325,6 +325,12 @@ def test_rates_that_would_train_backwards_are_refused_before_any_work(task_csv, 
     assert not (tmp_path / "run").exists()
 
 
+def test_rates_from_numpy_are_numbers_too():
+    from musicssl.finetune import _check_rates
+
+    _check_rates(lr=np.float32(1e-4), llrd=np.float64(0.8), hidden=np.int64(256))  # a grid search's values
+
+
 def test_bad_task_raises_before_training(tmp_path):
     with pytest.raises(TaskFormatError):
         finetune(tmp_path / "nope.csv", model=tiny())

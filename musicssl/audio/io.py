@@ -807,8 +807,11 @@ def _decode_ffmpeg(
                 sr = _pipe_into(proc.stdout, sink)
             except _BackendFailed as err:
                 unreadable = err
+            whole = getattr(sink, "done", False)
+            if whole:  # the span is in: the rest of the file is not decoded
+                proc.kill()
             code = proc.wait()
-        if code != 0:  # ffmpeg's own message says more than an unreadable stream
+        if code != 0 and not whole:  # ffmpeg's own message says more than an unreadable stream
             stderr.seek(0)
             text = stderr.read().decode("utf-8", "replace").strip()
             if "matches no streams" in text:  # our -map 0:a:0 found none: a video without sound, say
@@ -839,7 +842,7 @@ def _pipe_into(stream: Any, sink: FrameSink) -> int:
         if n:
             sink.add(np.frombuffer(rest, dtype="<f4", count=n * channels).reshape(n, channels))
             rest = rest[n * frame_bytes :]
-        if not more:
+        if not more or getattr(sink, "done", False):  # the end, or a span that is whole
             return sr
 
 
@@ -900,6 +903,7 @@ class _SpanOf:
 
     def __init__(self, sink: FrameSink, offset: float, duration: float | None) -> None:
         self.sink, self.offset, self.duration = sink, offset, duration
+        self.skip, self.left = 0, None  # set by start(), at the stream's rate
 
     def start(self, file_sr: int, channels: int) -> None:
         self.sink.start(file_sr, channels)
@@ -917,6 +921,11 @@ class _SpanOf:
     @property
     def frames(self) -> int:
         return self.sink.frames
+
+    @property
+    def done(self) -> bool:
+        """The span is whole: decoding further would only be dropped."""
+        return self.left == 0
 
 
 class _FrameCount(FrameSink):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,30 +37,6 @@ def settings_id(info: dict[str, Any]) -> str:
     tells outputs made with other settings (by an --overwrite run over part of the inputs, or one
     cut short) from its own."""
     return hashlib.sha256(json.dumps([info.get(k) for k in SAME_RUN_KEYS]).encode()).hexdigest()[:16]
-
-
-def stamps(path: Path) -> dict[str, str]:
-    """output (its name in OUT) -> the settings stamp of its latest `ok` record ("" for a record
-    older than stamps). By output, not input: where an input's output goes depends on the root."""
-    return {r["output"]: r.get("settings", "") for r in read_records(path) if r.get("status") == "ok" and "output" in r}
-
-
-def owners(path: Path) -> dict[str, str]:
-    """output (its name in OUT) -> the input that made it: of its latest `ok` record, else (a
-    manifest lost and made again by skips) of its latest `skipped` one."""
-    made: dict[str, str] = {}
-    seen: dict[str, str] = {}
-    for r in read_records(path):
-        if "output" in r and "input" in r:
-            (made if r.get("status") == "ok" else seen if r.get("status") == "skipped" else {})[r["output"]] = r["input"]
-    return {**seen, **made}
-
-
-def newest_outputs(path: Path) -> dict[str, str]:
-    """real path of an input -> the output its latest `ok` or `skipped` record names (an input
-    laid out anew under another root has an older output elsewhere)."""
-    return {os.path.realpath(r["input"]): r["output"] for r in read_records(path)
-            if r.get("status") in ("ok", "skipped") and "output" in r and "input" in r}
 
 
 def earlier_root(out_dir: Path) -> Path | None:
@@ -104,9 +81,46 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
                 continue
 
 
-def latest_status(path: Path) -> dict[str, dict[str, Any]]:
-    """input path -> its latest manifest record."""
-    return {r["input"]: r for r in read_records(path) if "input" in r}
+@dataclass
+class ManifestView:
+    """What a run needs of the manifest, from one pass over it.
+
+    stamps: output (its name in OUT) -> the settings stamp of its latest `ok` record ("" for a
+        record older than stamps). By output, not input: where an input's output goes depends on
+        the root.
+    owners: output -> the input that made it: of its latest `ok` record, else (a manifest lost
+        and made again by skips) of its latest `skipped` one.
+    latest: input -> its latest record.
+    newest: input -> the output its latest `ok` or `skipped` record names (an input laid out
+        anew under another root has an older output elsewhere).
+    """
+
+    stamps: dict[str, str] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+    latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    newest: dict[str, str] = field(default_factory=dict)
+
+    def newest_by_real_path(self) -> dict[str, str]:
+        """`newest` keyed by the inputs' real paths (one realpath per distinct input)."""
+        return {os.path.realpath(i): o for i, o in self.newest.items()}
+
+
+def read_view(path: Path) -> ManifestView:
+    view, skipped_by = ManifestView(), {}
+    for r in read_records(path):
+        if "input" not in r:
+            continue
+        view.latest[r["input"]] = r
+        status, out = r.get("status"), r.get("output")
+        if out is None or status not in ("ok", "skipped"):
+            continue
+        view.newest[r["input"]] = out
+        if status == "ok":
+            view.stamps[out], view.owners[out] = r.get("settings", ""), r["input"]
+        else:
+            skipped_by[out] = r["input"]
+    view.owners = {**skipped_by, **view.owners}
+    return view
 
 
 def check_compatible(out_dir: Path, info: dict[str, Any], overwrite: bool) -> None:

@@ -30,9 +30,8 @@ import torch
 
 from musicssl import __version__, signals
 from musicssl.bulk import distributed
-from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, latest_status,
-                                    merge_parts, newest_outputs, now, owners, settings_id, stamps, write_failed,
-                                    write_run_info)
+from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, merge_parts, now,
+                                    read_view, settings_id, write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, made_from, read_clip, sync_outputs,
                                    write_output, write_table)
 from musicssl.bulk.decoders import DecoderPool
@@ -266,7 +265,7 @@ class _Run:
         self.remade: set[Path] = set()  # outputs made with other settings: made again
         if self.overwrite:
             return list(self.mine)
-        made = stamps(self.out_dir / MANIFEST)
+        made = self.view.stamps
         self.remade = {j.source for j in self.mine if made.get(self._key(j), "") not in ("", self.settings)}
         self.remade |= self.moved
         if self.remade:
@@ -275,15 +274,18 @@ class _Run:
         todo, done = [], []
         for job in self.mine:
             (done if job.source not in self.remade and self._done(job) else todo).append(job)
-        made_by = owners(self.out_dir / MANIFEST)
+        made_by = self.view.owners
         for job in done:
             other = None if self._key(job) in made_by else made_from(self.format, job.output)  # a manifest lost
-            if other is not None and os.path.realpath(other) != os.path.realpath(job.source):
+            if other is None or os.path.realpath(other) == os.path.realpath(job.source):
+                self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
+            elif not os.path.exists(other):  # a moved collection: made again from where it is now
+                todo.append(job)
+                self.remade.add(job.source)
+            else:
                 self._record(job, "error", reason=(
                     f"{job.source}: its output {self._key(job)} holds {other}'s embedding (made from another root, "
                     "its manifest lines gone): give --root a folder holding both, or another -o"))
-            else:
-                self._record(job, "skipped", reason="output exists (--overwrite redoes it)")
         return todo
 
     def _check_names_taken(self) -> None:
@@ -291,7 +293,8 @@ class _Run:
         laid out from another root: `lib/a/x.ogg` and then `lib/b/x.ogg` both give `x.ogg.npz`).
         Where that other file is gone (a moved collection), the output is made again instead. All
         of this run's inputs are checked, on every rank alike."""
-        made_by = owners(self.out_dir / MANIFEST)
+        self.view = read_view(self.out_dir / MANIFEST)  # one pass: _skip_finished uses it too
+        made_by = self.view.owners
         taken = [(j, other) for j in self.jobs if (other := made_by.get(self._key(j))) is not None
                  and other != str(j.source) and os.path.exists(j.source)
                  and os.path.realpath(other) != os.path.realpath(j.source)]
@@ -304,8 +307,15 @@ class _Run:
                 f"{self._key(job)}, which holds {other}'s embedding (an earlier run laid OUT out from "
                 f"{earlier_root(self.out_dir) or 'another root'}): give --root a folder holding both, or another -o")
         self.moved = gone  # made again below, whatever their stamps say
-        newest = newest_outputs(self.out_dir / MANIFEST)
-        elsewhere = sum(newest.get(os.path.realpath(j.source), self._key(j)) != self._key(j) for j in self.jobs)
+        newest = self.view.newest  # by the input as written; its real path only where that is not found
+        real = None
+        elsewhere = 0
+        for j in self.jobs:
+            out = newest.get(str(j.source))
+            if out is None and newest:
+                real = real if real is not None else self.view.newest_by_real_path()
+                out = real.get(os.path.realpath(j.source))
+            elsewhere += out is not None and out != self._key(j)
         if elsewhere:
             log.warning("%d inputs have outputs in %s under other names, laid out from %s: they are made again under "
                         "this run's root %s, and the table keeps their new ones (remove the old ones, or give --root "
@@ -376,7 +386,7 @@ class _Run:
         if not self.overwrite and job.source not in self.remade and self._done(job):  # another run made it since
             claim.release()
             other = made_from(self.format, job.output)
-            if other is not None and os.path.realpath(other) != os.path.realpath(job.source):
+            if other is not None and os.path.exists(other) and os.path.realpath(other) != os.path.realpath(job.source):
                 return self._record(job, "error", seconds=seconds, reason=(
                     f"{job.source}: its output {self._key(job)} was made meanwhile by another run from {other} (runs "
                     "into one OUT laid out from other roots): give both runs the same --root"))
@@ -483,6 +493,7 @@ class _Run:
         failed_list, tables = None, []
         if lead:
             merge_parts(self.out_dir)
+            self.final = read_view(self.out_dir / MANIFEST)  # with this run's lines
             failed_list = self._failed_list()
             tables = self._table() if table else []
         if self.ranks:
@@ -497,7 +508,7 @@ class _Run:
 
     def _failed_list(self) -> Path | None:
         """failed.txt: this shard's inputs whose latest record is an error (None, and no file, if none)."""
-        latest = latest_status(self.out_dir / MANIFEST)
+        latest = self.final.latest
         failed = [str(j.source) for j in self.jobs if latest.get(str(j.source), {}).get("status") == "error"]
         unlisted = [f for f in failed if "\n" in f or "\r" in f]  # a line break would split a name in two lines
         if unlisted:
@@ -515,8 +526,8 @@ class _Run:
         """The clips of the outputs made with this run's settings whose input did not fail since,
         one per input (its newest): every such output in OUT (a retry of failed.txt gives the whole
         collection's table), or this shard's."""
-        path = self.out_dir / MANIFEST
-        made_by, made, status, newest = owners(path), stamps(path), latest_status(path), newest_outputs(path)
+        made_by, made, status, newest = (self.final.owners, self.final.stamps, self.final.latest,
+                                         self.final.newest_by_real_path())
         keys = [self._key(j) for j in self.jobs] if self.shard else sorted(made_by)
         rows = [(made_by[k], k, read_clip(self.format, self.out_dir / k, pooled=self.pool is not None))
                 for k in keys if k in made_by and status.get(made_by[k], {}).get("status") != "error"
