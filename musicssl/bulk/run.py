@@ -267,10 +267,13 @@ class _Run:
             return list(self.mine)
         made = self.view.stamps
         self.remade = {j.source for j in self.mine if made.get(self._key(j), "") not in ("", self.settings)}
-        self.remade |= self.moved
         if self.remade:
             log.info("%d outputs in %s were made with other settings (by an --overwrite run over part of the inputs, "
                      "or one cut short): they are made again", len(self.remade), self.out_dir)
+        if self.moved:
+            log.info("%d outputs in %s were made from files that are no longer where they were (a moved "
+                     "collection): they are made again from where they are now", len(self.moved), self.out_dir)
+        self.remade |= self.moved
         todo, done = [], []
         for job in self.mine:
             (done if job.source not in self.remade and self._done(job) else todo).append(job)
