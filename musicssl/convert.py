@@ -111,6 +111,10 @@ def fold_weight_norm(state: dict[str, torch.Tensor], prefix: str, dim: int) -> d
                              f"{key_outline(state)}")
 
 
+# Where training code nests the state dict beside its other entries (epoch, optimizer, ...).
+_WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
+
+
 def unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict of tensors in a checkpoint as training code saves it: plain, under one of
     _WRAPPERS beside other entries (Lightning's "state_dict", "model"), and with DDP's "module."
@@ -129,10 +133,6 @@ def unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
-
-
-# Where training code nests the state dict beside its other entries (epoch, optimizer, ...).
-_WRAPPERS = ("state_dict", "model", "module", "model_state_dict")
 
 
 def key_outline(state: Mapping[str, Any]) -> str:
