@@ -562,20 +562,13 @@ def finetune(
 
     if not isinstance(task, Task):
         task = load_task(task, kind=kind, label=label, root=root, group=group, seed=seed)  # eval --seed's splits
-    if min(epochs, patience) < 1 or batch_size < 2 or head_epochs < 0:
-        # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
-        raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
-                         f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
-    given = {"lr": lr} if lr is not None else {}  # None: the freeze policy's default, set below
-    _check_rates(**given, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay, hidden=hidden)  # before any work
+    _check_settings(model, out, freeze, epochs=epochs, patience=patience, batch_size=batch_size,
+                    head_epochs=head_epochs, lr=lr, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay,
+                    hidden=hidden)
     device = check_device(device or default_device())
-    check_freeze_form(freeze)  # before a folder is made
+    optim = Optim(llrd, weight_decay, warmup, _amp_dtype(precision, device), clip_grad, label_smoothing)
     if out is not None:
-        if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
-            raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
-                             "starts from; give another folder")
         make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
-    amp = _amp_dtype(precision, device)
     torch.manual_seed(seed)
     encoder = model if isinstance(model, Encoder) else load(model, offline=offline)
     targets = task_targets(task)
@@ -583,10 +576,7 @@ def finetune(
                      dropout=dropout, classes=targets.classes, values=targets.values, target_mean=targets.mean,
                      target_std=targets.std).float().to(device)
     trainable = apply_freeze(clf, freeze)  # checks the policy before any audio is decoded
-    lr = lr if lr is not None else (1e-3 if freeze == "frozen" else 3e-4)
-    head_epochs = head_epochs if freeze != "frozen" else 0
-    phases = [("head", "frozen", head_epochs, head_lr)] if head_epochs else []
-    phases.append(("head" if freeze == "frozen" else "finetune", freeze, epochs, lr))
+    phases = _phases(freeze, epochs, lr, head_epochs, head_lr)
     data = TrainData(TaskAudio(task.paths, clf.sample_rate), targets.train, task.indices("train"),
                      max(round((crop_seconds or clf.context_seconds) * clf.sample_rate), 1), batch_size,
                      np.random.default_rng(seed))
@@ -594,53 +584,112 @@ def finetune(
     name_of_model = (encoder.spec.name if encoder.spec else encoder.family) if isinstance(model, Encoder) else model
     settings = {
         "model": os.fspath(name_of_model), "freeze": freeze, "trainable_groups": trainable, "epochs": epochs,
-        "lr": lr, "llrd": llrd, "head_epochs": head_epochs, "head_lr": head_lr, "batch_size": batch_size,
-        "seed": seed, "patience": patience, "pool": pool, "layers": _json_layers(layers), "hidden": hidden,
-        "dropout": dropout, "weight_decay": weight_decay, "warmup": warmup, "label_smoothing": label_smoothing,
-        "clip_grad": clip_grad, "precision": str(amp or torch.float32).removeprefix("torch."),
+        "lr": phases[-1].lr, "llrd": llrd, "head_epochs": phases[0].epochs if len(phases) > 1 else 0,
+        "head_lr": head_lr, "batch_size": batch_size, "seed": seed, "patience": patience, "pool": pool,
+        "layers": _json_layers(layers), "hidden": hidden, "dropout": dropout, "weight_decay": weight_decay,
+        "warmup": warmup, "label_smoothing": label_smoothing, "clip_grad": clip_grad,
+        "precision": str(optim.amp or torch.float32).removeprefix("torch."),
         "crop_seconds": data.crop / clf.sample_rate, "device": str(device),
     }
     run = Path(out) if out is not None else None
-    if run is not None:
-        (run / "log.jsonl").write_text("")
     log.info("fine-tuning %s on %s (%s): %d train / %d valid / %d test clips, %d steps per epoch", settings["model"],
              task.name, freeze, len(data.idx), len(valid_idx), len(test_idx), data.steps_per_epoch)
 
+    def validate(idx: np.ndarray) -> dict[str, float]:
+        return evaluate_clips(clf, task, targets, data.audio, idx, eval_batch_size or batch_size, optim.amp)
+
     stopper = EarlyStopping(PRIMARY[task.kind], patience)
-    history: list[dict[str, Any]] = []
-    for phase, (phase_name, policy, n_epochs, phase_lr) in enumerate(phases):
-        apply_freeze(clf, policy)
-        stopper.stale = 0  # fine-tuning gets `patience` epochs of its own
-        opt = torch.optim.AdamW(param_groups(clf, phase_lr, llrd, weight_decay), lr=phase_lr)
-        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-        schedule = _schedule(n_epochs * data.steps_per_epoch, warmup)
-        for epoch in range(n_epochs):
-            t0 = time.perf_counter()
-            loss = train_epoch(clf, data, opt, phase_lr, schedule, epoch * data.steps_per_epoch, amp, scaler,
-                               clip_grad, label_smoothing)
-            valid = evaluate_clips(clf, task, targets, data.audio, valid_idx, eval_batch_size or batch_size, amp)
-            record = {"epoch": len(history) + 1, "phase": phase_name, "train_loss": loss,
-                      "lr": phase_lr * schedule((epoch + 1) * data.steps_per_epoch - 1),  # at its last step
-                      **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.perf_counter() - t0}
-            history.append(record)
-            best = stopper.update(valid, clf, record["epoch"])
-            log.info("epoch %d (%s): train loss %.4f, valid %s %.4f, loss %.4f%s", record["epoch"], record["phase"],
-                     loss, stopper.primary, valid[stopper.primary], valid["loss"], " (best)" if best else "")
-            if run is not None:
-                with open(run / "log.jsonl", "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            # Patience runs out only while fine-tuning: the head phase is short and always completes.
-            if phase == len(phases) - 1 and stopper.stale >= patience:
-                log.info("stopping: validation %s and loss have not improved for %d epochs", stopper.primary,
-                         patience)
-                break
+    history = _fit(clf, phases, data, lambda: validate(valid_idx), stopper, optim, run)
     clf.load_state_dict(stopper.state)
-    test = evaluate_clips(clf, task, targets, data.audio, test_idx, eval_batch_size or batch_size, amp)
-    result = FinetuneResult(clf, test, stopper.valid, stopper.primary, stopper.epoch, len(history), history,
-                            task.summary(), settings, run)
+    result = FinetuneResult(clf, validate(test_idx), stopper.valid, stopper.primary, stopper.epoch, len(history),
+                            history, task.summary(), settings, run)
     if run is not None:
         write_run(result, run, name)
     return result
+
+
+def _check_settings(model: Any, out: str | os.PathLike | None, freeze: str, *, epochs: int, patience: int,
+                    batch_size: int, head_epochs: int, lr: float | None, **rates: float) -> None:
+    """Refuse bad settings before any folder is made, model loaded or audio decoded."""
+    if min(epochs, patience) < 1 or batch_size < 2 or head_epochs < 0:
+        # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
+        raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
+                         f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
+    _check_rates(**({"lr": lr} if lr is not None else {}), **rates)  # lr None: the freeze policy's default
+    check_freeze_form(freeze)
+    if out is not None and not isinstance(model, Encoder) and Path(model).is_dir() \
+            and Path(model).resolve() == Path(out).resolve():
+        raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
+                         "starts from; give another folder")
+
+
+@dataclass
+class Phase:
+    """A stretch of training under one freeze policy, with its own optimiser and schedule."""
+
+    name: str  # "head" or "finetune"
+    policy: str  # the freeze policy while it runs
+    epochs: int
+    lr: float  # peak learning rate
+
+
+def _phases(freeze: str, epochs: int, lr: float | None, head_epochs: int, head_lr: float) -> list[Phase]:
+    """The head alone first (unless frozen: then that is all there is), then the freeze policy."""
+    if freeze == "frozen":
+        return [Phase("head", "frozen", epochs, lr if lr is not None else 1e-3)]
+    head = [Phase("head", "frozen", head_epochs, head_lr)] if head_epochs else []
+    return head + [Phase("finetune", freeze, epochs, lr if lr is not None else 3e-4)]
+
+
+@dataclass
+class Optim:
+    """How each step optimises, the same in every phase."""
+
+    llrd: float
+    weight_decay: float
+    warmup: float  # share of a phase's steps
+    amp: torch.dtype | None  # autocast dtype; None: float32
+    clip_grad: float
+    label_smoothing: float
+
+
+def _fit(clf: Classifier, phases: list[Phase], data: TrainData, validate: Callable[[], dict[str, float]],
+         stopper: EarlyStopping, optim: Optim, run: Path | None) -> list[dict[str, Any]]:
+    """Train phase after phase -> a record of every epoch; `stopper` keeps the best weights. Patience runs
+    out only in the last phase: the head phase is short and always completes."""
+    history: list[dict[str, Any]] = []
+    if run is not None:
+        (run / "log.jsonl").write_text("")
+    for i, phase in enumerate(phases):
+        apply_freeze(clf, phase.policy)
+        stopper.stale = 0  # fine-tuning gets `patience` epochs of its own
+        opt = torch.optim.AdamW(param_groups(clf, phase.lr, optim.llrd, optim.weight_decay), lr=phase.lr)
+        scaler = torch.amp.GradScaler(clf.device.type) if optim.amp == torch.float16 else None
+        schedule = _schedule(phase.epochs * data.steps_per_epoch, optim.warmup)
+        for epoch in range(phase.epochs):
+            t0 = time.perf_counter()
+            loss = train_epoch(clf, data, opt, phase.lr, schedule, epoch * data.steps_per_epoch, optim, scaler)
+            valid = validate()
+            record = {"epoch": len(history) + 1, "phase": phase.name, "train_loss": loss,
+                      "lr": phase.lr * schedule((epoch + 1) * data.steps_per_epoch - 1),  # at its last step
+                      **{f"valid_{k}": v for k, v in valid.items()}, "seconds": time.perf_counter() - t0}
+            history.append(record)
+            _log_epoch(record, stopper.update(valid, clf, record["epoch"]), stopper, run)
+            if i == len(phases) - 1 and stopper.stale >= stopper.patience:
+                log.info("stopping: validation %s and loss have not improved for %d epochs", stopper.primary,
+                         stopper.patience)
+                break
+    return history
+
+
+def _log_epoch(record: dict[str, Any], best: bool, stopper: EarlyStopping, run: Path | None) -> None:
+    """One line to the log, and one to the run's log.jsonl."""
+    log.info("epoch %d (%s): train loss %.4f, valid %s %.4f, loss %.4f%s", record["epoch"], record["phase"],
+             record["train_loss"], stopper.primary, record[f"valid_{stopper.primary}"], record["valid_loss"],
+             " (best)" if best else "")
+    if run is not None:
+        with open(run / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
 
 @dataclass
@@ -660,8 +709,7 @@ class TrainData:
 
 
 def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr: float,
-                schedule: Callable[[int], float], first_step: int, amp: torch.dtype | None, scaler: Any,
-                clip_grad: float, label_smoothing: float) -> float:
+                schedule: Callable[[int], float], first_step: int, optim: Optim, scaler: Any) -> float:
     """One pass over the training items in a new order, a random crop of each -> the mean loss.
     Step k of the phase runs each group at lr * schedule(k) * its `lr_scale`."""
     train_mode(clf)
@@ -676,18 +724,18 @@ def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr
         wav, lengths = batch_of([data.audio.crop(int(i), data.crop, data.rng) for i in idx], data.crop)
         for g in opt.param_groups:
             g["lr"] = lr * schedule(first_step + step) * g["lr_scale"]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(device.type, dtype=optim.amp, enabled=optim.amp is not None):
             out = clf(wav.to(device), lengths.to(device))
-        loss = loss_fn(clf, out.float(), data.targets[idx].to(device), label_smoothing)
+        loss = loss_fn(clf, out.float(), data.targets[idx].to(device), optim.label_smoothing)
         if not torch.isfinite(loss):
-            fp32 = ", or train in float32 (--dtype float32, precision='fp32')" if amp is not None else ""
+            fp32 = ", or train in float32 (--dtype float32, precision='fp32')" if optim.amp is not None else ""
             raise DivergedError(f"the training loss became {loss.item()} at step {first_step + step + 1} (training "
                                 f"diverged): lower the learning rate (lr={lr:g}){fp32}")
         opt.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(params, clip_grad)
+        nn.utils.clip_grad_norm_(params, optim.clip_grad)
         scaler.step(opt) if scaler else opt.step()
         if scaler:
             scaler.update()

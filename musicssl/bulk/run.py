@@ -140,18 +140,7 @@ def extract(
         then takes its share of that.
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
     """
-    check_batch_size(batch_size)
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
-        raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), not {num_workers!r}")
-    if decode_timeout is not None and not decode_timeout > 0:
-        raise ValueError(f"decode_timeout must be seconds > 0 (or None for no limit), not {decode_timeout!r}")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, not {format!r}")
-    if pool not in (None, "mean", "max"):
-        raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
-    check_device(device)
-    if not os.fspath(out):  # os.path.abspath("") is the working folder: an unset $OUT would fill it
-        raise ValueError("the output folder is empty (an unset variable?): give -o/out a folder")
+    _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device)
     if isinstance(inputs, (str, os.PathLike)):  # one file or folder, not its characters
         inputs = [inputs]
     ranks = distributed.from_env()
@@ -173,6 +162,23 @@ def extract(
         if ranks:
             distributed.stop()
 
+
+
+def _check_settings(out: str | os.PathLike, batch_size: int, num_workers: int | None, decode_timeout: float | None,
+                    format: str, pool: str | None, device: str | None) -> None:
+    """Refuse bad settings before any folder is made or model loaded."""
+    check_batch_size(batch_size)
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), not {num_workers!r}")
+    if decode_timeout is not None and not decode_timeout > 0:
+        raise ValueError(f"decode_timeout must be seconds > 0 (or None for no limit), not {decode_timeout!r}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, not {format!r}")
+    if pool not in (None, "mean", "max"):
+        raise ValueError(f"pool must be None, 'mean' or 'max', not {pool!r}")
+    check_device(device)
+    if not os.fspath(out):  # os.path.abspath("") is the working folder: an unset $OUT would fill it
+        raise ValueError("the output folder is empty (an unset variable?): give -o/out a folder")
 
 class _Run:
     """The state of one extraction run in one process."""

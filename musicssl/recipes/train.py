@@ -354,16 +354,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     tcfg, rcfg = resolve_configs(recipe, preset, overrides)
     tcfg.data = data_key(tcfg.data)  # so a resume from another working folder finds the same data
     rank, world = _distributed()
-    if tcfg.batch_size % world:
-        raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
-    least = getattr(recipe_class(recipe), "MIN_BATCH", 1) * world
-    if tcfg.batch_size < least:
-        raise ValueError(f"the {recipe} recipe needs batch_size >= {least} ({least // world} per process: its loss "
-                         f"and the BatchNorm of its projector compare the items of a batch), got {tcfg.batch_size}")
-    if tcfg.warmup_steps >= tcfg.steps and rank == 0:
-        log.warning("warmup_steps=%d is not below steps=%d: the whole run is warm-up (the learning rate climbs "
-                    "to lr=%g at best and never decays); set warmup_steps=%d (a tenth of the steps), say",
-                    tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.steps // 10)
+    _check_settings(recipe, tcfg, rank, world)
     device = _device(tcfg, rank)
     torch.manual_seed(tcfg.seed)
     model = build_recipe(recipe, rcfg).to(device)  # settings it refuses leave no folder behind
@@ -373,18 +364,8 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     opt = make_optimizer(model, tcfg)
     amp = _autocast_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    start, elapsed, ckpt = 0, 0.0, None
-    if (run / CHECKPOINT).exists():
-        ckpt = load_checkpoint(run)
-        check_resume(ckpt, tcfg, rcfg, run)
-        model.load_state_dict(ckpt["model"], strict=True)
-        opt.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        start, elapsed = ckpt["step"], ckpt["elapsed_seconds"]
-        if rank == 0:  # the one process that writes the log
-            _trim_log(run / "log.jsonl", start)
-        log.info("resuming %s at step %d", run, start)
+    ckpt = _resume(run, model, opt, scaler, tcfg, rcfg, rank) if (run / CHECKPOINT).exists() else None
+    start, elapsed = (ckpt["step"], ckpt["elapsed_seconds"]) if ckpt else (0, 0.0)
     if rank == 0:  # whole or not at all: the other ranks may be reading it in _check_run_folder
         text = json.dumps({"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
                            "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2)
@@ -429,6 +410,36 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if world > 1:
         dist.barrier()
     return run
+
+
+def _check_settings(recipe: str, tcfg: TrainConfig, rank: int, world: int) -> None:
+    """Refuse batch sizes the processes or the recipe cannot use; warn of a run that is all warm-up."""
+    if tcfg.batch_size % world:
+        raise ValueError(f"batch_size {tcfg.batch_size} must be divisible by the {world} processes")
+    least = getattr(recipe_class(recipe), "MIN_BATCH", 1) * world
+    if tcfg.batch_size < least:
+        raise ValueError(f"the {recipe} recipe needs batch_size >= {least} ({least // world} per process: its loss "
+                         f"and the BatchNorm of its projector compare the items of a batch), got {tcfg.batch_size}")
+    if tcfg.warmup_steps >= tcfg.steps and rank == 0:
+        log.warning("warmup_steps=%d is not below steps=%d: the whole run is warm-up (the learning rate climbs "
+                    "to lr=%g at best and never decays); set warmup_steps=%d (a tenth of the steps), say",
+                    tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.steps // 10)
+
+
+def _resume(run: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, tcfg: TrainConfig,
+            rcfg: Any, rank: int) -> dict[str, Any]:
+    """Load the run's checkpoint into model, optimiser and scaler (after checking it is this run's) -> it;
+    its "rng" is restored by the caller once the data loader has started."""
+    ckpt = load_checkpoint(run)
+    check_resume(ckpt, tcfg, rcfg, run)
+    model.load_state_dict(ckpt["model"], strict=True)
+    opt.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt["scaler"]:
+        scaler.load_state_dict(ckpt["scaler"])
+    if rank == 0:  # the one process that writes the log
+        _trim_log(run / "log.jsonl", ckpt["step"])
+    log.info("resuming %s at step %d", run, ckpt["step"])
+    return ckpt
 
 
 def _check_run_folder(run: Path) -> None:
