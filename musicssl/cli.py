@@ -25,6 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"musicssl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    add_model_parsers(sub)
+    add_embed_parser(sub)
+    add_train_parsers(sub)
+    add_eval_parser(sub)
+    add_finetune_parser(sub)
+    return p
+
+
+def add_model_parsers(sub: Any) -> None:
+    """list, info, download and convert."""
     s = sub.add_parser("list", help="list models", description="List registered models.")
     s.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'jepa-*'")
     s.add_argument("--all", action="store_true", help="include architectures without released weights")
@@ -51,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+", metavar="FILE", help="the upstream file(s), e.g. a checkpoint and its stats json")
     s.add_argument("--out", required=True, help="release folder to write")
 
+
+def add_embed_parser(sub: Any) -> None:
     s = sub.add_parser(
         "embed", help="embed audio files or whole collections",
         description="Embed audio files, folders (recursive) and lists of files into OUT, mirroring their tree: "
@@ -100,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="progress bar (default: when stderr is a terminal; otherwise a log line every --log-every s)")
     s.add_argument("--log-every", type=float, default=30.0, metavar="SECONDS", help="seconds between log lines (default 30)")
 
+
+def add_train_parsers(sub: Any) -> None:
+    """train and export."""
     s = sub.add_parser(
         "train", help="train an encoder with a self-supervised recipe",
         description="Train with a recipe. Settings come from --preset, then KEY=VALUE overrides (values "
@@ -122,9 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="release folder to write")
     s.add_argument("--name", default=None, help="model name in the card (default: the folder name)")
     s.add_argument("--fp16", action="store_true", help="store weights in float16 (half the size)")
-    add_eval_parser(sub)
-    add_finetune_parser(sub)
-    return p
 
 
 def add_eval_parser(sub: Any) -> None:
