@@ -37,6 +37,7 @@ from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
 from musicssl.errors import DivergedError
 from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating
+from musicssl.optim import decay_groups, optimizer_step, warmup_cosine
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,8 @@ def layer_groups(encoder: Encoder) -> list[list[str]]:
 def _check_rates(**settings: float) -> None:
     """Refuse settings that would train backwards or not at all, naming them: a negative or NaN
     learning rate or layer decay (llrd ** (L - i) alternates in sign below 0), a negative width."""
-    rules = {"lr": (0, False), "head_lr": (0, False), "llrd": (0, False), "weight_decay": (0, True), "hidden": (0, True)}
+    rules = {"lr": (0, False), "head_lr": (0, False), "llrd": (0, False), "weight_decay": (0, True), "hidden": (0, True),
+             "clip_grad": (0, True)}
     for name, value in settings.items():
         low, inclusive = rules[name]
         ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
@@ -359,13 +361,9 @@ def param_groups(clf: Classifier, lr: float, llrd: float = 0.75, weight_decay: f
     params = dict(clf.backbone.named_parameters())
     depth = [(llrd ** (L - i), [params[n] for n in names]) for i, names in enumerate(groups)]
     depth.append((1.0, [clf.layer_weights, *clf.head.parameters()]))
-    out = []
-    for scale, ps in depth:
-        ps = [p for p in ps if p.requires_grad]
-        for decay, chosen in ((weight_decay, [p for p in ps if p.ndim >= 2]), (0.0, [p for p in ps if p.ndim < 2])):
-            if chosen:
-                out.append({"params": chosen, "lr": lr * scale, "lr_scale": scale, "weight_decay": decay})
-    return out
+    return [g for scale, ps in depth
+            for g in decay_groups([p for p in ps if p.requires_grad], weight_decay, lr=lr * scale, lr_scale=scale)
+            if g["params"]]
 
 
 def train_mode(clf: Classifier) -> None:
@@ -553,6 +551,7 @@ def finetune(
     head_epochs, head_lr: unless frozen, the head first trains alone for head_epochs at head_lr
         (linear probing, then fine-tuning: Kumar et al. 2022), so that fine-tuning starts from a
         head that fits the features rather than a random one that would distort them.
+    clip_grad: the largest gradient norm a step takes (0: no clipping).
     precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32", "bf16" or "fp16" (loss-scaled).
     crop_seconds: training crop length (default: the encoder's context_seconds).
     """
@@ -564,9 +563,9 @@ def finetune(
         task = load_task(task, kind=kind, label=label, root=root, group=group, seed=seed)  # eval --seed's splits
     _check_settings(model, out, freeze, epochs=epochs, patience=patience, batch_size=batch_size,
                     head_epochs=head_epochs, lr=lr, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay,
-                    hidden=hidden)
+                    hidden=hidden, clip_grad=clip_grad)
     device = check_device(device or default_device())
-    optim = Optim(llrd, weight_decay, warmup, _amp_dtype(precision, device), clip_grad, label_smoothing)
+    optim = StepSettings(llrd, weight_decay, warmup, _amp_dtype(precision, device), clip_grad, label_smoothing)
     if out is not None:
         make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
     torch.manual_seed(seed)
@@ -642,7 +641,7 @@ def _phases(freeze: str, epochs: int, lr: float | None, head_epochs: int, head_l
 
 
 @dataclass
-class Optim:
+class StepSettings:
     """How each step optimises, the same in every phase."""
 
     llrd: float
@@ -654,7 +653,7 @@ class Optim:
 
 
 def _fit(clf: Classifier, phases: list[Phase], data: TrainData, validate: Callable[[], dict[str, float]],
-         stopper: EarlyStopping, optim: Optim, run: Path | None) -> list[dict[str, Any]]:
+         stopper: EarlyStopping, optim: StepSettings, run: Path | None) -> list[dict[str, Any]]:
     """Train phase after phase -> a record of every epoch; `stopper` keeps the best weights. Patience runs
     out only in the last phase: the head phase is short and always completes."""
     history: list[dict[str, Any]] = []
@@ -709,7 +708,7 @@ class TrainData:
 
 
 def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr: float,
-                schedule: Callable[[int], float], first_step: int, optim: Optim, scaler: Any) -> float:
+                schedule: Callable[[int], float], first_step: int, optim: StepSettings, scaler: Any) -> float:
     """One pass over the training items in a new order, a random crop of each -> the mean loss.
     Step k of the phase runs each group at lr * schedule(k) * its `lr_scale`."""
     train_mode(clf)
@@ -731,14 +730,7 @@ def train_epoch(clf: Classifier, data: TrainData, opt: torch.optim.Optimizer, lr
             fp32 = ", or train in float32 (--dtype float32, precision='fp32')" if optim.amp is not None else ""
             raise DivergedError(f"the training loss became {loss.item()} at step {first_step + step + 1} (training "
                                 f"diverged): lower the learning rate (lr={lr:g}){fp32}")
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(params, optim.clip_grad)
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
+        optimizer_step(loss, opt, params, scaler, optim.clip_grad)
         losses.append(float(loss.detach()))
     return float(np.mean(losses)) if losses else float("nan")
 
@@ -792,11 +784,9 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _schedule(total: int, warmup: float) -> Callable[[int], float]:
-    """step -> factor of the peak lr: linear warm-up, then cosine to 1/100 (recipes.train.lr_factor)."""
-    from musicssl.recipes.train import TrainConfig, lr_factor
-
-    cfg = TrainConfig(steps=total, warmup_steps=max(round(warmup * total), 1), min_lr_ratio=0.01)
-    return lambda step: lr_factor(step, cfg)
+    """step -> factor of the peak lr: linear warm-up over a `warmup` share of `total`, then cosine to 1/100."""
+    warmup_steps = max(round(warmup * total), 1)
+    return lambda step: warmup_cosine(step, total, warmup_steps, 0.01)
 
 
 # --------------------------------------------------------------------------- the run folder

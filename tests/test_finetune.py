@@ -316,13 +316,24 @@ def test_finetune_never_writes_over_the_model_it_starts_from(task_csv, tmp_path,
 
 
 @pytest.mark.parametrize("setting, value", [("lr", -1.0), ("lr", float("nan")), ("llrd", -0.5), ("hidden", -5),
-                                            ("head_lr", 0.0), ("weight_decay", -0.1)])
+                                            ("head_lr", 0.0), ("weight_decay", -0.1),
+                                            ("clip_grad", -1.0)])
 def test_rates_that_would_train_backwards_are_refused_before_any_work(task_csv, tmp_path, setting, value):
     """llrd -1 gave every other block a negative rate (gradient ascent) and ran to the end; lr -1
     was said by torch only after the head epochs; hidden -5 was a torch traceback."""
     with pytest.raises(ValueError, match=f"{setting} must be a finite number"):
         finetune(task_csv, model=tiny(), out=tmp_path / "run", **{setting: value})
     assert not (tmp_path / "run").exists()
+
+
+def test_clip_grad_zero_trains_without_clipping(task_csv):
+    """clip_grad=0 (no clipping, as in `musicssl train`) scaled every gradient to zero: nothing trained."""
+    clf = finetune(task_csv, model=tiny(), freeze="frozen", epochs=1, batch_size=6, clip_grad=0,
+                   weight_decay=0).model  # no decay: only gradients move the weights
+    encoder = tiny()
+    torch.manual_seed(0)  # as finetune() seeds before it builds the head
+    untrained = Classifier(encoder, 3)
+    assert not torch.equal(clf.head[-1].weight.cpu(), untrained.head[-1].weight)
 
 
 def test_rates_from_numpy_are_numbers_too():

@@ -30,6 +30,7 @@ from musicssl import __version__, signals
 from musicssl.bulk.outputs import atomic_write, make_out_dir
 from musicssl.devices import check_device
 from musicssl.errors import DivergedError
+from musicssl.optim import decay_groups, optimizer_step, warmup_cosine
 from musicssl.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -177,18 +178,12 @@ def _autocast_dtype(tcfg: TrainConfig, device: torch.device) -> torch.dtype | No
 def make_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and other 1-D parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(decay_groups(params, tcfg.weight_decay), lr=tcfg.lr, betas=(0.9, 0.95))
 
 
 def lr_factor(step: int, tcfg: TrainConfig) -> float:
     """Linear warm-up to 1, then cosine down to min_lr_ratio at the last step."""
-    if step < tcfg.warmup_steps:
-        return (step + 1) / tcfg.warmup_steps
-    progress = (step - tcfg.warmup_steps) / max(tcfg.steps - tcfg.warmup_steps, 1)
-    return tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, tcfg.steps, tcfg.warmup_steps, tcfg.min_lr_ratio)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -470,15 +465,7 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
         fp32 = " or use precision=fp32" if amp is not None else ""
         raise DivergedError(f"the training loss became {loss.item()} at step {step + 1} (training diverged): lower "
                             f"lr (now {tcfg.lr:g}){fp32}; the run's last checkpoint is from before it")
-    opt.zero_grad(set_to_none=True)
-    (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        scaler.unscale_(opt)
-    # clip_grad=0 means no clipping: a max norm of 0 would scale every gradient to zero.
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip_grad or float("inf"))
-    scaler.step(opt) if scaler else opt.step()
-    if scaler:
-        scaler.update()
+    grad_norm = optimizer_step(loss, opt, model.parameters(), scaler, tcfg.clip_grad)
     model.after_step(step, tcfg.steps)
     return out, grad_norm
 
