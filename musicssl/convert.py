@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from musicssl import hub
-from musicssl.errors import ReleaseFormatError
+from musicssl.errors import ReleaseFormatError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,8 @@ def _load_failure(path: Path, err: BaseException) -> str:
     # A zip's local-header magic (torch's format), or a pickle's protocol opcode (its legacy one).
     if head[:2] != b"PK" and head[:1] != b"\x80":
         return "it is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-    text = str(err) or type(err).__name__
-    said = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-    return (said[1] if said else text.splitlines()[0]).strip().rstrip(".")
+    said = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
+    return (said[1] if said else first_line(err)).strip().rstrip(".")
 
 
 def take(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -46,10 +46,6 @@ class ReleaseFormatError(MusicsslError, ValueError):
     """A release folder or its config.json is malformed, or its weights do not fit the model."""
 
 
-class MissingDependencyError(MusicsslError, ImportError):
-    """An optional dependency needed for this call is not installed."""
-
-
 class TaskFormatError(MusicsslError, ValueError):
     """A task file or folder is malformed (names the file, the row and what to fix)."""
 
@@ -60,6 +56,12 @@ class DeviceError(MusicsslError, ValueError):
 
 class OutputPathError(MusicsslError, OSError):
     """The output folder cannot be made or written (names the path and the cause)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's message, or its type's name when it says nothing."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def describe(err: BaseException) -> str:

@@ -38,6 +38,7 @@ from musicssl.errors import (
     ReleaseFormatError,
     WeightsNotCachedError,
     WeightsUnavailableError,
+    first_line,
 )
 
 if TYPE_CHECKING:
@@ -258,7 +259,7 @@ def _translate_hf_error(
     if isinstance(err, hf_utils.LocalEntryNotFoundError):
         return DownloadError(
             f"could not fetch {what}: {endpoint} could not be reached (the client already retried) and the "
-            f"file is not in the cache {_repo_cache_folder(repo_id)}. Cause: {_first_line(err.__cause__ or err)}. "
+            f"file is not in the cache {_repo_cache_folder(repo_id)}. Cause: {first_line(err.__cause__ or err)}. "
             f"Check your network and HF_ENDPOINT (now {endpoint!r}); if the file was downloaded before "
             "under another cache folder, point HF_HUB_CACHE at it and work offline with MUSICSSL_OFFLINE=1."
         )
@@ -285,21 +286,21 @@ def _translate_hf_error(
             "at that revision."
         )
     if isinstance(err, hf_utils.HfHubHTTPError):
-        return DownloadError(f"could not fetch {what} from {endpoint}: {_first_line(err)}. Try again later.")
+        return DownloadError(f"could not fetch {what} from {endpoint}: {first_line(err)}. Try again later.")
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EPERM):
         return DownloadError(
-            f"could not fetch {what}: {_first_line(err)}. The Hugging Face cache cannot be written there: point "
+            f"could not fetch {what}: {first_line(err)}. The Hugging Face cache cannot be written there: point "
             "HF_HOME (or HF_HUB_CACHE) at a folder you may write to; running again as it is would fail the same way."
         )
     if isinstance(err, OSError):
         # Disk trouble, or the client's own size check on a short body ("Consistency check failed").
         return DownloadError(
-            f"could not fetch {what}: {_first_line(err)} Nothing was kept in the cache: run the same call "
+            f"could not fetch {what}: {first_line(err)} Nothing was kept in the cache: run the same call "
             f"again (and check free disk space in {hf_cache_dir()})."
         )
     return DownloadError(
         f"could not fetch {what}: the download from {endpoint} was interrupted ({type(err).__name__}: "
-        f"{_first_line(err)}). Run the same call again; check your network and HF_ENDPOINT."
+        f"{first_line(err)}). Run the same call again; check your network and HF_ENDPOINT."
     )
 
 
@@ -320,11 +321,6 @@ def _status_fix(status: int) -> str:
         return ("The server has no such repository, revision or file: check the name after 'hf-hub:' and the "
                 "revision after '@', and HF_ENDPOINT if you use a mirror.")
     return "The server is overloaded or failing (the client already retried): try again later."
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
 
 
 def _not_cached_error(what: str, searched: Path, hint: str | None, offline: bool | None) -> WeightsNotCachedError:

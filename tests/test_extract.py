@@ -498,6 +498,20 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
             assert np.allclose(arrays(tmp_path / "out" / rel)[k], v, atol=1e-5), (rel, k)
 
 
+def test_a_batch_failing_with_an_empty_message_is_split_too(tmp_path, tiny_model, monkeypatch):
+    """A model's bare RuntimeError() (no message) crashed the log line of the split with IndexError."""
+    corpus(tmp_path / "in", 3, seconds=(3.0, 6.0))
+    real = musicssl.Encoder._launch_windows
+
+    def flaky(self, wav, n_samples, keep):
+        if len(n_samples) > 1:
+            raise RuntimeError()
+        return real(self, wav, n_samples, keep)
+
+    monkeypatch.setattr(musicssl.Encoder, "_launch_windows", flaky)
+    assert extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0).ok == 3
+
+
 # --- packing windows into batches -----------------------------------------------------------------
 
 def pack(seconds: list[float], batch_size: int, max_open: int, max_bytes: int = 1 << 30,

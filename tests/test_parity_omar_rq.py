@@ -317,6 +317,11 @@ Conf.expr = 1 + foo
     assert b["Conf.expr"] is omar.UNREADABLE and not any(k.startswith("scope/") for k in b)
     with pytest.raises(ReleaseFormatError, match="binds no Conformer.depth"):
         omar.args_from_gin(omar.read_gin(upstream_gin("mel", **TINY).replace("Conformer.depth", "Conformer.dpth")))
+    single_waveform = upstream_gin("multifeature", **TINY).replace(
+        "build_module.representation = [@nets.melspectrogram.MelSpectrogram, @nets.waveform.Waveform]",
+        "build_module.representation = @nets.waveform.Waveform")
+    with pytest.raises(ReleaseFormatError, match="single Waveform representation has no patch size"):  # a TypeError
+        omar.args_from_gin(omar.read_gin(single_waveform))
 
 
 # --------------------------------------------------------------------------------------------------

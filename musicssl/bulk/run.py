@@ -41,7 +41,7 @@ from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.errors import MusicsslError
+from musicssl.errors import MusicsslError, first_line
 from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
@@ -644,7 +644,7 @@ def _cores() -> int:
 
 
 def _log_split(n: int, err: BaseException) -> None:
-    log.warning("a batch of %d windows failed (%s); retrying it in halves", n, str(err).splitlines()[0][:200])
+    log.warning("a batch of %d windows failed (%s); retrying it in halves", n, first_line(err)[:200])
 
 
 class _Progress:

@@ -21,7 +21,7 @@ import numpy as np
 from musicssl import signals
 from musicssl.bulk.outputs import atomic_write
 from musicssl.bulk.run import model_sha256
-from musicssl.errors import AudioDecodeError, AudioInputError, TaskFormatError
+from musicssl.errors import AudioDecodeError, AudioInputError, TaskFormatError, first_line
 from musicssl.models.base import Encoder
 
 log = logging.getLogger(__name__)
@@ -135,16 +135,12 @@ class EmbeddingCache:
             try:
                 out.append(self._clips([f], layers)[0])
             except (AudioDecodeError, AudioInputError) as err:
-                bad.append((f, _first_line(err)))
+                bad.append((f, first_line(err)))
                 out.append(None)
         return out
 
     def _clips(self, files: list[Path], layers: list[int]) -> np.ndarray:
         return self.encoder.embed(files, layers=layers, pool=self.pool, batch_size=len(files)).clip.float().numpy()
-
-
-def _first_line(err: BaseException) -> str:
-    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _bar(total: int, desc: str):

@@ -60,15 +60,15 @@ def plot_layers(result: EvalResult, path: Path) -> Path | None:
     """Test metric per layer, a line per model and a panel per probe, the layer picked on valid
     circled. None (and a log line) when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only: never open a window or need a display
-        import matplotlib.pyplot as plt
+        # A Figure of its own, not pyplot: no window, no display needed, and the caller's backend
+        # (a notebook's, say) left as it was.
+        from matplotlib.figure import Figure
     except ImportError:
         log.info("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     probes = list(result.models[0].best_layer) if result.models else []
-    fig, axes = plt.subplots(1, max(len(probes), 1), figsize=(4.5 * max(len(probes), 1), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * max(len(probes), 1), 3.6))
+    axes = fig.subplots(1, max(len(probes), 1), squeeze=False)
     for ax, probe in zip(axes[0], probes):
         for m in result.models:
             ys = [m.fits[l][probe].test[result.primary] for l in m.layers]
@@ -82,5 +82,4 @@ def plot_layers(result: EvalResult, path: Path) -> Path | None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), "wb")
-    plt.close(fig)
     return path

@@ -468,7 +468,10 @@ def args_from_gin(bindings: Mapping[str, Any], where: str | Path = "config.gin")
         patch = tuple(get(rep, "patch_size"))
     else:
         rep = ref_name(representation, "build_module.representation")
-        patch = (96, 4) if rep == "MelSpectrogram" else None  # hard-coded by upstream's get_model
+        if rep != "MelSpectrogram":  # upstream's get_model hard-codes mel patches and knows no others
+            raise ReleaseFormatError(f"{where}: a single {rep} representation has no patch size (upstream "
+                                     "builds only a mel one); only mel, or a list naming its input, is supported")
+        patch = (96, 4)
     if ref_name(get("build_module", "net"), "build_module.net") != "Conformer":
         raise ReleaseFormatError(f"{where}: the network is not a Conformer; only OMAR-RQ Conformers are supported")
     if rep not in ("MelSpectrogram", "Waveform"):

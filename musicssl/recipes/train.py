@@ -29,7 +29,7 @@ from torch import nn
 from musicssl import __version__, signals
 from musicssl.bulk.outputs import atomic_write, make_out_dir
 from musicssl.devices import check_device
-from musicssl.errors import DivergedError
+from musicssl.errors import DivergedError, first_line
 from musicssl.optim import decay_groups, optimizer_step, warmup_cosine
 from musicssl.recipes import RECIPES
 
@@ -219,7 +219,7 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
-        raise ValueError(f"cannot read {path}: {str(err).splitlines()[0]}. It is damaged (cut short?): delete it "
+        raise ValueError(f"cannot read {path}: {first_line(err)}. It is damaged (cut short?): delete it "
                          f"to start {run} again, or train into another --out") from err
 
 
