@@ -452,13 +452,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from musicssl.finetune import finetune, format_metrics
 
     layers = parse_layers(args.layers, "finetune")
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(DTYPES.get(args.dtype), "auto")
     r = finetune(
         args.task, model=args.model, out=args.out, freeze=args.freeze, epochs=args.epochs, lr=args.lr,
         llrd=args.llrd, head_epochs=args.head_epochs, batch_size=args.batch_size, device=args.device,
         seed=args.seed, patience=args.patience, kind=args.kind, label=args.label, root=args.root, group=args.group,
         pool=args.pool,
-        layers=layers, hidden=args.hidden, precision=precision, offline=args.offline or None,
+        layers=layers, hidden=args.hidden, precision=args.dtype, offline=args.offline or None,
     )
     t = r.task
     print(f"fine-tuned {r.settings['model']} on {t['name']} ({t['kind']}, {t['train']} train / {t['valid']} valid / "

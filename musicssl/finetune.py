@@ -37,7 +37,7 @@ from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
 from musicssl.errors import DivergedError
 from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating
-from musicssl.optim import decay_groups, optimizer_step, warmup_cosine
+from musicssl.optim import autocast_dtype, decay_groups, optimizer_step, warmup_cosine
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
 log = logging.getLogger(__name__)
@@ -565,7 +565,7 @@ def finetune(
                     head_epochs=head_epochs, lr=lr, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay,
                     hidden=hidden, clip_grad=clip_grad)
     device = check_device(device or default_device())
-    optim = StepSettings(llrd, weight_decay, warmup, _amp_dtype(precision, device), clip_grad, label_smoothing)
+    optim = StepSettings(llrd, weight_decay, warmup, autocast_dtype(precision, device), clip_grad, label_smoothing)
     if out is not None:
         make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
     torch.manual_seed(seed)
@@ -771,16 +771,6 @@ def evaluate_clips(clf: Classifier, task: Any, targets: Targets, audio: TaskAudi
     with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         logits = clf.clip_logits([audio.clip(int(i)) for i in idx], batch_size)
     return score(task, targets, clf, logits, idx)
-
-
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    choices = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp16": torch.float16, "float16": torch.float16}
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision not in choices:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
-    return choices[precision]
 
 
 def _schedule(total: int, warmup: float) -> Callable[[int], float]:

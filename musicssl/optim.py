@@ -11,6 +11,20 @@ import torch
 from torch import nn
 
 
+# Training precision names -> the autocast dtype (None: no autocast, float32).
+PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+              "fp16": torch.float16, "float16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """"auto" (bf16 on CUDA, float32 elsewhere) or a name of PRECISIONS -> the dtype to autocast to."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, not {precision!r}")
+    return PRECISIONS[precision]
+
+
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
     """Two AdamW groups (either may be empty): weight decay on matrices and kernels, none on biases,
     norms and other 1-D parameters; `extra` (lr, ...) goes into both."""

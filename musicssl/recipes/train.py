@@ -30,7 +30,7 @@ from musicssl import __version__, signals
 from musicssl.bulk.outputs import atomic_write, make_out_dir
 from musicssl.devices import check_device
 from musicssl.errors import DivergedError, first_line
-from musicssl.optim import decay_groups, optimizer_step, warmup_cosine
+from musicssl.optim import PRECISIONS, autocast_dtype, decay_groups, optimizer_step, warmup_cosine
 from musicssl.recipes import RECIPES
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TrainConfig:
             low.append(f"lr must be > 0 and clip_grad >= 0 (0: no clipping), got {self.lr} and {self.clip_grad}")
         if not 0 <= self.min_lr_ratio <= 1:
             low.append(f"min_lr_ratio (the last step's share of lr) must be in [0, 1], got {self.min_lr_ratio}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+        if self.precision not in ("auto", *PRECISIONS):
             low.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if low:
             raise ValueError("; ".join(low))
@@ -165,11 +165,6 @@ def _device(tcfg: TrainConfig, rank: int) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
     return torch.device("cpu")
-
-
-def _autocast_dtype(tcfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    choice = {"auto": "bf16" if device.type == "cuda" else "fp32"}.get(tcfg.precision, tcfg.precision)
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -357,7 +352,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     make_out_dir(run, "--out")
     _check_run_folder(run)
     opt = make_optimizer(model, tcfg)
-    amp = _autocast_dtype(tcfg, device)
+    amp = autocast_dtype(tcfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     ckpt = _resume(run, model, opt, scaler, tcfg, rcfg, rank) if (run / CHECKPOINT).exists() else None
     start, elapsed = (ckpt["step"], ckpt["elapsed_seconds"]) if ckpt else (0, 0.0)
