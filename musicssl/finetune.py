@@ -36,7 +36,7 @@ from torch import nn
 from musicssl.bulk.outputs import make_out_dir
 from musicssl.devices import check_device, default_device
 from musicssl.errors import DivergedError
-from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating
+from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating, masked_pool
 from musicssl.optim import autocast_dtype, decay_groups, optimizer_step, warmup_cosine
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
 
@@ -164,15 +164,8 @@ class Classifier(Encoder):
         w = self.layer_weights.float().softmax(0)
         D = self.embed_dim
         x = sum(w[k] * F.layer_norm(hidden[i].float(), (D,)) for k, i in enumerate(self.layer_ids))
-        T = x.shape[1]
-        n = self.backbone.frame_lengths(lengths.to(x.device)).clamp(max=T)
-        valid = torch.arange(T, device=x.device)[None, :] < n[:, None]
-        if self.pool == "max":
-            pooled = x.masked_fill(~valid[:, :, None], float("-inf")).amax(dim=1)
-            pooled = torch.where(n[:, None] > 0, pooled, torch.zeros_like(pooled))
-        else:
-            pooled = (x * valid[:, :, None]).sum(dim=1) / n.clamp(min=1)[:, None]
-        return pooled, n
+        n = self.backbone.frame_lengths(lengths.to(x.device)).clamp(max=x.shape[1])
+        return masked_pool(x, n, self.pool), n
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) -> logits (B, C); regression: values (B,) in the targets' units."""

@@ -342,11 +342,7 @@ class Encoder(nn.Module):
             return self._embeddings(None, clip[:, 0] if single_layer else clip, lengths, int(lengths.max()), keep,
                                     pool, dtype)
         T = frames.shape[1]
-        if pool == "max":
-            valid = (torch.arange(T)[None, :] < lengths[:, None])[:, :, None, None]
-            clip = frames.masked_fill(~valid, float("-inf")).amax(dim=1)
-        else:
-            clip = frames.sum(dim=1) / lengths[:, None, None]
+        clip = masked_pool(frames, lengths, pool or "mean")
         frames = frames.transpose(1, 2)  # (B, L, T, D), a view
         if single_layer:
             frames, clip = frames[:, 0], clip[:, 0]
@@ -377,6 +373,16 @@ def evaluating(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def masked_pool(frames: torch.Tensor, lengths: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """frames (B, T, ...) and each item's valid frames (B,) -> (B, ...): the mean or max over them.
+    Frames past `lengths` are ignored whatever they hold (NaN too); an item with none gives zeros."""
+    # Item by item over views: no masked copy of frames, which may be hours long.
+    empty = frames.new_zeros(frames.shape[2:])
+    pooled = [(frames[i, :k].amax(dim=0) if how == "max" else frames[i, :k].mean(dim=0)) if k > 0 else empty
+              for i, k in enumerate(lengths.clamp(max=frames.shape[1]).tolist())]
+    return torch.stack(pooled)
 
 
 class RunningPool:

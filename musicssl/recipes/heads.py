@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from musicssl.models.base import masked_pool
+
 _NORMS = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm}
 
 
@@ -71,10 +73,6 @@ def clip_vector(frames: torch.Tensor, lengths: torch.Tensor | None = None) -> to
         raise ValueError(f"frames must be (B, T, D), got {tuple(frames.shape)}")
     if lengths is None:
         return frames.mean(dim=1)
-    B, T, _ = frames.shape
-    lengths = lengths.to(frames.device)
-    if lengths.shape != (B,):
-        raise ValueError(f"lengths must be ({B},), got {tuple(lengths.shape)}")
-    valid = torch.arange(T, device=frames.device)[None, :] < lengths[:, None]
-    total = frames.masked_fill(~valid[:, :, None], 0).sum(dim=1)
-    return total / lengths.clamp(min=1, max=T)[:, None].to(frames.dtype)
+    if lengths.shape != frames.shape[:1]:
+        raise ValueError(f"lengths must be ({frames.shape[0]},), got {tuple(lengths.shape)}")
+    return masked_pool(frames, lengths)
