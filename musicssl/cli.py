@@ -351,7 +351,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
-        print_summary(result, args)
+        try:
+            print_summary(result, args)
+            if sys.stdout is not None:
+                sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:  # stdout on a full disk
+            from musicssl.errors import OutputPathError
+
+            raise OutputPathError(f"cannot write the summary to standard output ({err.strerror or err}); the run "
+                                  f"itself ended: its manifest {result.manifest} says what was done") from err
     return 1 if result.found == 0 else result.exit_code
 
 
@@ -364,6 +374,7 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
     """The last lines of `musicssl embed`: counts, speed, and where the failures are listed."""
     if r.found and not r.planned:  # a shard that got no files: its share of the work is done
         print(f"0 of {r.found} inputs fall in shard {args.shard}: nothing to do -> {r.out_dir}")
+        _say_unreadable(r)
         return
     if r.found == 0:
         from musicssl.audio.io import AUDIO_EXTENSIONS
@@ -372,6 +383,7 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         searched = f" (searched every subfolder for {wanted}{'; --ext set this list' if args.ext else ''})"
         print(f"no audio files found in {', '.join(args.inputs) or args.files_from}{searched if args.inputs else ''}",
               file=sys.stderr)
+        _say_unreadable(r)
         return
     from musicssl.bulk.outputs import printable
 
@@ -395,10 +407,24 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
               f"their manifest lines say what, in \"warning\" ({r.manifest})")
     if left:
         print(f"the same command carries on with the {r.planned - r.total} inputs not started")
+    _say_unreadable(r)
     if r.failed_list:
         print(f"failed inputs: {r.failed_list} (reasons in {r.manifest}); retry them with "
               f"musicssl embed --files-from {shlex.quote(str(r.failed_list))} --root {shlex.quote(str(r.root))} "
               f"-o {shlex.quote(str(r.out_dir))} --model {shlex.quote(args.model)}{settings_flags(args)}")
+
+
+def _say_unreadable(r: Any) -> None:
+    """What the search of the input folders could not read, and so did not embed."""
+    from musicssl.bulk.outputs import printable
+
+    if not r.unreadable:
+        return
+    shown = "; ".join(f"{p} ({why})" for p, why in r.unreadable[:5])
+    more = f"; and {len(r.unreadable) - 5} more (in the log above)" if len(r.unreadable) > 5 else ""
+    print(printable(f"{len(r.unreadable)} folders or files in the inputs could not be read, so what they hold was "
+                    f"not embedded: {shown}{more}. Make them readable and run the same command again (finished "
+                    "outputs are skipped)"), file=sys.stderr)
 
 
 def settings_flags(args: argparse.Namespace) -> str:
@@ -516,7 +542,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return COMMANDS[args.command](args)
-    except (MusicsslError, FileNotFoundError, ValueError) as err:
+    except BrokenPipeError:
+        raise  # a reader that stopped reading: run() ends quietly
+    except (MusicsslError, OSError, ValueError) as err:  # OSError: a disk, a permission, a missing file
         print(f"musicssl {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -541,7 +569,7 @@ def run() -> None:
     stops = signals.catch()
     try:
         code = main()
-        sys.stdout.flush()  # here, where a closed pipe is caught below, not at exit
+        code = _flush_stdout(code)  # here, where a closed pipe is caught below, not at exit
         signals.check()  # a signal whose KeyboardInterrupt was lost (see musicssl.signals) still ends it
         sys.exit(code)
     except KeyboardInterrupt:
@@ -552,6 +580,22 @@ def run() -> None:
     except BrokenPipeError:  # `musicssl list | head` stopped reading: end quietly, as shell commands do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
         sys.exit(128 + signal.SIGPIPE)
+
+
+def _flush_stdout(code: int) -> int:
+    """Flush what the command printed -> its exit code, or 1 if its report could not be written (a
+    full disk): the work stands, the report is lost, and a script must not take it for success."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nothing was printed
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        print(f"musicssl: cannot write to standard output: {err.strerror or err}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return code or 1
+    return code
 
 
 # What an interrupted command leaves to build on.

@@ -66,7 +66,8 @@ def first_line(err: BaseException) -> str:
 
 def describe(err: BaseException) -> str:
     """One line for a manifest: our own errors already name the file, cause and fix."""
-    text = " ".join(str(err).split()) or repr(err)
+    # Line breaks only: runs of spaces may belong to a file's name.
+    text = " ".join(str(err).splitlines()).strip() or repr(err)
     return text if isinstance(err, MusicsslError) else f"{type(err).__name__}: {text}"
 
 

@@ -952,3 +952,106 @@ def test_a_moved_collection_whose_manifest_was_lost_is_made_again(tmp_path):
     (out / "manifest.jsonl").unlink()
     assert main(["embed", str(tmp_path / "lib" / "d"), "-o", str(out), "--model", "mfcc"]) == 0
     assert manifest(out)[-1]["status"] == "ok"
+
+
+# --- faults of the disk, the streams and the input tree ---------------------------------------------
+
+def _full_disk_after(calls: int):
+    """A stand-in for manifest.append_records that fails with ENOSPC after `calls` appends."""
+    import errno
+
+    from musicssl.bulk import manifest as m
+
+    real, seen = m.append_records, []
+
+    def append(path, records):
+        seen.append(len(records))
+        if len(seen) > calls:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(path, records)
+
+    return append
+
+
+def test_a_full_disk_met_by_the_manifest_stops_with_the_summary(tmp_path, monkeypatch, capsys):
+    """ENOSPC from a manifest line (or the failed list, or run.json), not from an output, ended the
+    run in a bare OSError traceback with no summary."""
+    from musicssl.bulk import manifest as m
+
+    corpus(tmp_path / "in", 4)
+    monkeypatch.setattr(m, "append_records", _full_disk_after(2))
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc",
+                 "--num-workers", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "stopped because" in out and "No space left on device" in out and "free space" in out
+    monkeypatch.undo()  # space freed: the same command finishes the job
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 0
+    assert len(outputs(tmp_path / "out")) == 4
+
+
+def test_a_full_disk_at_the_start_or_the_end_is_said_in_a_line(tmp_path, monkeypatch, capsys, caplog):
+    import errno
+
+    from musicssl.bulk import run as bulk_run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    corpus(tmp_path / "in", 2)
+    monkeypatch.setattr(bulk_run, "write_run_info", full)
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 2
+    assert "run.json: No space left on device; free space" in capsys.readouterr().err
+    monkeypatch.undo()
+    (tmp_path / "in" / "bad.wav").write_bytes(b"RIFF junk")
+    monkeypatch.setattr(bulk_run, "write_failed", full)
+    with caplog.at_level("WARNING", logger="musicssl"):
+        assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 1
+    assert "1 failed of 3 inputs" in capsys.readouterr().out and "No space left on device" in caplog.text
+
+
+def test_a_manifest_that_cannot_be_written_is_said_before_any_work(tmp_path, monkeypatch, capsys):
+    from musicssl.bulk import run as bulk_run
+
+    corpus(tmp_path / "in", 1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.jsonl").write_text("")
+    monkeypatch.setattr(bulk_run.os, "access", lambda path, mode: False)  # as a user who may not write it
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 2
+    assert "manifest.jsonl cannot be written (permission denied)" in capsys.readouterr().err
+
+
+def test_a_garbled_manifest_line_is_skipped(tmp_path):
+    """One non-UTF-8 byte in the manifest made every later run refuse with a bare UnicodeDecodeError."""
+    corpus(tmp_path / "in", 2)
+    assert extract([tmp_path / "in"], tmp_path / "out", "mfcc").ok == 2
+    with open(tmp_path / "out" / "manifest.jsonl", "ab") as fh:
+        fh.write(b'{"input": "\xff\xfe garbled"}\n')
+    assert extract([tmp_path / "in"], tmp_path / "out", "mfcc").skipped == 2
+
+
+def test_what_a_folder_search_cannot_read_is_said_and_fails_the_run(tmp_path, capsys):
+    """An unreadable folder (or a link that leads nowhere) inside an input tree was a log line only:
+    the run said success with its files left out."""
+    corpus(tmp_path / "in", 2)
+    (tmp_path / "in" / "gone.wav").symlink_to(tmp_path / "elsewhere.wav")
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 1
+    captured = capsys.readouterr()
+    assert "2 embedded, 0 skipped, 0 failed" in captured.out
+    assert f"1 folders or files in the inputs could not be read" in captured.err and "gone.wav" in captured.err
+
+
+def test_closed_streams_and_a_dangling_output_link_get_one_line(tmp_path, monkeypatch, capsys):
+    corpus(tmp_path / "in", 1)
+    monkeypatch.setattr(sys, "stdin", None)  # started with <&-
+    assert main(["embed", "--files-from", "-", "-o", str(tmp_path / "out")]) == 2
+    assert "standard input is closed" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to("/nonexistent/scratch/feats")
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "link"), "--model", "mfcc"]) == 2
+    assert "is a link to /nonexistent/scratch/feats, which leads nowhere" in capsys.readouterr().err
+
+
+def test_a_reason_keeps_the_spaces_of_a_name():
+    from musicssl.errors import describe
+
+    assert describe(ValueError("cannot decode 'two  spaces.flac'\nsecond line")) == \
+        "ValueError: cannot decode 'two  spaces.flac' second line"

@@ -216,12 +216,15 @@ def check_finite(x: Any, what: str) -> None:
     )
 
 
-def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[Path]:
+def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS,
+                     unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Audio files under ``root``, sorted; a file given as ``root`` comes back alone.
 
     Folders are searched recursively; extensions match case-insensitively (".wav" or "wav"); files
     and folders whose names start with "." are skipped; symlinks are followed, and a real file
     reached by several paths is listed once, under the first path in sorted order.
+    unreadable: where given, gets (path, reason) for each folder that could not be searched and each
+    audio file that could not be looked at (a link that leads nowhere); either way they are logged.
     """
     base = Path(root).expanduser()
     if base.is_file():
@@ -232,8 +235,13 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
 
+    def skip(path: Any, what: str, err: OSError) -> None:
+        log.warning("Skipping %s%s: %s", what, path, err.strerror)
+        if unreadable is not None:
+            unreadable.append((Path(path), err.strerror or str(err)))
+
     def on_error(err: OSError) -> None:
-        log.warning("Skipping unreadable folder %s: %s", err.filename, err.strerror)
+        skip(err.filename, "unreadable folder ", err)
 
     for dirpath, dirnames, filenames in os.walk(base, onerror=on_error, followlinks=True):
         st = os.stat(dirpath)
@@ -253,8 +261,8 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
     for path in sorted(found):
         try:
             st = path.stat()
-        except OSError as err:
-            log.warning("Skipping %s: %s", path, err.strerror)  # e.g. a dangling symlink
+        except OSError as err:  # e.g. a link that leads nowhere
+            skip(path, "", err)
             continue
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen_files:
             continue

@@ -70,14 +70,14 @@ def json_lines(records: list[dict[str, Any]]) -> bytes:
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The manifest's records in order; lines cut short by a killed run are skipped."""
+    """The manifest's records in order; damaged lines (cut short by a killed run, garbled) are skipped."""
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
         for line in fh:
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
+                yield json.loads(line)  # its lines are ASCII (json escapes): other bytes are damage
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
 
 

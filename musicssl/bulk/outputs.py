@@ -31,6 +31,10 @@ def make_out_dir(path: Path, flag: str = "-o/out") -> None:
     written, is said once (`flag` names the option that gave it)."""
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"the output folder {path} is a file: give {flag} a folder (made if missing)")
+    if path.is_symlink() and not path.exists():  # mkdir would say only "File exists"
+        raise OutputPathError(f"the output folder {path} is a link to {os.readlink(path)}, which leads nowhere (an "
+                              f"unmounted disk, or a loop of links): mount it or point the link again, or give "
+                              f"{flag} another folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

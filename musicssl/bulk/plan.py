@@ -29,6 +29,8 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
     """Paths from a list file (one per line, blank lines ignored; "-" reads stdin). Relative paths
     are relative to the current folder, as with `tar -T`."""
     if os.fspath(list_file) == "-":
+        if sys.stdin is None:
+            raise ValueError("--files-from -: standard input is closed; pipe the list in, or give a list file")
         stdin = getattr(sys.stdin, "buffer", None)  # None where stdin was replaced by a text stream
         raw = stdin.read() if stdin is not None else os.fsencode(sys.stdin.read())
     else:
@@ -46,10 +48,12 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
     return [os.fsdecode(line) for line in raw.splitlines() if line.strip()]
 
 
-def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extensions: Iterable[str] | None) -> tuple[list[Path], list[Path]]:
+def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extensions: Iterable[str] | None,
+           unreadable: list[tuple[Path, str]] | None = None) -> tuple[list[Path], list[Path]]:
     """(audio files, folders searched): files and folders given, folders expanded, all absolute.
     Listed paths are kept even when missing (they become per-file errors); a missing input given
-    on the command line is an error at once."""
+    on the command line is an error at once; what a folder's search could not read goes to
+    `unreadable` (`find_audio_files`)."""
     from musicssl.audio.io import AUDIO_EXTENSIONS, find_audio_files
 
     files, folders = [], []
@@ -57,7 +61,8 @@ def gather(inputs: Sequence[str | os.PathLike], listed: Sequence[str], extension
         path = Path(os.path.abspath(Path(given).expanduser()))
         if path.is_dir():
             folders.append(path)
-            files.extend(Path(os.path.abspath(f)) for f in find_audio_files(path, extensions or AUDIO_EXTENSIONS))
+            files.extend(Path(os.path.abspath(f)) for f in find_audio_files(path, extensions or AUDIO_EXTENSIONS,
+                                                                                  unreadable))
         elif path.exists():
             files.append(path)
         elif path.is_symlink():
@@ -79,15 +84,17 @@ def plan_jobs(
     inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, suffix: str, *,
     files_from: str | os.PathLike | None = None, root: str | os.PathLike | None = None,
     extensions: Iterable[str] | None = None, earlier_root: str | os.PathLike | None = None,
+    unreadable: list[tuple[Path, str]] | None = None,
 ) -> tuple[list[Job], Path]:
     """One job per distinct input file (by real path; the first name wins), sorted by `rel`, and the root used.
 
     earlier_root: the root of an earlier run into the same OUT, kept (without `root`) when every
     input lies inside it, so that a run over part of a collection, or one that adds a folder beside
     it, writes where the earlier run did instead of laying OUT out anew.
+    unreadable: gets what the search of a folder could not read (`find_audio_files`).
     """
     listed = read_list(files_from) if files_from is not None else []
-    files, folders = gather(inputs, listed, extensions)
+    files, folders = gather(inputs, listed, extensions, unreadable)
     if root is not None:
         base = Path(os.path.abspath(root))
         if base.is_file():

@@ -30,8 +30,8 @@ import torch
 
 from musicssl import __version__, signals
 from musicssl.bulk import distributed
-from musicssl.bulk.manifest import (MANIFEST, Claim, RecordSink, check_compatible, earlier_root, merge_parts, now,
-                                    read_view, settings_id, write_failed, write_run_info)
+from musicssl.bulk.manifest import (MANIFEST, RUN_INFO, Claim, RecordSink, check_compatible, earlier_root,
+                                    merge_parts, now, read_view, settings_id, write_failed, write_run_info)
 from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, made_from, read_clip, sync_outputs,
                                    write_output, write_table)
 from musicssl.bulk.decoders import DecoderPool
@@ -41,7 +41,7 @@ from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.errors import MusicsslError, first_line
+from musicssl.errors import MusicsslError, OutputPathError, first_line
 from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
@@ -72,6 +72,9 @@ class ExtractResult:
     warned: int = 0  # embedded, but decoding warned (e.g. a damaged file used up to the damage): see the manifest
     planned: int = 0  # this run's inputs (this shard's, over all ranks); more than `total` when it stopped early
     found: int = 0  # inputs found before --shard took its part
+    # (path, reason): folders whose search failed, audio files that could not be looked at (a link
+    # that leads nowhere): what they hold was not embedded
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -79,7 +82,7 @@ class ExtractResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.unreadable or self.stopped_early else 0
 
 
 class _Stop(Exception):
@@ -163,7 +166,6 @@ def extract(
             distributed.stop()
 
 
-
 def _check_settings(out: str | os.PathLike, batch_size: int, num_workers: int | None, decode_timeout: float | None,
                     format: str, pool: str | None, device: str | None) -> None:
     """Refuse bad settings before any folder is made or model loaded."""
@@ -180,6 +182,7 @@ def _check_settings(out: str | os.PathLike, batch_size: int, num_workers: int | 
     if not os.fspath(out):  # os.path.abspath("") is the working folder: an unset $OUT would fill it
         raise ValueError("the output folder is empty (an unset variable?): give -o/out a folder")
 
+
 class _Run:
     """The state of one extraction run in one process."""
 
@@ -187,9 +190,15 @@ class _Run:
                  shard: str | None, ranks: distributed.Ranks | None, fmt: str, overwrite: bool) -> None:
         self.out_dir = Path(os.path.abspath(out))
         self.format, self.overwrite, self.ranks, self.shard = fmt, overwrite, ranks, shard
+        self.unreadable: list[tuple[Path, str]] = []  # what the search of input folders could not read
         jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
-                                    extensions=extensions, earlier_root=earlier_root(self.out_dir))
+                                    extensions=extensions, earlier_root=earlier_root(self.out_dir),
+                                    unreadable=self.unreadable)
         make_out_dir(self.out_dir)
+        manifest = self.out_dir / MANIFEST  # appended to, not replaced: the file itself must be writable
+        if manifest.exists() and not os.access(manifest, os.W_OK):
+            raise OutputPathError(f"{manifest} cannot be written (permission denied), so this run could not "
+                                  "record its inputs: make it writable (chmod u+w), or give -o another folder")
         self.found = len(jobs)
         if shard:
             jobs = take_shard(jobs, *parse_shard(shard))
@@ -214,7 +223,11 @@ class _Run:
         self._check_names_taken()
         self.settings = info["settings_id"]
         if self.found and (not self.ranks or self.ranks.rank == 0):  # no input: nothing to say of OUT
-            write_run_info(self.out_dir, info)
+            try:
+                write_run_info(self.out_dir, info)
+            except OSError as err:
+                raise OutputPathError(f"cannot write {self.out_dir / RUN_INFO}: {err.strerror or err}; free space "
+                                      "(or make the folder writable), or give -o another folder") from err
         self.sink = RecordSink(self._records_path(), hold=bool(self.ranks))
         self.progress = _Progress(len(self.mine), progress, log_every, self.ranks)
         self.writer, self.lock, self.watch = BackgroundWriter(), threading.Lock(), Stopwatch()
@@ -226,6 +239,10 @@ class _Run:
                 self.writer.close()
         except _Stop as stop:
             stopped, self.stop_reason = True, str(stop)
+        except OSError as err:  # bookkeeping (the manifest, the decoding trail) on a full disk
+            if err.errno not in _OUT_OF_ROOM:
+                raise
+            stopped, self.stop_reason = True, self._out_of_room(err)
         finally:
             for _, claim in getattr(self, "open", []):  # files a stop left half embedded
                 claim.release()
@@ -459,11 +476,14 @@ class _Run:
         hint = " (use a shorter -o or --root path)" if err.errno == errno.ENAMETOOLONG else ""
         reason = f"cannot write {job.output}: {err.strerror or err}{hint}"
         if err.errno in _OUT_OF_ROOM:
-            with contextlib.suppress(OSError):  # the manifest may not fit either
+            with contextlib.suppress(_Stop):  # the manifest may not fit either
                 self._record(job, "error", reason=reason, seconds=seconds)
-            raise _Stop(f"because {self.out_dir} takes no more outputs ({err.strerror}): free space (or "
-                        "remount it writable) and run again; finished outputs are kept") from err
+            raise _Stop(self._out_of_room(err)) from err
         self._record(job, "error", reason=reason, seconds=seconds)
+
+    def _out_of_room(self, err: OSError) -> str:
+        return (f"because {self.out_dir} takes no more outputs ({err.strerror}): free space (or remount it "
+                "writable) and run again; finished outputs are kept")
 
     def _metadata(self, job: Job, duration: float, layers: list[int]) -> dict[str, Any]:
         spec = self.encoder.spec
@@ -479,7 +499,11 @@ class _Run:
                "status": status, "reason": reason, **extra, "seconds": round(seconds, 3), "time": now(),
                "host": f"{socket.gethostname()}:{os.getpid()}"}
         with self.lock:  # the main thread and the writer threads all record
-            self.sink.write([rec])
+            try:
+                self.sink.write([rec])
+            except OSError as err:
+                raise _Stop(self._out_of_room(err) if err.errno in _OUT_OF_ROOM else
+                            f"because its manifest cannot be written ({err.strerror or err})") from err
             self.counts[status] += 1
             self.counts["warned"] += bool(extra.get("warning"))
             self.audio_seconds += extra.get("duration", 0.0)
@@ -501,16 +525,21 @@ class _Run:
             counts = distributed.sum_counts(counts)
         failed_list, tables = None, []
         if lead:
-            merge_parts(self.out_dir)
-            self.final = read_view(self.out_dir / MANIFEST)  # with this run's lines
-            failed_list = self._failed_list()
-            tables = self._table() if table else []
+            try:
+                merge_parts(self.out_dir)
+                self.final = read_view(self.out_dir / MANIFEST)  # with this run's lines
+                failed_list = self._failed_list()
+                tables = self._table() if table else []
+            except OSError as err:  # a full disk: the summary still says what happened
+                log.warning("cannot finish the manifest, the failed list or the table in %s: %s", self.out_dir,
+                            err.strerror or err)
         if self.ranks:
             distributed.barrier()  # nobody exits before rank 0 has merged
         return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
                              self.out_dir / MANIFEST, failed_list, tables, counts[3],
                              time.perf_counter() - self.started, bool(counts[4]), self.errors,
-                             dict(self.watch.seconds), self.stop_reason, int(counts[5]), len(self.jobs), self.found)
+                             dict(self.watch.seconds), self.stop_reason, int(counts[5]), len(self.jobs), self.found,
+                             [(str(p), why) for p, why in self.unreadable])
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
