@@ -601,4 +601,5 @@ def _flush_stdout(code: int) -> int:
 # What an interrupted command leaves to build on.
 RESUMES = {"embed": "; finished outputs are kept, and the same command carries on from them",
            "train": "; the same command resumes from the last checkpoint",
-           "eval": "; embeddings computed so far are cached for the next run"}
+           "eval": "; embeddings computed so far are cached for the next run",
+           "finetune": "; -o keeps what it held before, and its log.partial.jsonl has this run's epochs so far"}

@@ -265,7 +265,12 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
 def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = ()) -> None:
     """Refuse an output folder for a release whose files would replace others: one that holds
     anything and is not a musicssl release (a project, a Hub snapshot), or where a release file
-    is one of `inputs` (converting a folder into itself)."""
+    is one of `inputs` (converting a folder into itself), or a folder that `load()` reads weights
+    from (a model's own folder in the caches or the package)."""
+    home = hub.weights_home(out)
+    if home is not None:
+        raise ValueError(f"{flag} {out} lies in {home}, where load() finds the weights it was given: a release "
+                         "written there would replace them; give a folder of your own")
     if not out.is_dir():
         return
     for name in (*hub.RELEASE_FILES, "README.md"):  # what save_pretrained writes
@@ -297,7 +302,7 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
-    from musicssl.bulk.outputs import make_out_dir, usual_mode
+    from musicssl.bulk.outputs import TEMP_SUFFIX, make_out_dir, usual_mode
 
     if not isinstance(encoder, Encoder):
         raise TypeError(f"save_pretrained takes a musicssl Encoder (from musicssl.load or a recipe), not a "
@@ -314,9 +319,15 @@ def save_pretrained(
         "provenance": provenance or {},
     }
     state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in encoder.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "musicssl": __version__})
-    os.chmod(folder / "model.safetensors", usual_mode())  # safetensors writes 0600: others could not load it
-    # Renamed into place: a symlink there (a Hub snapshot's) is replaced, never written through.
+    # Each file is renamed into place: a symlink there (a Hub snapshot's) is replaced, never written
+    # through, and a killed save leaves the old file whole.
+    temp = folder / f".model.safetensors.{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        save_file(state, str(temp), metadata={"format": "pt", "musicssl": __version__})
+        os.chmod(temp, usual_mode())  # safetensors writes 0600: others could not load it
+        os.replace(temp, folder / "model.safetensors")
+    finally:
+        temp.unlink(missing_ok=True)
     _write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if card is not None or not (folder / "README.md").exists():
         _write_text(folder / "README.md", card if card is not None else card_stub(spec))

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musicssl.bulk.outputs import make_out_dir
+from musicssl.bulk.outputs import atomic_write, make_out_dir, unmade_if_unused
 from musicssl.devices import check_device, default_device
 from musicssl.errors import DivergedError
+from musicssl.factory import check_release_out
 from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating, masked_pool
 from musicssl.optim import autocast_dtype, decay_groups, optimizer_step, warmup_cosine
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_family
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("classification", "multilabel", "regression", "pitch")
 POOLS = ("mean", "max")
+# The epochs of a run under way; renamed to log.jsonl once the run is written, so that an interrupted
+# rerun into a finished run's folder leaves that run whole.
+PARTIAL_LOG = "log.partial.jsonl"
 CACHE_BYTES = 2 * 2**30  # decoded task audio kept in memory up to this size; beyond it, read per use
 
 
@@ -294,17 +298,36 @@ def layer_groups(encoder: Encoder) -> list[list[str]]:
     return groups
 
 
-def _check_rates(**settings: float) -> None:
-    """Refuse settings that would train backwards or not at all, naming them: a negative or NaN
-    learning rate or layer decay (llrd ** (L - i) alternates in sign below 0), a negative width."""
-    rules = {"lr": (0, False), "head_lr": (0, False), "llrd": (0, False), "weight_decay": (0, True), "hidden": (0, True),
-             "clip_grad": (0, True)}
+# (lowest, highest, whether each end is allowed, whole numbers only) of each numeric setting.
+_RANGES = {
+    "epochs": (1, math.inf, True, True, True), "patience": (1, math.inf, True, True, True),
+    # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
+    "batch_size": (2, math.inf, True, True, True), "head_epochs": (0, math.inf, True, True, True),
+    "hidden": (0, math.inf, True, True, True), "seed": (-math.inf, math.inf, True, True, True),
+    "lr": (0, math.inf, False, False, False), "head_lr": (0, math.inf, False, False, False),
+    # llrd ** (L - i) alternates in sign below 0: every other block would train backwards
+    "llrd": (0, math.inf, False, False, False), "weight_decay": (0, math.inf, True, False, False),
+    "clip_grad": (0, math.inf, True, False, False), "crop_seconds": (0, math.inf, False, False, False),
+    "dropout": (0, 1, True, False, False), "label_smoothing": (0, 1, True, False, False),
+    "warmup": (0, 1, True, True, False),
+}
+
+
+def _check_numbers(**settings: Any) -> dict[str, int | float]:
+    """Refuse numeric settings out of their range (`_RANGES`), naming them, before any work -> the
+    same settings as plain Python numbers (numpy's would not go into the run's JSON files)."""
+    plain = {}
     for name, value in settings.items():
-        low, inclusive = rules[name]
-        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-              and (value >= low if inclusive else value > low))
+        low, high, low_in, high_in, whole = _RANGES[name]
+        kind = numbers.Integral if whole else numbers.Real
+        ok = (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+              and (low <= value if low_in else low < value) and (value <= high if high_in else value < high))
         if not ok:
-            raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low}, got {value!r}")
+            span = f"{'>=' if low_in else '>'} {low}" if high == math.inf else \
+                f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ValueError(f"{name} must be a {'whole' if whole else 'finite'} number {span}, got {value!r}")
+        plain[name] = int(value) if whole else float(value)
+    return plain
 
 
 def check_freeze_form(policy: Any) -> re.Match[str]:
@@ -552,67 +575,71 @@ def finetune(
     from musicssl.evaluate.tasks import Task, load_task
     from musicssl.factory import load
 
+    optional = {k: v for k, v in (("lr", lr), ("crop_seconds", crop_seconds)) if v is not None}
+    n = _check_numbers(epochs=epochs, patience=patience, batch_size=batch_size, head_epochs=head_epochs, hidden=hidden,
+                       seed=seed, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay, clip_grad=clip_grad,
+                       dropout=dropout, label_smoothing=label_smoothing, warmup=warmup, **optional)
+    epochs, patience, batch_size, head_epochs, hidden, seed = (n[k] for k in ("epochs", "patience", "batch_size",
+                                                                             "head_epochs", "hidden", "seed"))
+    head_lr, llrd, weight_decay, clip_grad, dropout, label_smoothing, warmup = (
+        n[k] for k in ("head_lr", "llrd", "weight_decay", "clip_grad", "dropout", "label_smoothing", "warmup"))
+    lr, crop_seconds = n.get("lr"), n.get("crop_seconds")
+    _check_out(model, out, freeze)
     if not isinstance(task, Task):
         task = load_task(task, kind=kind, label=label, root=root, group=group, seed=seed)  # eval --seed's splits
-    _check_settings(model, out, freeze, epochs=epochs, patience=patience, batch_size=batch_size,
-                    head_epochs=head_epochs, lr=lr, head_lr=head_lr, llrd=llrd, weight_decay=weight_decay,
-                    hidden=hidden, clip_grad=clip_grad)
     device = check_device(device or default_device())
     optim = StepSettings(llrd, weight_decay, warmup, autocast_dtype(precision, device), clip_grad, label_smoothing)
-    if out is not None:
-        make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
-    torch.manual_seed(seed)
-    encoder = model if isinstance(model, Encoder) else load(model, offline=offline)
-    targets = task_targets(task)
-    clf = Classifier(encoder, len(targets.classes), pool=pool, layers=layers, kind=task.kind, hidden=hidden,
-                     dropout=dropout, classes=targets.classes, values=targets.values, target_mean=targets.mean,
-                     target_std=targets.std).float().to(device)
-    trainable = apply_freeze(clf, freeze)  # checks the policy before any audio is decoded
-    phases = _phases(freeze, epochs, lr, head_epochs, head_lr)
-    data = TrainData(TaskAudio(task.paths, clf.sample_rate), targets.train, task.indices("train"),
-                     max(round((crop_seconds or clf.context_seconds) * clf.sample_rate), 1), batch_size,
-                     np.random.default_rng(seed))
-    valid_idx, test_idx = task.indices("valid"), task.indices("test")
-    name_of_model = (encoder.spec.name if encoder.spec else encoder.family) if isinstance(model, Encoder) else model
-    settings = {
-        "model": os.fspath(name_of_model), "freeze": freeze, "trainable_groups": trainable, "epochs": epochs,
-        "lr": phases[-1].lr, "llrd": llrd, "head_epochs": phases[0].epochs if len(phases) > 1 else 0,
-        "head_lr": head_lr, "batch_size": batch_size, "seed": seed, "patience": patience, "pool": pool,
-        "layers": _json_layers(layers), "hidden": hidden, "dropout": dropout, "weight_decay": weight_decay,
-        "warmup": warmup, "label_smoothing": label_smoothing, "clip_grad": clip_grad,
-        "precision": str(optim.amp or torch.float32).removeprefix("torch."),
-        "crop_seconds": data.crop / clf.sample_rate, "device": str(device),
-    }
-    run = Path(out) if out is not None else None
-    log.info("fine-tuning %s on %s (%s): %d train / %d valid / %d test clips, %d steps per epoch", settings["model"],
-             task.name, freeze, len(data.idx), len(valid_idx), len(test_idx), data.steps_per_epoch)
+    with unmade_if_unused(out):  # a run refused before its first epoch leaves no folder
+        if out is not None:
+            make_out_dir(Path(out), "-o/out")  # before the model loads and the data is decoded
+        torch.manual_seed(seed)
+        encoder = model if isinstance(model, Encoder) else load(model, offline=offline)
+        targets = task_targets(task)
+        clf = Classifier(encoder, len(targets.classes), pool=pool, layers=layers, kind=task.kind, hidden=hidden,
+                         dropout=dropout, classes=targets.classes, values=targets.values, target_mean=targets.mean,
+                         target_std=targets.std).float().to(device)
+        trainable = apply_freeze(clf, freeze)  # checks the policy before any audio is decoded
+        phases = _phases(freeze, epochs, lr, head_epochs, head_lr)
+        data = TrainData(TaskAudio(task.paths, clf.sample_rate), targets.train, task.indices("train"),
+                         max(round((crop_seconds or clf.context_seconds) * clf.sample_rate), 1), batch_size,
+                         np.random.default_rng(seed))
+        valid_idx, test_idx = task.indices("valid"), task.indices("test")
+        name_of_model = (encoder.spec.name if encoder.spec else encoder.family) if isinstance(model, Encoder) else model
+        settings = {
+            "model": os.fspath(name_of_model), "freeze": freeze, "trainable_groups": trainable, "epochs": epochs,
+            "lr": phases[-1].lr, "llrd": llrd, "head_epochs": phases[0].epochs if len(phases) > 1 else 0,
+            "head_lr": head_lr, "batch_size": batch_size, "seed": seed, "patience": patience, "pool": pool,
+            "layers": _json_layers(layers), "hidden": hidden, "dropout": dropout, "weight_decay": weight_decay,
+            "warmup": warmup, "label_smoothing": label_smoothing, "clip_grad": clip_grad,
+            "precision": str(optim.amp or torch.float32).removeprefix("torch."),
+            "crop_seconds": data.crop / clf.sample_rate, "device": str(device),
+        }
+        run = Path(out) if out is not None else None
+        log.info("fine-tuning %s on %s (%s): %d train / %d valid / %d test clips, %d steps per epoch",
+                 settings["model"], task.name, freeze, len(data.idx), len(valid_idx), len(test_idx), data.steps_per_epoch)
 
-    def validate(idx: np.ndarray) -> dict[str, float]:
-        return evaluate_clips(clf, task, targets, data.audio, idx, eval_batch_size or batch_size, optim.amp)
+        def validate(idx: np.ndarray) -> dict[str, float]:
+            return evaluate_clips(clf, task, targets, data.audio, idx, eval_batch_size or batch_size, optim.amp)
 
-    stopper = EarlyStopping(PRIMARY[task.kind], patience)
-    history = _fit(clf, phases, data, lambda: validate(valid_idx), stopper, optim, run)
-    clf.load_state_dict(stopper.state)
-    result = FinetuneResult(clf, validate(test_idx), stopper.valid, stopper.primary, stopper.epoch, len(history),
-                            history, task.summary(), settings, run)
-    if run is not None:
-        write_run(result, run, name)
-    return result
+        stopper = EarlyStopping(PRIMARY[task.kind], patience)
+        history = _fit(clf, phases, data, lambda: validate(valid_idx), stopper, optim, run)
+        clf.load_state_dict(stopper.state)
+        result = FinetuneResult(clf, validate(test_idx), stopper.valid, stopper.primary, stopper.epoch, len(history),
+                                history, task.summary(), settings, run)
+        if run is not None:
+            write_run(result, run, name)
+        return result
 
 
-def _check_settings(model: Any, out: str | os.PathLike | None, freeze: str, *, epochs: int, patience: int,
-                    batch_size: int, head_epochs: int, lr: float | None, **rates: float) -> None:
-    """Refuse bad settings before any folder is made, model loaded or audio decoded."""
-    if min(epochs, patience) < 1 or batch_size < 2 or head_epochs < 0:
-        # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
-        raise ValueError(f"epochs and patience must be at least 1, batch_size at least 2 and head_epochs at least 0 "
-                         f"(got {epochs}, {patience}, {batch_size}, {head_epochs})")
-    _check_rates(**({"lr": lr} if lr is not None else {}), **rates)  # lr None: the freeze policy's default
+def _check_out(model: Any, out: str | os.PathLike | None, freeze: str) -> None:
+    """Refuse a freeze policy or an -o that cannot be used, before any folder is made or model loaded."""
     check_freeze_form(freeze)
-    if out is not None and not isinstance(model, Encoder) and Path(model).is_dir() \
-            and Path(model).resolve() == Path(out).resolve():
+    if out is None:
+        return
+    if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
         raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
                          "starts from; give another folder")
+    check_release_out(Path(out), "-o/out")  # not a folder of other files, nor one that load() reads
 
 
 @dataclass
@@ -651,7 +678,7 @@ def _fit(clf: Classifier, phases: list[Phase], data: TrainData, validate: Callab
     out only in the last phase: the head phase is short and always completes."""
     history: list[dict[str, Any]] = []
     if run is not None:
-        (run / "log.jsonl").write_text("")
+        (run / PARTIAL_LOG).write_text("")
     for i, phase in enumerate(phases):
         apply_freeze(clf, phase.policy)
         stopper.stale = 0  # fine-tuning gets `patience` epochs of its own
@@ -675,12 +702,12 @@ def _fit(clf: Classifier, phases: list[Phase], data: TrainData, validate: Callab
 
 
 def _log_epoch(record: dict[str, Any], best: bool, stopper: EarlyStopping, run: Path | None) -> None:
-    """One line to the log, and one to the run's log.jsonl."""
+    """One line to the log, and one to the run's log (log.jsonl once the run is written)."""
     log.info("epoch %d (%s): train loss %.4f, valid %s %.4f, loss %.4f%s", record["epoch"], record["phase"],
              record["train_loss"], stopper.primary, record[f"valid_{stopper.primary}"], record["valid_loss"],
              " (best)" if best else "")
     if run is not None:
-        with open(run / "log.jsonl", "a") as fh:
+        with open(run / PARTIAL_LOG, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
 
@@ -776,7 +803,8 @@ def _schedule(total: int, warmup: float) -> Callable[[int], float]:
 
 
 def write_run(result: FinetuneResult, run: Path, name: str | None = None) -> Path:
-    """The release (config.json, model.safetensors, README.md), metrics.json; log.jsonl is already there."""
+    """The release (config.json, model.safetensors, README.md), metrics.json, and the epochs' log
+    moved into place as log.jsonl: until then `run` holds what it held before, whole."""
     from musicssl import __version__
     from musicssl.factory import save_pretrained
 
@@ -790,7 +818,9 @@ def write_run(result: FinetuneResult, run: Path, name: str | None = None) -> Pat
                "musicssl_version": __version__}
     from musicssl.evaluate.report import finite_json
 
-    (run / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2, default=str) + "\n")
+    atomic_write(run / "metrics.json", lambda fh: fh.write(json.dumps(finite_json(metrics), indent=2) + "\n"), "w")
+    if (run / PARTIAL_LOG).exists():
+        os.replace(run / PARTIAL_LOG, run / "log.jsonl")
     return run
 
 

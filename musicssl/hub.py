@@ -629,6 +629,17 @@ def _bundled_root() -> Path:
     return Path(musicssl.__file__).parent / "weights"
 
 
+def weights_home(path: Path) -> str | None:
+    """The place `load()` reads weights from that `path` lies in (the bundled weights, the Hub's
+    cache, musicssl's cache), said in words; None when it lies in none of them."""
+    real = Path(os.path.realpath(path))
+    for what, root in (("musicssl's bundled weights", _bundled_root()), ("the Hugging Face cache", hf_cache_dir()),
+                       ("musicssl's cache", cache_dir())):
+        if real.is_relative_to(os.path.realpath(root)):
+            return f"{what} ({root})"
+    return None
+
+
 def bundled_dir(name: str) -> Path:
     """The folder of weights shipped inside the wheel: musicssl/weights/NAME.
 

@@ -122,6 +122,19 @@ def test_save_pretrained_mistakes_are_said(tmp_path):
         musicssl.save_pretrained(musicssl.load("mfcc"), tmp_path / "file")
 
 
+def test_save_pretrained_replaces_a_linked_weights_file_without_writing_through_it(tmp_path):
+    """A link there (a Hub snapshot's) is replaced, never written through into the cache's blob."""
+    blob = tmp_path / "blobs" / "abc"
+    blob.parent.mkdir()
+    blob.write_bytes(b"the cache's weights")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "model.safetensors").symlink_to(blob)
+    folder = musicssl.save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), tmp_path / "r")
+    assert blob.read_bytes() == b"the cache's weights" and not (folder / "model.safetensors").is_symlink()
+    assert musicssl.load(folder).num_layers == 1 and sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "model.safetensors"]  # no temporary file left
+
+
 @pytest.mark.parametrize("change, says", [
     (lambda c: c["args"].update(foo=1), "unexpected keyword argument 'foo'"),
     (lambda c: c.update(args=[1]), r"\['args'\] must be JSON objects"),

@@ -4,6 +4,7 @@ synthetic task, the run folder that loads back, the CLI."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,8 +293,8 @@ def test_cli_finetune_end_to_end(task_csv, tmp_path, capsys):
     (["missing.csv"], "does not exist"),
     (["{task}", "--freeze", "half"], "freeze policy must be"),
     (["{task}", "--freeze", "last-5"], "2 blocks"),
-    (["{task}", "--epochs", "0"], "at least 1"),
-    (["{task}", "--batch-size", "1"], "batch_size at least 2"),  # every batch of one would be skipped
+    (["{task}", "--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
+    (["{task}", "--batch-size", "1"], "batch_size must be a whole number >= 2"),  # every batch of one would be skipped
     (["{task}", "--kind", "regression"], "is not a number, and a regression task needs one per row"),
     (["{task}", "--lr", "1e30", "--epochs", "3", "--head-epochs", "0", "--freeze", "frozen"],
      "(training diverged): lower the learning rate (lr=1e+30)"),
@@ -315,13 +316,71 @@ def test_finetune_never_writes_over_the_model_it_starts_from(task_csv, tmp_path,
     assert musicssl.load(model).family == tiny().family  # still the release it was
 
 
+def test_an_out_where_load_finds_weights_or_other_files_is_refused(task_csv, tmp_path, monkeypatch, capsys):
+    """-o as a named model's folder (the bundled default's, a Hub snapshot) replaced the weights that
+    load() reads, and -o as a folder of other files replaced them without a word."""
+    from musicssl.factory import check_release_out
+    from musicssl.hub import bundled_dir
+
+    # Checked apart, not by a run: were the check to fail, a run would replace this checkout's weights.
+    with pytest.raises(ValueError, match="lies in musicssl's bundled weights"):
+        check_release_out(bundled_dir("simclr-mini"), "-o")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snapshot = tmp_path / "hf" / "models--org--m" / "snapshots" / "0123abc"
+    notes = tmp_path / "mine"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    for out, said in ((snapshot, "lies in the Hugging Face cache"), (notes, "holds README.md and is not a musicssl")):
+        assert main(["finetune", str(task_csv), "--model", "mfcc", "-o", str(out)]) == 2
+        assert said in capsys.readouterr().err
+    assert not snapshot.exists() and (notes / "README.md").read_text() == "my notes"
+
+
+def test_a_refused_or_interrupted_run_leaves_the_out_folder_as_it_was(task_csv, trained, tmp_path, monkeypatch):
+    """A run refused after -o was made left an empty folder; a rerun into a finished run's folder,
+    interrupted, had already emptied its log.jsonl, beside the old run's weights and metrics."""
+    from musicssl import finetune as ft
+
+    with pytest.raises(ValueError, match="layer"):
+        finetune(task_csv, model=tiny(), out=tmp_path / "new" / "run", layers=[99])
+    assert not (tmp_path / "new").exists()
+    run = tmp_path / "done"
+    shutil.copytree(trained.out, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "evaluate_clips", interrupted)  # after the first epoch's training
+    with pytest.raises(KeyboardInterrupt):
+        finetune(task_csv, model=tiny(), out=run, epochs=2, batch_size=6)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ft.PARTIAL_LOG} == before
+
+
+def test_numpy_numbers_go_into_the_run_files_as_numbers(task_csv, tmp_path):
+    """np.int64 epochs (a grid search's) failed after training, writing the run's JSON, and left a
+    folder without config.json."""
+    result = finetune(task_csv, model=tiny(), out=tmp_path / "run", freeze="frozen", epochs=np.int64(1),
+                      batch_size=np.int64(6), lr=np.float32(1e-3), hidden=np.int64(8), seed=np.int64(1),
+                      dropout=np.float32(0.1))
+    assert result.settings["epochs"] == 1 and musicssl.load(tmp_path / "run").args["hidden"] == 8
+
+
+@pytest.mark.parametrize("setting, value", [("crop_seconds", -5.0), ("label_smoothing", 1.5), ("dropout", 2.0),
+                                            ("warmup", -1.0), ("epochs", 2.5)])
+def test_settings_out_of_range_are_refused_before_any_work(task_csv, tmp_path, setting, value):
+    with pytest.raises(ValueError, match=f"{setting} must be a (finite|whole) number"):
+        finetune(task_csv, model=tiny(), out=tmp_path / "run", **{setting: value})
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("setting, value", [("lr", -1.0), ("lr", float("nan")), ("llrd", -0.5), ("hidden", -5),
                                             ("head_lr", 0.0), ("weight_decay", -0.1),
                                             ("clip_grad", -1.0)])
 def test_rates_that_would_train_backwards_are_refused_before_any_work(task_csv, tmp_path, setting, value):
     """llrd -1 gave every other block a negative rate (gradient ascent) and ran to the end; lr -1
     was said by torch only after the head epochs; hidden -5 was a torch traceback."""
-    with pytest.raises(ValueError, match=f"{setting} must be a finite number"):
+    with pytest.raises(ValueError, match=f"{setting} must be a (finite|whole) number"):
         finetune(task_csv, model=tiny(), out=tmp_path / "run", **{setting: value})
     assert not (tmp_path / "run").exists()
 
@@ -337,9 +396,11 @@ def test_clip_grad_zero_trains_without_clipping(task_csv):
 
 
 def test_rates_from_numpy_are_numbers_too():
-    from musicssl.finetune import _check_rates
+    from musicssl.finetune import _check_numbers
 
-    _check_rates(lr=np.float32(1e-4), llrd=np.float64(0.8), hidden=np.int64(256))  # a grid search's values
+    plain = _check_numbers(lr=np.float32(1e-4), llrd=np.float64(0.8), hidden=np.int64(256))  # a grid search's values
+    assert plain == {"lr": pytest.approx(1e-4), "llrd": 0.8, "hidden": 256}
+    assert [type(v) for v in plain.values()] == [float, float, int]  # as the run's JSON files take them
 
 
 def test_bad_task_raises_before_training(tmp_path):

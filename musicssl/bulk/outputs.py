@@ -9,6 +9,7 @@ mid-run can leave.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -16,7 +17,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -46,6 +47,21 @@ def make_out_dir(path: Path, flag: str = "-o/out") -> None:
     except OSError as err:
         raise OutputPathError(f"cannot write to the output folder {path}: {err.strerror}; give {flag} a "
                               "folder you may write to") from err
+
+
+@contextlib.contextmanager
+def unmade_if_unused(path: str | os.PathLike | None) -> Iterator[None]:
+    """Run the block; if it fails, remove the folders it made for `path` (it and missing parents,
+    deepest first) that are still empty: a refused run leaves nothing behind. None: no folder."""
+    target = Path(os.path.abspath(path)) if path is not None else None
+    made = [p for p in (target, *target.parents) if not p.exists()] if target is not None else []
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # one the run has written to stays
+                folder.rmdir()
+        raise
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb", temp: Path | None = None,

@@ -32,8 +32,8 @@ from musicssl import __version__, signals
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, RUN_INFO, Claim, RecordSink, check_compatible, earlier_root,
                                     merge_parts, now, read_view, settings_id, write_failed, write_run_info)
-from musicssl.bulk.outputs import (FORMATS, looks_complete, make_out_dir, made_from, read_clip, sync_outputs,
-                                   write_output, write_table)
+from musicssl.bulk.outputs import (FORMATS, looks_complete, made_from, make_out_dir, read_clip, sync_outputs,
+                                   unmade_if_unused, write_output, write_table)
 from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.growth import Growth
 from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
@@ -149,18 +149,13 @@ def extract(
     ranks = distributed.from_env()
     if ranks:
         distributed.start(ranks)
-    made = _missing_folders(Path(os.path.abspath(out)))
     try:
-        run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
-        return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
-                           num_workers=num_workers, decode_timeout=decode_timeout, device=device, dtype=dtype,
-                           fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
-                           compile=compile)
-    except (MusicsslError, ValueError, OSError):
-        for folder in made:  # made for a run that never began (a bad model), deepest first, if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+        with unmade_if_unused(out):  # a run that never began (a bad model) leaves no folder
+            run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
+            return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
+                               num_workers=num_workers, decode_timeout=decode_timeout, device=device, dtype=dtype,
+                               fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
+                               compile=compile)
     finally:
         if ranks:
             distributed.stop()
@@ -574,11 +569,6 @@ class _Run:
                 and (self.out_dir / k).exists()]
         clip = (len(self.keep),) * (not self.single) + (self.encoder.embed_dim,)
         return write_table(self.out_dir, f"clips{self._suffix()}", rows, self.keep, clip)
-
-
-def _missing_folders(path: Path) -> list[Path]:
-    """`path` and its parents that do not exist yet, deepest first."""
-    return [p for p in (path, *path.parents) if not p.exists()]
 
 
 def _would_change(enc: Encoder, device: str | None, dtype: torch.dtype | None) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from musicssl.bulk.outputs import make_out_dir
-from musicssl.factory import card_stub, save_pretrained
+from musicssl.factory import card_stub, check_release_out, save_pretrained
 from musicssl.registry import ModelSpec
 from musicssl.recipes.train import CHECKPOINT, load_checkpoint, recipe_from_checkpoint, resolve_configs
 
@@ -27,6 +27,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
     ckpt = load_checkpoint(run)
     if (Path(out) / CHECKPOINT).exists():  # its config.json would become the release's
         raise ValueError(f"--out {out} is a training run (it holds {CHECKPOINT}): export into a new folder")
+    check_release_out(Path(out), "--out")
     make_out_dir(Path(out), "--out")  # named as the command names it (save_pretrained would say "folder=")
     encoder = recipe_from_checkpoint(ckpt).export_encoder().eval()
     tcfg, rcfg = ckpt["train_config"], ckpt["recipe_config"]
