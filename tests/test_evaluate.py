@@ -174,6 +174,32 @@ def test_groups_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "splits are made here by class alone" not in caplog.text
 
 
+def test_few_whole_number_labels_are_said_to_be_taken_for_regression(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Class ids 0/1/2 trained a regression head without a word (the kind showed only at the end)."""
+    files = [tone(tmp_path / f"{i}.wav", 200 + 50 * i) for i in range(12)]
+    ids = write_csv(tmp_path / "ids.csv", [{"path": f.name, "label": str(i % 3)} for i, f in enumerate(files)])
+    with caplog.at_level("WARNING"):
+        assert load_task(ids).kind == "regression"
+    assert "3 whole numbers (0, 1, 2), taken for a regression target" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert load_task(ids, kind="classification").kind == "classification"
+    assert "whole numbers" not in caplog.text
+
+
+def test_pitch_semitones_with_no_train_item_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A pitch head's classes are the train semitones: test pitches outside them are always wrong."""
+    files = [tone(tmp_path / f"{i}.wav", 200 + 50 * i) for i in range(12)]
+    rows = [{"path": f.name, "label": str(60 + i % 3), "split": ["train", "train", "valid", "test"][i % 4]}
+            for i, f in enumerate(files)]
+    rows[3]["label"] = "72"  # a test item an octave above every train pitch
+    (tmp_path / "p.json").write_text(json.dumps({"kind": "pitch"}))
+    with caplog.at_level("WARNING"):
+        load_task(write_csv(tmp_path / "p.csv", rows))
+    assert "1 semitone(s) have valid or test items but none in train (72)" in caplog.text
+
+
 def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None:
     for c in ("kick", "snare"):
         for i in range(10):
@@ -183,6 +209,11 @@ def test_folder_per_class_with_and_without_split_folders(tmp_path: Path) -> None
     assert flat.classes == ["kick", "snare"] and len(flat) == 20 and set(flat.split) == {"train", "valid", "test"}
     given = load_task(tmp_path / "split")
     assert (given.split == "test").sum() == 4 and (given.split == "train").sum() == 12
+    for c in ("kick", "snare"):  # two clips a class: too few to split here
+        for i in range(2):
+            tone(tmp_path / "tiny" / c / f"{i}.wav", 100 + i)
+    with pytest.raises(TaskFormatError, match=r"give the splits as subfolders \(ROOT/train/CLASS/"):
+        load_task(tmp_path / "tiny")
 
 
 @pytest.mark.parametrize("problem, message", [

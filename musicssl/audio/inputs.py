@@ -50,10 +50,10 @@ def prepare_items(audio: Any, sr: int | None, target_sr: int) -> list[np.ndarray
         return [_finish(c, sr, target_sr, f"item {i}") for i, c in enumerate(clips)]
     if isinstance(audio, Sequence) and not isinstance(audio, (bytes, bytearray)):
         if len(audio) == 0:
-            raise AudioInputError("embed() got an empty list: pass at least one path or clip")
+            raise AudioInputError("the audio is an empty list: pass at least one path or clip")
         return [_one_item(x, sr, target_sr, i) for i, x in enumerate(audio)]
     raise AudioInputError(
-        f"embed() cannot use a {type(audio).__name__}: pass a path, a numpy array or torch tensor "
+        f"the audio is a {type(audio).__name__}, which cannot be embedded: pass a path, a numpy array or torch tensor "
         "with sr=..., or a list of those"
     )
 

@@ -106,7 +106,7 @@ def load_task(
         n = int((task.split == name).sum())
         if n < _FEW:
             log.warning("task %s: the %s split made here holds %d item%s, so its scores move by %.0f points per "
-                        "item; add items, or give a split column", task.source, name, n, "s" * (n != 1), 100 / n)
+                        "item; add items, or %s", task.source, name, n, "s" * (n != 1), 100 / n, _give_splits(task))
     return task
 
 
@@ -126,7 +126,7 @@ def _read_csv(path: Path, kind: str | None, label: str | None, root: str | os.Pa
     paths = [_resolve(base, r["path"]) for r in rows]
     _check_exist(path, paths, root is not None)
     raw = [r[label].strip() for r in rows]
-    kind = kind or meta.get("kind") or _guess_kind(raw)
+    kind = kind or meta.get("kind") or _guess_kind(raw, path)
     if kind not in KINDS:
         raise TaskFormatError(f"{path}: task kind {kind!r} is not one of {', '.join(KINDS)}")
     labels = _parse_labels(path, raw, kind)
@@ -211,10 +211,22 @@ def _check_exist(path: Path, paths: list[Path], root_given: bool) -> None:
         raise TaskFormatError(f"{path}: {len(missing)} of {len(paths)} audio files do not exist, e.g. {shown}{hint}")
 
 
-def _guess_kind(raw: list[str]) -> str:
+def _guess_kind(raw: list[str], path: Path) -> str:
+    """The task kind its labels suggest: ";" in one, multilabel; all numbers, regression; else
+    classification. A few whole numbers are said: they are often class ids."""
     if any(";" in y for y in raw):
         return "multilabel"
-    return "regression" if all(_number(y) is not None for y in raw) else "classification"
+    if not all(_number(y) is not None for y in raw):
+        return "classification"
+    values = sorted({_number(y) for y in raw})
+    if len(values) <= _FEW_IDS and all(float(v).is_integer() for v in values):
+        log.warning("%s: its labels are %d whole numbers (%s), taken for a regression target; if they name "
+                    "classes, say so: --kind classification (kind= in Python, or \"kind\" in TASK.json)", path,
+                    len(values), ", ".join(f"{v:g}" for v in values))
+    return "regression"
+
+
+_FEW_IDS = 10  # whole-number labels up to this many distinct values may well be class ids
 
 
 def _number(text: str) -> float | None:
@@ -377,14 +389,27 @@ def _check_unique(task: Task) -> None:
 
 
 def _warn_of_untrained_classes(task: Task) -> None:
-    if task.kind != "classification":
+    """Say which classes (of a pitch task: semitones) have valid or test items but none in train:
+    a head of the train classes can never name them."""
+    if task.kind == "classification":
+        name, what = str, "class(es)"
+    elif task.kind == "pitch":  # a pitch head's classes are the semitones seen in training
+        name, what = lambda y: round(float(y)), "semitone(s)"
+    else:
         return
-    trained = {task.labels[i] for i in task.indices("train")}
-    unseen = sorted({task.labels[i] for i in task.indices("valid", "test")} - trained)
+    trained = {name(task.labels[i]) for i in task.indices("train")}
+    unseen = sorted({name(task.labels[i]) for i in task.indices("valid", "test")} - trained)
     if unseen:
-        log.warning("task %s: %d class(es) have valid or test items but none in train (%s), so those items are "
+        log.warning("task %s: %d %s have valid or test items but none in train (%s), so those items are "
                     "always wrong; move some to train (their groups may hold them all)", task.source, len(unseen),
-                    ", ".join(map(repr, unseen[:5])) + (", ..." if len(unseen) > 5 else ""))
+                    what, ", ".join(map(repr, unseen[:5])) + (", ..." if len(unseen) > 5 else ""))
+
+
+def _give_splits(task: Task) -> str:
+    """How this task's form says its splits."""
+    if Path(task.source).is_dir():
+        return "give the splits as subfolders (ROOT/train/CLASS/, ROOT/valid/CLASS/, ROOT/test/CLASS/)"
+    return "give a split column"
 
 
 def _check_trainable(task: Task) -> None:
@@ -393,7 +418,7 @@ def _check_trainable(task: Task) -> None:
             why = ("splits keep whole groups, so it needs at least 3 groups" if task.groups is not None else
                    "a split made here takes items only from classes that keep one in train")
             raise TaskFormatError(f"task {task.source}: no {s} items after splitting ({len(task)} items in all; {why}); "
-                                  "add items, or give a split column")
+                                  f"add items, or {_give_splits(task)}")
     if task.kind == "classification" and len({task.labels[i] for i in task.indices("train")}) < 2:
         raise TaskFormatError(f"task {task.source}: the train split holds fewer than 2 classes")
     if task.kind in ("regression", "pitch") and len({float(task.labels[i]) for i in task.indices("train")}) < 2:
