@@ -21,12 +21,16 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
 from musicssl import hub
 from musicssl.errors import ReleaseFormatError, first_line
+
+if TYPE_CHECKING:
+    from musicssl.models.base import Encoder
+    from musicssl.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +157,18 @@ def pick_file(files: Mapping[str, Path], suffixes: Sequence[str], what: str) -> 
 
 
 # --- the cache of converted weights -------------------------------------------------------------
-def source_key(spec: Any) -> str:
+def source_key(spec: ModelSpec) -> str:
     """A short hash of everything that decides the converted weights: source, pins, architecture."""
     ident = {"weights": spec.weights, "revision": spec.revision, "files": spec.files, "args": spec.args}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def converted_folder(spec: Any) -> Path:
+def converted_folder(spec: ModelSpec) -> Path:
     """Where the converted release of a registry entry lives (it may not exist yet)."""
     return hub.cache_dir() / CONVERTED_DIR / spec.name / source_key(spec)
 
 
-def convert_files(spec: Any, files: Mapping[str, Path]) -> Any:
+def convert_files(spec: ModelSpec, files: Mapping[str, Path]) -> Encoder:
     """Build `spec`'s architecture and load the upstream `files` ({name: path}) into it strictly."""
     from musicssl.factory import skip_weight_init
     from musicssl.registry import builder
@@ -176,7 +180,7 @@ def convert_files(spec: Any, files: Mapping[str, Path]) -> Any:
     return model.eval()
 
 
-def provenance(spec: Any, files: Mapping[str, Path], sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
+def provenance(spec: ModelSpec, files: Mapping[str, Path], sha256: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What a converted folder records about its source: the files' sha256 (`sha256` when already
     hashed), the upstream location, and whether every file is one the registry pins."""
     sha256 = sha256 or {name: hub.sha256_file(p) for name, p in files.items()}
@@ -188,7 +192,7 @@ def provenance(spec: Any, files: Mapping[str, Path], sha256: Mapping[str, str] |
     }
 
 
-def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
+def load_converted(spec: ModelSpec, *, offline: bool | None = None) -> Encoder:
     """The encoder of an upstream registry entry: the cached conversion, or download + convert + cache."""
     from musicssl.factory import load_release, save_pretrained
 
@@ -217,7 +221,7 @@ def load_converted(spec: Any, *, offline: bool | None = None) -> Any:
     return model
 
 
-def _first_fetch(spec: Any) -> Any:
+def _first_fetch(spec: ModelSpec) -> Any:
     """`spec` pinned to the commit and sha256 its files had when first downloaded, where the
     registry pins neither (a Hub branch that moves later is not followed; trust on first use)."""
     try:
@@ -232,7 +236,7 @@ def _first_fetch(spec: Any) -> Any:
     return dataclasses.replace(spec, revision=spec.revision or commit, files=files)
 
 
-def _record_first_fetch(spec: Any, files: Mapping[str, Path]) -> None:
+def _record_first_fetch(spec: ModelSpec, files: Mapping[str, Path]) -> None:
     """Keep the commit and sha256 of an unpinned Hub port's first download (see _first_fetch)."""
     path = _record_path(spec)
     pinned = bool(spec.files) and all(spec.files.values())  # a sha256 per file: nothing to trust on first use
@@ -251,7 +255,7 @@ def _record_first_fetch(spec: Any, files: Mapping[str, Path]) -> None:
         log.debug("cannot record the first download of %s in %s: %s", spec.name, path, err)
 
 
-def _record_path(spec: Any) -> Path:
+def _record_path(spec: ModelSpec) -> Path:
     return hub.cache_dir() / CONVERTED_DIR / spec.name / FIRST_FETCH
 
 
@@ -313,14 +317,14 @@ def _is_release(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
-def model_card(spec: Any) -> str | None:
+def model_card(spec: ModelSpec) -> str | None:
     """The weights card shipped with musicssl for this model, if any (its text, else None)."""
     path = Path(__file__).resolve().parent.parent / "weights_cards" / f"{spec.name}.md"
     return path.read_text() if path.is_file() else None
 
 
 # --- `musicssl convert`: upstream files a user already holds -> a release folder -----------------
-def _match_files(spec: Any, paths: Sequence[Path]) -> dict[str, Path]:
+def _match_files(spec: ModelSpec, paths: Sequence[Path]) -> dict[str, Path]:
     """{expected upstream file name: path}: by file name where it matches, then by extension (a
     renamed file keeps its kind), then in the order given."""
     if any(_SHARD.search(p.name) for p in paths):
@@ -408,13 +412,13 @@ def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: 
     raise ReleaseFormatError(f"{[str(p) for p in files]} fit no model of {name_or_family!r}:\n  " + "\n  ".join(errors))
 
 
-def _evidence(spec: Any, files: Sequence[Path], sha: Mapping[Path, str]) -> tuple[int, int]:
+def _evidence(spec: ModelSpec, files: Sequence[Path], sha: Mapping[Path, str]) -> tuple[int, int]:
     """How well `files` match a registry entry: (files with a sha256 it pins, files with a name it expects)."""
     pins = set(spec.files.values())
     return sum(sha[p] in pins for p in files), sum(p.name in spec.files for p in files)
 
 
-def _say_what_it_is(spec: Any, matched: Mapping[str, Path], sha: Mapping[Path, str], candidates: Sequence[Any],
+def _say_what_it_is(spec: ModelSpec, matched: Mapping[str, Path], sha: Mapping[Path, str], candidates: Sequence[ModelSpec],
                     files: Sequence[Path]) -> None:
     """Warn where the files are not the ones `spec` pins, or where nothing told apart entries of the
     same architecture (MusicFM's MSD and FMA checkpoints)."""
@@ -438,7 +442,7 @@ def _with_note(card: str, note: str) -> str:
     return card[:at] + ("\n" if at else "") + note + card[at:]
 
 
-def _other_weights_note(spec: Any, matched: Mapping[str, Path], sha: Mapping[Path, str]) -> str:
+def _other_weights_note(spec: ModelSpec, matched: Mapping[str, Path], sha: Mapping[Path, str]) -> str:
     """A note heading the card of a release converted from files that are not the pinned ones."""
     held = ", ".join(f"{p.name} (sha256 {sha[p]})" for p in matched.values())
     return (f"> **Other weights.** This release was converted from {held}, not from the files that "

@@ -52,8 +52,7 @@ CARD_FILE = "README.md"  # optional in a release
 
 _TRUE = {"1", "true", "yes", "on"}
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_GIT_SHA1_RE = re.compile(r"[0-9a-f]{40}")
-_COMMIT_RE = _GIT_SHA1_RE
+_GIT_SHA1_RE = re.compile(r"[0-9a-f]{40}")  # a git object name: a commit, or a blob's
 # The Hub's repo id rules: word characters, '.', '-'; no '--' or '..'; at most 96 characters.
 _REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _REVISION_RE = re.compile(r"[A-Za-z0-9_.\-/]+")
@@ -338,7 +337,7 @@ def _hf_download(repo_id: str, filename: str, revision: str | None, *, offline: 
     from musicssl import __version__
 
     offline_now = is_offline(offline)
-    if offline_now or (revision is not None and _COMMIT_RE.fullmatch(revision)):
+    if offline_now or (revision is not None and _GIT_SHA1_RE.fullmatch(revision)):
         # Answer from the cache without calling hf_hub_download: even with local_files_only it builds
         # headers whose telemetry may contact the Hub once per process.
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=hf_cache_dir(), revision=revision)
@@ -448,7 +447,7 @@ def snapshot_commit(pointer: Path, filename: str) -> str | None:
     """The Hub commit a cached file `filename` came from (its snapshot folder's name), or None when
     `pointer` is not in a snapshot."""
     name = _snapshot_root(Path(pointer), filename).name
-    return name if _COMMIT_RE.fullmatch(name) else None
+    return name if _GIT_SHA1_RE.fullmatch(name) else None
 
 
 def _fetch_hf_files(
@@ -463,7 +462,7 @@ def _fetch_hf_files(
     paths: dict[str, Path] = {}
     for filename, sha in files.items():
         paths[filename] = fetch_hf(repo_id, filename, revision, sha, offline=offline, download_hint=download_hint)
-        if revision is None or not _COMMIT_RE.fullmatch(revision):
+        if revision is None or not _GIT_SHA1_RE.fullmatch(revision):
             # Pin the rest to the commit the first file came from: if the branch moves meanwhile we
             # still get one consistent snapshot, and cached files cost no request.
             revision = _snapshot_root(paths[filename], filename).name
@@ -715,13 +714,17 @@ def fetch_release(
         if CARD_FILE not in paths and cached_before != snapshot.name:
             _fetch_optional_hf(repo_id, CARD_FILE, snapshot.name, offline=offline)
         return snapshot
-    if source.startswith("bundled:"):
-        folder = _check_release_folder(bundled_dir(source[len("bundled:") :]), source)
-    else:
-        folder = _check_release_folder(Path(source).expanduser(), source)
+    folder = _local_release(source)
     for name, sha in pins.items():
         _verify_local(folder / name, sha)
     return folder
+
+
+def _local_release(source: str) -> Path:
+    """The release folder of a "bundled:NAME" or a path source, checked to be one."""
+    if source.startswith("bundled:"):
+        return _check_release_folder(bundled_dir(source[len("bundled:") :]), source)
+    return _check_release_folder(Path(source).expanduser(), source)
 
 
 def fetch_release_config(source: str, *, offline: bool | None = None) -> Path:
@@ -730,11 +733,7 @@ def fetch_release_config(source: str, *, offline: bool | None = None) -> Path:
         repo_id, rev = parse_hf_source(source)
         _refuse_upstream(source, repo_id)
         return fetch_hf(repo_id, "config.json", rev, None, offline=offline, download_hint=f"musicssl download {source}")
-    if source.startswith("bundled:"):
-        folder = _check_release_folder(bundled_dir(source[len("bundled:") :]), source)
-    else:
-        folder = _check_release_folder(Path(source).expanduser(), source)
-    return _verify_local(folder / "config.json", None)
+    return _verify_local(_local_release(source) / "config.json", None)
 
 
 def _refuse_upstream(source: str, repo_id: str) -> None:

@@ -491,7 +491,7 @@ def pitch_shift(
     change the result: the shift is relative. Returns (B, n), n = ``out_samples`` or S.
     """
     b, s = _check_batch(x)
-    del sr  # a relative shift: kept in the signature so every spectral op takes the rate
+    del sr  # a relative shift: kept so pitch_shift reads like the other ops on audio (x, sr, ...)
     shift = _amounts(semitones, b, "semitones")
     n = s if out_samples is None else _count(out_samples, "out_samples", 1)
     xw = x.to(_work_dtype(x))

@@ -58,7 +58,7 @@ def open_unsized(path: Path, header: sf.SoundFile) -> sf.SoundFile | None:
     if header.subtype not in RAW_SUBTYPES:
         raise RuntimeError(f"the WAV header declares no audio data, and its {header.subtype} samples cannot be "
                            "read without their size")
-    window = _Window(open(path, "rb"), start)
+    window = _ByteWindow(open(path, "rb"), start)
     try:
         return _RawWav(window, header)
     except BaseException:
@@ -70,7 +70,7 @@ class _RawWav(sf.SoundFile):
     """libsndfile's RAW reader that closes the file it reads when it is closed (soundfile leaves a
     file object it was given open)."""
 
-    def __init__(self, window: "_Window", header: sf.SoundFile) -> None:
+    def __init__(self, window: "_ByteWindow", header: sf.SoundFile) -> None:
         self._window = window
         super().__init__(window, format="RAW", samplerate=header.samplerate, channels=header.channels,
                          subtype=header.subtype, endian="LITTLE")
@@ -80,7 +80,7 @@ class _RawWav(sf.SoundFile):
         self._window.close()
 
 
-class _Window(io.RawIOBase):
+class _ByteWindow(io.RawIOBase):
     """A binary file from byte `start` on, as if the file began there: soundfile takes a RAW
     stream's length (and so its frame count) from the whole file it is given."""
 

@@ -43,7 +43,7 @@ GROUP_FILES, GROUP_BYTES = 4, 32 << 20
 AHEAD = 4  # files queued per decoding process when decoding runs beside the model
 SLOT = 1 << 22  # samples of one slot of shared memory (16 MiB: 4.4 min at 16 kHz); longer audio takes the socket
 ISOLATED = os.name == "posix"  # pass_fds and fork-free process starts
-log = logging.getLogger("musicssl")
+log = logging.getLogger(__name__)
 # A process's whole program: our path (so the same musicssl, and `decode`'s module, are found), then the worker.
 BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
         "from musicssl.audio.worker import main; main(sys.argv[2])")

@@ -10,7 +10,7 @@ import torch
 
 from musicssl.bulk.decoders import DecoderPool
 
-log = logging.getLogger("musicssl")
+log = logging.getLogger(__name__)
 
 # A run that waits for decoded audio more than GROW_SHARE of GROW_EVERY seconds adds a process.
 GROW_EVERY, GROW_SHARE = 5.0, 0.2

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from musicssl.bulk.trail import Trail
 
-log = logging.getLogger("musicssl")
+log = logging.getLogger(__name__)
 
 
 class LocalDecoding:

@@ -23,7 +23,7 @@ try:
 except ImportError:  # Windows: no flock; runs go on unlocked (see `lock`)
     fcntl = None  # type: ignore[assignment]
 
-log = logging.getLogger("musicssl")
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 RUN_INFO = "run.json"

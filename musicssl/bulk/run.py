@@ -45,7 +45,7 @@ from musicssl.errors import MusicsslError, OutputPathError, first_line
 from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
-log = logging.getLogger("musicssl")
+log = logging.getLogger(__name__)
 
 
 @dataclass

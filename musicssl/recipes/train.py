@@ -378,7 +378,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if ckpt is not None:
         _restore_rng(ckpt["rng"])
     saved = done = start
-    window = _Window()
+    stats = _StepStats()
     whole = True  # the model and optimiser hold a finished step (a checkpoint of them is sound)
     try:
         for step, batch in zip(range(start, last), batches):
@@ -387,8 +387,8 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
             with signals.held():
                 out, grad_norm = _step(step, batch, model, step_module, opt, scaler, amp, device, tcfg)
                 done = step + 1
-                window.add(out, grad_norm)
-                _report(run, bar, window, done, tcfg, world, time.perf_counter() - t0, start, rank)
+                stats.add(out, grad_norm)
+                _report(run, bar, stats, done, tcfg, world, time.perf_counter() - t0, start, rank)
                 if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
                     save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
                     saved = done
@@ -465,7 +465,7 @@ def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Mo
     return out, grad_norm
 
 
-class _Window:
+class _StepStats:
     """The scalar outputs (loss, ...) and gradient norms of the steps since the last log line,
     summed on their device; a log line gives their means. A step whose gradient norm is not finite
     (fp16's scaler skips it and lowers its scale) is counted apart, not averaged in."""
@@ -494,12 +494,12 @@ class _Window:
         return means
 
 
-def _report(run: Path, bar: Any, window: _Window, done: int, tcfg: TrainConfig, world: int, seconds: float,
+def _report(run: Path, bar: Any, stats: _StepStats, done: int, tcfg: TrainConfig, world: int, seconds: float,
             start: int, rank: int) -> None:
     """Every log_every steps (and at the end): a line in log.jsonl and on the progress bar, with
     the means over the steps since the last line."""
     if done % tcfg.log_every == 0 or done == tcfg.steps:
-        record = _log_record(window.take(), done, tcfg, world, seconds, start)  # all ranks: it averages
+        record = _log_record(stats.take(), done, tcfg, world, seconds, start)  # all ranks: it averages
         if rank == 0:
             with open(run / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
