@@ -69,6 +69,9 @@ _SNDFILE_ERRORS = (sf.SoundFileError, RuntimeError, OSError)
 _SNDFILE_NOT_A_FILE = "File does not exist or is not a regular file"
 # libsndfile's frame count for a stream whose header leaves the length open (SF_COUNT_MAX).
 _UNKNOWN_FRAMES = 1 << 62
+_OGG_SUFFIXES = (".ogg", ".oga", ".opus")
+# Frames an MP3 may decode short of its length tag without being cut: two frames (encoder padding).
+_MPEG_SLACK = 2 * 1152
 
 
 @dataclass(frozen=True)
@@ -443,9 +446,6 @@ def _chained_ogg(p: Path) -> bool:
     return ogg_chained(p)
 
 
-_OGG_SUFFIXES = (".ogg", ".oga", ".opus")
-
-
 def _fallback_decoders(
     p: Path, offset: float, duration: float | None, sink: FrameSink, seek_input: bool = True
 ) -> list[tuple[str, Callable[[], tuple[int, str]]]]:
@@ -668,9 +668,6 @@ def _warn_ogg_cut(p: Path) -> None:
     log.warning("%s: the Ogg stream stops without its last page; the file is probably truncated, "
                 "using the frames present", p)
 
-
-# Frames an MP3 may decode short of its length tag without being cut: two frames (encoder padding).
-_MPEG_SLACK = 2 * 1152
 
 
 def _warn_if_wav_truncated(f: sf.SoundFile, p: Path) -> None:

@@ -203,6 +203,7 @@ class _Run:
         self.errors: list[tuple[str, str]] = []
         self.audio_seconds = 0.0
         self.started = time.perf_counter()
+        self.open: list[tuple[OpenFile, Claim]] = []  # files being embedded: (file, its claim)
 
     # --- the run ------------------------------------------------------------------------------
     def execute(self, model: Any, *, layers: LayersArg, pool: str | None, table: bool, batch_size: int,
@@ -215,7 +216,8 @@ class _Run:
             self.encoder.compile_windows()
         self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
-        self._check_names_taken()
+        self.view = read_view(self.out_dir / MANIFEST)  # one pass over the manifest, for the steps below
+        self.moved = self._check_names_taken()  # made again below, whatever their stamps say
         self.settings = info["settings_id"]
         if self.found and (not self.ranks or self.ranks.rank == 0):  # no input: nothing to say of OUT
             try:
@@ -239,7 +241,7 @@ class _Run:
                 raise
             stopped, self.stop_reason = True, self._out_of_room(err)
         finally:
-            for _, claim in getattr(self, "open", []):  # files a stop left half embedded
+            for _, claim in self.open:  # files a stop left half embedded
                 claim.release()
             with self.watch("writing"):
                 self.writer.close(check=False)
@@ -309,12 +311,11 @@ class _Run:
                     "its manifest lines gone): give --root a folder holding both, or another -o"))
         return todo
 
-    def _check_names_taken(self) -> None:
+    def _check_names_taken(self) -> set[Path]:
         """Refuse inputs whose output name in OUT holds another file's embedding (an earlier run
         laid out from another root: `lib/a/x.ogg` and then `lib/b/x.ogg` both give `x.ogg.npz`).
-        Where that other file is gone (a moved collection), the output is made again instead. All
-        of this run's inputs are checked, on every rank alike."""
-        self.view = read_view(self.out_dir / MANIFEST)  # one pass: _skip_finished uses it too
+        Where that other file is gone (a moved collection), the output is made again instead: those
+        inputs are returned. All of this run's inputs are checked, on every rank alike."""
         made_by = self.view.owners
         taken = [(j, other) for j in self.jobs if (other := made_by.get(self._key(j))) is not None
                  and other != str(j.source) and os.path.exists(j.source)
@@ -327,7 +328,6 @@ class _Run:
                 f"{len(held)} inputs would take outputs in {self.out_dir} made from other files, e.g. {job.source} -> "
                 f"{self._key(job)}, which holds {other}'s embedding (an earlier run laid OUT out from "
                 f"{earlier_root(self.out_dir) or 'another root'}): give --root a folder holding both, or another -o")
-        self.moved = gone  # made again below, whatever their stamps say
         newest = self.view.newest  # by the input as written; its real path only where that is not found
         real = None
         elsewhere = 0
@@ -342,6 +342,7 @@ class _Run:
                         "this run's root %s, and the table keeps their new ones (remove the old ones, or give --root "
                         "%s to keep the layout)", elsewhere, self.out_dir, earlier_root(self.out_dir), self.root,
                         earlier_root(self.out_dir))
+        return gone
 
     def _key(self, job: Job) -> str:
         """The output's name in OUT, as the manifest records it."""
@@ -357,7 +358,6 @@ class _Run:
         # Enough open files that most windows find company of their length (see WindowPacker).
         packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
         runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
-        self.open: list[tuple[OpenFile, Claim]] = []
         todo = self._retry_crashed(todo, timeout)
         paths = [str(j.source) for j in todo]
         with torch.inference_mode(), _threads_beside(workers), contextlib.closing(Trail(self.out_dir)) as trail, \
@@ -530,11 +530,12 @@ class _Run:
                             err.strerror or err)
         if self.ranks:
             distributed.barrier()  # nobody exits before rank 0 has merged
-        return ExtractResult(int(counts[0]), int(counts[1]), int(counts[2]), self.out_dir, self.root,
-                             self.out_dir / MANIFEST, failed_list, tables, counts[3],
-                             time.perf_counter() - self.started, bool(counts[4]), self.errors,
-                             dict(self.watch.seconds), self.stop_reason, int(counts[5]), len(self.jobs), self.found,
-                             [(str(p), why) for p, why in self.unreadable])
+        return ExtractResult(
+            ok=int(counts[0]), skipped=int(counts[1]), failed=int(counts[2]), out_dir=self.out_dir, root=self.root,
+            manifest=self.out_dir / MANIFEST, failed_list=failed_list, tables=tables, audio_seconds=counts[3],
+            wall_seconds=time.perf_counter() - self.started, stopped_early=bool(counts[4]), errors=self.errors,
+            stages=dict(self.watch.seconds), stop_reason=self.stop_reason, warned=int(counts[5]),
+            planned=len(self.jobs), found=self.found, unreadable=[(str(p), why) for p, why in self.unreadable])
 
     def _suffix(self) -> str:
         return "" if not self.shard else ".shard-{}-of-{}".format(*parse_shard(self.shard))
