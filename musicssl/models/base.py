@@ -375,6 +375,12 @@ def evaluating(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def init_args(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """An encoder's constructor arguments from its `locals()`, taken before it sets any other local:
+    what `Encoder.args` keeps for config.json."""
+    return {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
+
+
 def masked_pool(frames: torch.Tensor, lengths: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """frames (B, T, ...) and each item's valid frames (B,) -> (B, ...): the mean or max over them.
     Frames past `lengths` are ignored whatever they hold (NaN too); an item with none gives zeros."""

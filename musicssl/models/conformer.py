@@ -46,7 +46,7 @@ from musicssl.audio.frontends import AmplitudeToDB, MelSpectrogram, Standardize
 from musicssl.convert import pick_file, read_checkpoint, take
 from musicssl.errors import ReleaseFormatError
 from musicssl.factory import load_state_strict
-from musicssl.models.base import Encoder
+from musicssl.models.base import Encoder, init_args
 from musicssl.models.layers import conv_bn
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -283,7 +283,7 @@ class MusicFM(Encoder):
         overlap_seconds: float = 5.0,
     ) -> None:
         super().__init__()
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         self.sample_rate, self.mel_hop = SAMPLE_RATE, mel_hop
         self.hop_length, self.frame_offset = 4 * mel_hop, 0.0
         self.context_seconds, self.overlap_seconds = context_seconds, overlap_seconds

@@ -56,7 +56,7 @@ from torch import nn
 
 from musicssl.audio.frontends import AmplitudeToDB, MelSpectrogram
 from musicssl.errors import ReleaseFormatError
-from musicssl.models.base import Encoder
+from musicssl.models.base import Encoder, init_args
 from musicssl.models.layers import Block
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -117,7 +117,7 @@ class Dasheng(Encoder):
         super().__init__()
         if target_length < patch_frames:
             raise ValueError(f"target_length ({target_length}) must hold at least one patch of {patch_frames} frames")
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         self.sample_rate, self.mel_hop, self.patch_frames = SAMPLE_RATE, hop_length, patch_frames
         self.hop_length = hop_length * patch_frames
         # A token covers frames 4t..4t+3, centred on samples 160 * (4t + 1.5).

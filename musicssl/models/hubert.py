@@ -43,7 +43,7 @@ from torch import nn
 
 from musicssl.convert import fold_weight_norm, pick_file, read_checkpoint, take, unwrap_state
 from musicssl.errors import ReleaseFormatError
-from musicssl.models.base import Encoder
+from musicssl.models.base import Encoder, init_args
 from musicssl.registry import ModelSpec, register_family, register_model
 
 CITATION = (
@@ -282,7 +282,7 @@ class HuBERT(Encoder):
         super().__init__()
         if not len(conv_dim) == len(conv_kernel) == len(conv_stride) > 0:
             raise ValueError("conv_dim, conv_kernel and conv_stride need one entry per conv layer, and at least one")
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         for k in ("conv_dim", "conv_kernel", "conv_stride"):
             self.args[k] = [int(v) for v in self.args[k]]  # JSON-friendly
         self.conv_kernel, self.conv_stride = list(conv_kernel), list(conv_stride)

@@ -51,7 +51,7 @@ from musicssl.audio.frontends import Log10OnePlus, MelSpectrogram, Standardize
 from musicssl.convert import pick_file, read_checkpoint
 from musicssl.errors import ReleaseFormatError
 from musicssl.factory import load_state_strict
-from musicssl.models.base import Encoder
+from musicssl.models.base import Encoder, init_args
 from musicssl.models.conformer import ConvModule, FeedForward
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -195,7 +195,7 @@ class OmarRQ(Encoder):
             raise ValueError(f"embed_dim {embed_dim} must split into {num_heads} heads of even size (for RoPE)")
         if (norm_mean is None) != (norm_std is None):
             raise ValueError("give both norm_mean and norm_std, or neither")
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         self.input_type, self.patch, self.mel_hop = input_type, patch, mel_hop
         self.sample_rate = sample_rate
         self.context_seconds, self.overlap_seconds = context_seconds, overlap_seconds

@@ -39,7 +39,7 @@ from torch import nn
 
 from musicssl.audio.frontends import VQT, AmplitudeToDB
 from musicssl.errors import ReleaseFormatError
-from musicssl.models.base import AudioLike, Encoder, conv_frames
+from musicssl.models.base import AudioLike, Encoder, conv_frames, init_args
 from musicssl.registry import ModelSpec, register_family, register_model
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class PESTO(Encoder):
             raise ValueError(f"reduction must be 'alwa', 'argmax' or 'mean', not {reduction!r}")
         if not 0 <= crop_bins < n_bins // 2:
             raise ValueError(f"crop_bins must be in [0, {n_bins // 2}), got {crop_bins}")
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         self.args["n_chan_layers"] = list(n_chan_layers)  # JSON-friendly
         self.sample_rate, self.hop_length, self.frame_offset = sample_rate, hop_length, 0.0
         self.context_seconds, self.overlap_seconds = context_seconds, overlap_seconds

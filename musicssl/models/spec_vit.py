@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from musicssl.audio.frontends import MelSpectrogram
-from musicssl.models.base import Encoder, conv_frames
+from musicssl.models.base import Encoder, conv_frames, init_args
 from musicssl.models.layers import Block, sincos_2d
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -55,7 +55,7 @@ class SpecViT(Encoder):
         super().__init__()
         if n_mels % patch_freq:
             raise ValueError(f"n_mels ({n_mels}) must be a multiple of patch_freq ({patch_freq})")
-        self.args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.args = init_args(locals())
         self.sample_rate, self.mel_hop, self.patch_time = sample_rate, hop_length, patch_time
         self.hop_length = hop_length * patch_time
         self.frame_offset = (patch_time - 1) / 2 * hop_length
