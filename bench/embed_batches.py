@@ -32,7 +32,7 @@ SHARES = {"filled in order (before)": 0.0, "by length (now)": base.BATCH_MIN_SHA
 
 def padded_share(enc: musicssl.Encoder, seconds: list[float], batch_size: int, min_share: float) -> float:
     """Share of the samples run through the model that are padding."""
-    windows = sorted(enc._windows([int(s * enc.sample_rate) for s in seconds]), key=lambda w: -w.length)
+    windows = sorted(enc.plan_windows([int(s * enc.sample_rate) for s in seconds]), key=lambda w: -w.length)
     batches = base._length_batches(windows, batch_size, min_share)
     run = sum(len(b) * b[0].length for b in batches)
     return 1 - sum(w.length for w in windows) / run

@@ -104,7 +104,7 @@ def clips_for(enc: musicssl.Encoder, batch: int) -> list[np.ndarray]:
     """Clips of about a minute that cut into exactly two full batches of whole windows: a clip of
     W + (k - 1) * step samples holds k windows of W, none of them short (a short last window would
     go into a batch of its own, and the rate said to be batch B's would be smaller batches')."""
-    W, step, _ = enc._window_plan()
+    W, step, _ = enc.window_plan()
     per_clip = max(1, round((CLIP_SECONDS * enc.sample_rate - W) / step) + 1)
     counts = [per_clip] * (2 * batch // per_clip) + ([2 * batch % per_clip] if 2 * batch % per_clip else [])
     return [noise((W + (k - 1) * step) / enc.sample_rate, enc.sample_rate, seed=i) for i, k in enumerate(counts)]

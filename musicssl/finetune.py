@@ -122,7 +122,7 @@ class Classifier(Encoder):
         self.sample_rate, self.hop_length, self.frame_offset = b.sample_rate, b.hop_length, b.frame_offset
         self.context_seconds, self.overlap_seconds = b.context_seconds, b.overlap_seconds
         self.embed_dim, self.num_layers = b.embed_dim, b.num_layers
-        self.layer_ids = self._layer_indices(layers)
+        self.layer_ids = self.layer_indices(layers)
         self.kind, self.pool, self.classes = kind, pool, classes
         self.values = [float(v) for v in values] if values is not None else None
         self.target_mean, self.target_std = float(target_mean), float(target_std)

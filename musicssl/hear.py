@@ -72,7 +72,7 @@ def _resolve_layer(encoder: Encoder, layer: int | None) -> int:
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise ValueError(f"{what} is not one layer index: pass layer=... (0..{n - 1}, or -1 for the last)")
     try:
-        return encoder._layer_indices(layer)[0]
+        return encoder.layer_indices(layer)[0]
     except ValueError as err:  # out of range: say which layer was asked for and how to choose another
         raise ValueError(f"{what}: {err}; pass layer=... to choose one") from err
 

@@ -98,8 +98,8 @@ def test_timed_clips_cut_into_two_full_batches(run, name, batch):
     import musicssl
 
     enc = musicssl.load(name, pretrained=False)
-    W, _, _ = enc._window_plan()
-    windows = enc._windows([len(c) for c in run.clips_for(enc, batch)])
+    W, _, _ = enc.window_plan()
+    windows = enc.plan_windows([len(c) for c in run.clips_for(enc, batch)])
     assert len(windows) == 2 * batch and all(w.length == W for w in windows)
 
 

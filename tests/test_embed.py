@@ -98,7 +98,7 @@ def test_long_audio_is_chunked_consistently(enc):
     frame-local models the stitched result equals one pass over the whole signal."""
     x = music(3 * enc.context_seconds + 1.7, 5)
     out = enc.embed(x, sr=SR, batch_size=2)
-    W, step, trim = enc._window_plan()
+    W, step, trim = enc.window_plan()
     first = enc.embed(x[:W], sr=SR)
     keep = trim + step // enc.hop_length
     torch.testing.assert_close(out.frames[0, :keep], first.frames[0, :keep], rtol=1e-4, atol=1e-4)
@@ -361,7 +361,7 @@ def test_windows_of_very_different_lengths_run_in_separate_batches(monkeypatch: 
     """A window shorter than BATCH_MIN_SHARE of its batch's longest starts a new batch rather than run
     padded; windows of similar length still share one, up to batch_size."""
     enc = musicssl.load("simclr-mini")
-    sr, W = enc.sample_rate, enc._window_plan()[0]
+    sr, W = enc.sample_rate, enc.window_plan()[0]
     shapes = []
     forward = enc.forward_features
     monkeypatch.setattr(enc, "forward_features", lambda wav, n: shapes.append(tuple(wav.shape)) or forward(wav, n))
@@ -396,15 +396,15 @@ def test_embed_on_a_gpu_matches_the_cpu(name: str, monkeypatch: pytest.MonkeyPat
 
 @needs_cuda
 def test_starting_a_batch_on_a_gpu_does_not_wait_for_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_launch_windows` queues the copies in, the model and the copy back without a host-device
+    """`launch_windows` queues the copies in, the model and the copy back without a host-device
     sync (a model free of them stands in for one); the result is there once asked for."""
     enc = musicssl.load("simclr-mini").to("cuda")
     monkeypatch.setattr(enc, "forward_features", lambda wav, n: [wav.unfold(1, 160, 160) * 2.0])
-    wav = enc._stack_windows([np.ones(16000, np.float32)] * 2, enc._windows([16000, 16000])[:2])
-    enc._launch_windows(wav, [16000, 16000], [0]).result()  # warm: the first pinned blocks come from the driver
+    wav = enc.stack_windows([np.ones(16000, np.float32)] * 2, enc.plan_windows([16000, 16000])[:2])
+    enc.launch_windows(wav, [16000, 16000], [0]).result()  # warm: the first pinned blocks come from the driver
     torch.cuda.set_sync_debug_mode("error")
     try:
-        launched = enc._launch_windows(wav, [16000, 16000], [0])
+        launched = enc.launch_windows(wav, [16000, 16000], [0])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     stacked, _ = launched.result()

@@ -147,7 +147,7 @@ def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, cap
     import musicssl.audio.io as audio_io
 
     corpus(tmp_path / "in", 6, seconds=(1.0, 1.5))
-    real_launch, real_load = musicssl.Encoder._launch_windows, audio_io.load_audio
+    real_launch, real_load = musicssl.Encoder.launch_windows, audio_io.load_audio
 
     def slow_launch(self, *a):
         time.sleep(0.2)
@@ -158,7 +158,7 @@ def test_summary_says_where_the_time_went(tmp_path, tiny_model, monkeypatch, cap
         return real_load(*a, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(musicssl.Encoder, "_launch_windows", slow_launch)
+        m.setattr(musicssl.Encoder, "launch_windows", slow_launch)
         r = extract([tmp_path / "in"], tmp_path / "a", tiny_model, batch_size=2, num_workers=0)
     assert set(r.stages) == {"model", "decoding", "writing", "host"} and min(r.stages.values()) >= 0
     assert r.stages["model"] >= 3 * 0.2 and max(r.stages, key=r.stages.get) == "model"
@@ -474,7 +474,7 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
     error from a GPU would be) when its result is asked for: the run retries in halves."""
     corpus(tmp_path / "in", 5, seconds=(3.0, 6.0))
     ref = extract([tmp_path / "in"], tmp_path / "ref", tiny_model, batch_size=1, num_workers=0)
-    real = musicssl.Encoder._launch_windows
+    real = musicssl.Encoder.launch_windows
     seen = []
 
     def oom():
@@ -490,7 +490,7 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
         launched.result = oom
         return launched
 
-    monkeypatch.setattr(musicssl.Encoder, "_launch_windows", flaky)
+    monkeypatch.setattr(musicssl.Encoder, "launch_windows", flaky)
     res = extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0)
     assert res.ok == 5 and ref.ok == 5 and max(seen) == 8 and 2 in seen
     for rel, p in outputs(tmp_path / "ref").items():
@@ -501,14 +501,14 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
 def test_a_batch_failing_with_an_empty_message_is_split_too(tmp_path, tiny_model, monkeypatch):
     """A model's bare RuntimeError() (no message) crashed the log line of the split with IndexError."""
     corpus(tmp_path / "in", 3, seconds=(3.0, 6.0))
-    real = musicssl.Encoder._launch_windows
+    real = musicssl.Encoder.launch_windows
 
     def flaky(self, wav, n_samples, keep):
         if len(n_samples) > 1:
             raise RuntimeError()
         return real(self, wav, n_samples, keep)
 
-    monkeypatch.setattr(musicssl.Encoder, "_launch_windows", flaky)
+    monkeypatch.setattr(musicssl.Encoder, "launch_windows", flaky)
     assert extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0).ok == 3
 
 
@@ -529,7 +529,7 @@ def pack(seconds: list[float], batch_size: int, max_open: int, max_bytes: int = 
 
     for seq, sec in enumerate(seconds):
         n = int(sec * enc.sample_rate)
-        windows = enc._windows([n])
+        windows = enc.plan_windows([n])
         frames = torch.zeros(int(enc.frame_lengths(torch.tensor([n]))[0]), 1, enc.embed_dim)
         packer.add(OpenFile(seq, seq, torch.zeros(n), frames, len(windows), windows[-1].index, 0.0), windows)
         while packer.ready():
@@ -574,9 +574,9 @@ def cli_process(args: list[str], slow: float = 0.0, **kw) -> subprocess.Popen:
             # inherit that: give the run Python's usual Ctrl-C, as in a terminal.
             "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             f"slow = {slow}\n"
-            "real = musicssl.Encoder._launch_windows\n"
+            "real = musicssl.Encoder.launch_windows\n"
             "def run(self, *a):\n    time.sleep(slow)\n    return real(self, *a)\n"
-            "musicssl.Encoder._launch_windows = run\n"
+            "musicssl.Encoder.launch_windows = run\n"
             "from musicssl.cli import run\nrun()\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code, "embed", *args], env=env, stdout=subprocess.PIPE,

@@ -173,7 +173,7 @@ def test_long_audio_is_cut_into_windows_on_the_frame_grid():
     wav = clip(3.1, seed=4)[:-7]
     emb = ours.embed(wav, sr=SR, layers="all")
     assert int(emb.lengths[0]) == emb.frames.shape[2] == int(ours.frame_lengths(torch.tensor(len(wav))))
-    W, step, trim = ours._window_plan()
+    W, step, trim = ours.window_plan()
     for k in (0, 1):  # frames kept from window k are that window's own frames, shifted onto the global grid
         own = torch.stack(states_of(ours, wav[k * step : k * step + W]))
         lo, hi = (0, trim) if k == 0 else (trim, trim + step // ours.hop_length)

@@ -230,14 +230,14 @@ def test_windows_cover_every_frame_once(extra):
     window's kept frames are that window encoded alone."""
     ctx, ov = (3 * 4096 + 1536) / SR, 5632 / SR
     enc = Music2Latent(output="latent", **{**TINY, "context_seconds": ctx, "overlap_seconds": ov}).eval()
-    W, step, trim = enc._window_plan()
+    W, step, trim = enc.window_plan()
     assert (W, step, trim) == (13824, 2 * 4096, 0)
     x = _music((2 * step + extra) / SR, 5)[: 2 * step + extra]
     out = enc.embed(x, sr=SR, batch_size=2)
     assert out.lengths.tolist() == enc.frame_lengths(torch.tensor([len(x)])).tolist()
     start = 0
     with torch.inference_mode():
-        while True:  # the windows of Encoder._windows
+        while True:  # the windows of Encoder.plan_windows
             last = start + W >= len(x)
             seg = torch.from_numpy(x[start : start + W])[None]
             alone = enc.forward_features(seg, torch.tensor([seg.shape[-1]]))[0][0]

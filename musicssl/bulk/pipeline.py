@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from musicssl.errors import describe
-from musicssl.models.base import Encoder, RunningPool, _Launched, _Window
+from musicssl.models.base import Encoder, RunningPool, Launched, Window
 
 
 @dataclass(eq=False)
@@ -51,11 +51,11 @@ class WindowPacker:
     batch_size: int
     max_open: int
     max_bytes: int = 1 << 30
-    pool: list[tuple[OpenFile, _Window]] = field(default_factory=list)  # longest first, then oldest
+    pool: list[tuple[OpenFile, Window]] = field(default_factory=list)  # longest first, then oldest
     waiting: dict[int, int] = field(default_factory=dict)  # id(file) -> its windows in the pool
     held: int = 0  # bytes of audio and frames of the files in `waiting`
 
-    def add(self, f: OpenFile, windows: list[_Window]) -> None:
+    def add(self, f: OpenFile, windows: list[Window]) -> None:
         for w in windows:
             bisect.insort(self.pool, (f, w), key=_longest_first)
         self.waiting[id(f)] = len(windows)
@@ -80,7 +80,7 @@ class WindowPacker:
             start += n
         return None
 
-    def take(self) -> list[tuple[OpenFile, _Window]]:
+    def take(self) -> list[tuple[OpenFile, Window]]:
         for f, _ in [p for p in self.pool if p[0].error]:
             self._drop(f, 1)
         self.pool = [p for p in self.pool if not p[0].error]
@@ -97,7 +97,7 @@ class WindowPacker:
             self._drop(f, 1)
         return batch
 
-    def _oldest_first(self) -> list[tuple[OpenFile, _Window]]:
+    def _oldest_first(self) -> list[tuple[OpenFile, Window]]:
         """The oldest file's windows, then the waiting windows nearest to its first in length."""
         oldest = min(self.pool, key=lambda p: (p[0].seq, p[1].index))
         own = [p for p in self.pool if p[0] is oldest[0]][: self.batch_size]
@@ -112,7 +112,7 @@ class WindowPacker:
             self.held -= _nbytes(f)
 
 
-def _longest_first(p: tuple[OpenFile, _Window]) -> tuple[int, int, int]:
+def _longest_first(p: tuple[OpenFile, Window]) -> tuple[int, int, int]:
     return -p[1].length, p[0].seq, p[1].index
 
 
@@ -169,12 +169,12 @@ class BatchRunner:
     keep: list[int]
     on_split: Callable[[int, BaseException], None] = lambda n, err: None
     watch: Stopwatch = field(default_factory=Stopwatch)  # "model": starting batches and waiting for them
-    pending: tuple[list[tuple[OpenFile, _Window]], _Launched, float] | None = None  # (batch, launched, s to start)
+    pending: tuple[list[tuple[OpenFile, Window]], Launched, float] | None = None  # (batch, launched, s to start)
 
     def __post_init__(self) -> None:
-        self.plan = self.encoder._window_plan()
+        self.plan = self.encoder.window_plan()
 
-    def run(self, batch: list[tuple[OpenFile, _Window]]) -> None:
+    def run(self, batch: list[tuple[OpenFile, Window]]) -> None:
         batch = [(f, w) for f, w in batch if not f.error]
         if not batch:
             return
@@ -182,9 +182,9 @@ class BatchRunner:
             self.flush()  # nothing to overlap on a CPU: stitch first, and hold one batch's frames, not two
         start = time.perf_counter()
         try:
-            wav = self.encoder._stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
+            wav = self.encoder.stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
             with self.watch("model"):
-                launched = self.encoder._launch_windows(wav, [w.length for _, w in batch], self.keep)
+                launched = self.encoder.launch_windows(wav, [w.length for _, w in batch], self.keep)
         except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
             self.flush()
             self._recover(batch, err)
@@ -208,11 +208,11 @@ class BatchRunner:
         # Time spent starting it and waiting for it, not the other batches' time in between.
         share = (spent + time.perf_counter() - start) / len(batch)
         for j, (f, w) in enumerate(batch):
-            self.encoder._place(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
+            self.encoder.place_window(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
             f.windows_left -= 1
             f.seconds += share
 
-    def _recover(self, batch: list[tuple[OpenFile, _Window]], err: Exception) -> None:
+    def _recover(self, batch: list[tuple[OpenFile, Window]], err: Exception) -> None:
         oom = is_out_of_memory(err)
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -42,7 +42,7 @@ from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
 from musicssl.errors import MusicsslError, OutputPathError, first_line
-from musicssl.models.base import Encoder, LayersArg, RunningPool, _single_layer, check_batch_size
+from musicssl.models.base import Encoder, LayersArg, RunningPool, is_single_layer, check_batch_size
 from musicssl.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class _Run:
         self.encoder, info = self._load(model, layers, pool, device, dtype, offline)
         if compile:
             self.encoder.compile_windows()
-        self.keep, self.single = self.encoder._layer_indices(layers), _single_layer(layers)
+        self.keep, self.single = self.encoder.layer_indices(layers), is_single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
         self.view = read_view(self.out_dir / MANIFEST)  # one pass over the manifest, for the steps below
         self.moved = self._check_names_taken()  # made again below, whatever their stamps say
@@ -419,7 +419,7 @@ class _Run:
             return self._record(job, "error", seconds=seconds, reason=(
                 f"{job.source}: {len(audio) / self.encoder.sample_rate:.4f} s of audio is too short for one "
                 f"frame of this model ({1 / self.encoder.frame_rate:.3f} s per frame)"))
-        windows = self.encoder._windows([len(audio)])
+        windows = self.encoder.plan_windows([len(audio)])
         shape = (n_frames, len(self.keep), self.encoder.embed_dim)
         frames = RunningPool(*shape) if self.pool else torch.zeros(shape)  # pooled: memory does not grow with length
         f = OpenFile(int(item["index"]), seq, audio, frames, len(windows), windows[-1].index, seconds,
@@ -445,7 +445,7 @@ class _Run:
         """A finished file's arrays: frames (T, D) or (L, T, D) (None when pooled), timestamps (T,), clip."""
         n = f.frames.shape[0]
         frames = [f.frames] if isinstance(f.frames, RunningPool) else f.frames[None]
-        emb = self.encoder._assemble(frames, torch.tensor([n]), self.keep, self.pool, torch.float32, self.single)
+        emb = self.encoder.assemble(frames, torch.tensor([n]), self.keep, self.pool, torch.float32, self.single)
         return {"frames": None if emb.frames is None else emb.frames[0].numpy(), "timestamps": emb.timestamps.numpy(),
                 "clip": emb.clip[0].numpy(), "layers": emb.layers, "duration": len(f.audio) / self.encoder.sample_rate}
 
@@ -587,7 +587,7 @@ def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: 
     info = {
         "model": name, "family": enc.family, "revision": spec.revision if spec else None,
         "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
-        "layers": enc._layer_indices(layers), "layer_axis": not _single_layer(layers), "pool": pool, "format": fmt,
+        "layers": enc.layer_indices(layers), "layer_axis": not is_single_layer(layers), "pool": pool, "format": fmt,
         "dtype": str(dtype or torch.float32).replace("torch.", ""),  # as asked: one of the settings runs compare
         "model_dtype": str(dtype or _model_dtype(enc)).replace("torch.", ""),  # what the model ran in
         "sample_rate": enc.sample_rate, "frame_rate": enc.frame_rate, "context_seconds": enc.context_seconds,

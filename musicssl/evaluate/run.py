@@ -132,7 +132,7 @@ def _resolve_layers(enc: Encoder, layers: str | int | Sequence[int]) -> list[int
         layers = [enc.spec.recommended_layer if enc.spec else -1]
     elif isinstance(layers, int):
         layers = [layers]
-    return enc._layer_indices(layers)
+    return enc.layer_indices(layers)
 
 
 def _probe_model(name: str, task: Task, x: dict[int, np.ndarray], y: np.ndarray, probes: Sequence[str],

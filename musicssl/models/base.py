@@ -46,7 +46,9 @@ class Embeddings:
 
 
 @dataclass(frozen=True)
-class _Window:
+class Window:
+    """One context window of one input item (`Encoder.plan_windows`)."""
+
     item: int  # index of the input item
     index: int  # window number within the item
     start: int  # first sample
@@ -54,8 +56,8 @@ class _Window:
 
 
 @dataclass
-class _Launched:
-    """A batch of windows started through the model (`Encoder._launch_windows`)."""
+class Launched:
+    """A batch of windows started through the model (`Encoder.launch_windows`)."""
 
     stacked: torch.Tensor  # (b, T, L, D) float32 on the CPU; still being copied until `done`
     n_valid: list[int]  # valid frames of each window
@@ -160,12 +162,12 @@ class Encoder(nn.Module):
         if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype is the returned embeddings' floating dtype (e.g. torch.float16), not {dtype!r}; "
                              "the model's own precision is set by load(..., dtype=...) or enc.to(dtype=...)")
-        keep = self._layer_indices(layers)
+        keep = self.layer_indices(layers)
         items = prepare_items(audio, sr, self.sample_rate)
         self._check_one_frame(items)
         with torch.inference_mode(), evaluating(self):
             frames, lengths = self._embed_items(items, keep, batch_size, pooled=pool is not None)
-        return self._assemble(frames, lengths, keep, pool, dtype, single_layer=_single_layer(layers))
+        return self.assemble(frames, lengths, keep, pool, dtype, single_layer=is_single_layer(layers))
 
     def _check_one_frame(self, items: list[np.ndarray]) -> None:
         """Refuse items too short for one frame: their clip embedding would be 0 / 0 (NaN), or the
@@ -174,7 +176,7 @@ class Encoder(nn.Module):
         short = [i for i, n in enumerate(lengths) if n == 0]
         if not short:
             return
-        lo, hi = 1, self._window_plan()[0]  # the fewest samples that give a frame, by bisection
+        lo, hi = 1, self.window_plan()[0]  # the fewest samples that give a frame, by bisection
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if int(self.frame_lengths(torch.tensor([mid]))[0]) else (mid + 1, hi)
@@ -185,7 +187,9 @@ class Encoder(nn.Module):
             f"{self.sample_rate} Hz): drop it, or pad it with silence to that length"
         )
 
-    def _layer_indices(self, layers: LayersArg) -> list[int]:
+    def layer_indices(self, layers: LayersArg) -> list[int]:
+        """`layers` as `embed()` takes it ("last", "all", an int or a list; negative from the end)
+        -> the layer numbers, each in 0..num_layers-1."""
         n = self.num_layers
         if isinstance(layers, (np.ndarray, torch.Tensor)):  # np.arange(3): its truth value is ambiguous
             layers = layers.tolist()
@@ -205,7 +209,10 @@ class Encoder(nn.Module):
         return [i % n for i in chosen]
 
     # --- windowing ----------------------------------------------------------------------------
-    def _window_plan(self) -> tuple[int, int, int]:
+    # embed() cuts audio into windows, runs them in batches and stitches their frames. `musicssl
+    # embed` (bulk/pipeline.py) drives the same steps itself, packing windows of many files:
+    # plan_windows -> stack_windows -> launch_windows -> place_window -> assemble.
+    def window_plan(self) -> tuple[int, int, int]:
         """(window samples W, step samples, frames to drop at the start of a non-first window)."""
         W = max(int(round(self.context_seconds * self.sample_rate)), self.hop_length)
         ov = int(round(self.overlap_seconds * self.sample_rate))
@@ -215,14 +222,16 @@ class Encoder(nn.Module):
         frames_step = step // self.hop_length
         return W, step, max((frames_full - frames_step) // 2, 0)
 
-    def _windows(self, n_items_lengths: list[int]) -> list[_Window]:
-        W, step, _ = self._window_plan()
+    def plan_windows(self, n_items_lengths: list[int]) -> list[Window]:
+        """Items of these lengths (samples) -> their windows: every item's in order, the last of each
+        shorter where its audio ends."""
+        W, step, _ = self.window_plan()
         out = []
         for i, n in enumerate(n_items_lengths):
             k = 0
             while True:
                 start = k * step
-                out.append(_Window(i, k, start, min(W, n - start)))
+                out.append(Window(i, k, start, min(W, n - start)))
                 if start + W >= n:
                     break
                 k += 1
@@ -238,23 +247,23 @@ class Encoder(nn.Module):
                 frames: Any = [RunningPool(int(n), len(keep), self.embed_dim) for n in lengths]
             else:
                 frames = torch.zeros(len(items), int(lengths.max()), len(keep), self.embed_dim)
-        windows = self._windows([len(x) for x in items])
+        windows = self.plan_windows([len(x) for x in items])
         last_window = {w.item: w.index for w in windows}
         # Longest first: batches then hold windows of similar length and pad little.
         order = sorted(windows, key=lambda w: -w.length)
-        plan = self._window_plan()
+        plan = self.window_plan()
 
-        def place(batch: list[_Window], launched: _Launched) -> None:
+        def place(batch: list[Window], launched: Launched) -> None:
             stacked, n_valid = launched.result()
             for j, w in enumerate(batch):
-                self._place(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
+                self.place_window(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
 
         pending, overlap = None, self.device.type == "cuda"  # a CPU has nothing to overlap
         # A compiled model pads every batch to full windows anyway: splitting by length would only add batches.
         min_share = 0.0 if getattr(self, "_compiled_features", None) is not None else BATCH_MIN_SHARE
         for batch in _length_batches(order, batch_size, min_share):
-            wav = self._stack_windows([items[w.item] for w in batch], batch)
-            launched = self._launch_windows(wav, [w.length for w in batch], keep)
+            wav = self.stack_windows([items[w.item] for w in batch], batch)
+            launched = self.launch_windows(wav, [w.length for w in batch], keep)
             if pending:  # stitched while the device runs the batch just launched
                 place(*pending)
             pending = batch, launched
@@ -265,7 +274,7 @@ class Encoder(nn.Module):
             place(*pending)
         return frames, lengths
 
-    def _stack_windows(self, audio: Sequence[np.ndarray | torch.Tensor], windows: Sequence[_Window]) -> torch.Tensor:
+    def stack_windows(self, audio: Sequence[np.ndarray | torch.Tensor], windows: Sequence[Window]) -> torch.Tensor:
         """Each window's samples of its item's audio (S,), zero-padded -> (b, S_max); in pinned memory
         when the model is on a GPU, so the copy there does not wait for the device."""
         wav = torch.zeros(len(windows), max(w.length for w in windows), pin_memory=self.device.type == "cuda")
@@ -273,7 +282,7 @@ class Encoder(nn.Module):
             wav[j, : w.length] = torch.as_tensor(x[w.start : w.start + w.length])
         return wav
 
-    def _launch_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> _Launched:
+    def launch_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> Launched:
         """Start padded windows wav (b, S) through the model; the result is the hidden states of `keep`
         (b, T, L, D) float32 on the CPU and the valid frames of each window.
 
@@ -288,7 +297,7 @@ class Encoder(nn.Module):
         n_valid = self.frame_lengths(n[:rows]).tolist()
         if device.type != "cuda":
             hidden = (compiled or self.forward_features)(wav.to(device), n.to(device))
-            return _Launched(torch.stack([hidden[i][:rows] for i in keep], dim=2).float().cpu(), n_valid)
+            return Launched(torch.stack([hidden[i][:rows] for i in keep], dim=2).float().cpu(), n_valid)
         # From pinned memory, with non_blocking, the copies in are queued rather than waited for.
         wav, n = wav if wav.is_pinned() else wav.pin_memory(), n.pin_memory()
         hidden = (compiled or self.forward_features)(wav.to(device, non_blocking=True), n.to(device, non_blocking=True))
@@ -298,7 +307,7 @@ class Encoder(nn.Module):
         host = stacked.to("cpu", non_blocking=True)
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(stacked.device))
-        return _Launched(host, n_valid, done)
+        return Launched(host, n_valid, done)
 
     def compile_windows(self, **compile_kwargs: Any) -> "Encoder":
         """Run `embed()` (and `musicssl embed`) through `torch.compile(forward_features)`; returns self.
@@ -313,16 +322,16 @@ class Encoder(nn.Module):
 
     def _pad_for_compile(self, wav: torch.Tensor, n_samples: list[int]) -> tuple[torch.Tensor, list[int]]:
         """(b, S) -> (2^k >= b, W) with W the window; the added rows are silence of full length."""
-        W = self._window_plan()[0]
+        W = self.window_plan()[0]
         rows = 1 << (len(n_samples) - 1).bit_length()
         out = torch.zeros(rows, W, pin_memory=wav.is_pinned())
         out[: wav.shape[0], : wav.shape[1]] = wav
         return out, list(n_samples) + [W] * (rows - len(n_samples))
 
-    def _place(self, frames: torch.Tensor, w: _Window, last: bool, window: torch.Tensor, n_valid: int,
-               plan: tuple[int, int, int]) -> None:
+    def place_window(self, frames: torch.Tensor, w: Window, last: bool, window: torch.Tensor, n_valid: int,
+                     plan: tuple[int, int, int]) -> None:
         """Stitch one window's frames (T_w, L, D) into its item's frames (T, L, D) in place; `plan` is
-        `_window_plan()`, computed once by the caller."""
+        `window_plan()`, computed once by the caller."""
         _, step, trim = plan
         frames_step = step // self.hop_length
         # Keep the middle of each window; the first and last keep their outer edges too.
@@ -331,7 +340,7 @@ class Encoder(nn.Module):
         g0 = w.index * frames_step
         frames[g0 + lo : g0 + hi] = window[lo:hi]
 
-    def _assemble(
+    def assemble(
         self, frames: torch.Tensor, lengths: torch.Tensor, keep: list[int], pool: str | None,
         dtype: torch.dtype, single_layer: bool,
     ) -> Embeddings:
@@ -411,7 +420,8 @@ class RunningPool:
         return self.max.clone() if pool == "max" else self.sum / self.shape[0]
 
 
-def _single_layer(layers: LayersArg) -> bool:
+def is_single_layer(layers: LayersArg) -> bool:
+    """Whether `layers` asks for one layer as such ("last" or an int): embed() then drops the L axis."""
     return (isinstance(layers, str) and layers == "last") or isinstance(layers, (int, np.integer))
 
 
@@ -431,10 +441,10 @@ def _is_int(x: Any) -> bool:
 BATCH_MIN_SHARE = 0.8
 
 
-def _length_batches(windows: list[_Window], batch_size: int, min_share: float) -> list[list[_Window]]:
+def _length_batches(windows: list[Window], batch_size: int, min_share: float) -> list[list[Window]]:
     """Windows sorted longest first -> batches of at most `batch_size`, none shorter than `min_share`
     of its batch's first."""
-    batches: list[list[_Window]] = []
+    batches: list[list[Window]] = []
     for w in windows:
         last = batches[-1] if batches else None
         if last is None or len(last) == batch_size or w.length < min_share * last[0].length:
