@@ -143,9 +143,11 @@ def test_csv_txt_and_list_sources(audio_dir: Path, tmp_path: Path) -> None:
     txt_file.write_text("# training files\n\n" + "\n".join(names) + "\n")
     excel = audio_dir / "excel.csv"  # Excel's "CSV UTF-8" begins with a byte-order mark
     excel.write_text("\ufeffpath,label\n" + "".join(f"{n},x\n" for n in names), encoding="utf-8")
+    notepad = audio_dir / "notepad.txt"  # so does a list saved by Windows Notepad as "UTF-8 with BOM"
+    notepad.write_text("\ufeff" + "\r\n".join(names) + "\r\n", encoding="utf-8")
     listed = [audio_dir / n for n in names]
     expected = [p.resolve() for p in listed]
-    for source in (csv_file, str(txt_file), listed, excel):
+    for source in (csv_file, str(txt_file), listed, excel, notepad):
         ds = crops(source)
         assert [p.resolve() for p in ds.files] == expected and len(ds) == 2
         assert ds[1]["audio"].shape == (SR,)

@@ -171,7 +171,7 @@ def _list_source(source: Source) -> list[Path]:
             return _read_csv(path)
         if suffix in AUDIO_EXTENSIONS:
             return [path]
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's BOM is no path
         entries = [line.strip() for line in lines]
         return [_resolve(e, path.parent) for e in entries if e and not e.startswith("#")]
     return [Path(p).expanduser() for p in source]
