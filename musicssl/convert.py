@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONVERTED_DIR = "converted"
 # Raised when a port's conversion changes what it writes, so that copies made before convert again.
 CONVERSION = 1
 # Beside a cached conversion: its model.safetensors' sha256 and identity, and CONVERSION (JSON).
@@ -165,7 +164,7 @@ def source_key(spec: ModelSpec) -> str:
 
 def converted_folder(spec: ModelSpec) -> Path:
     """Where the converted release of a registry entry lives (it may not exist yet)."""
-    return hub.cache_dir() / CONVERTED_DIR / spec.name / source_key(spec)
+    return hub.cache_dir() / hub.CONVERTED_DIR / spec.name / source_key(spec)
 
 
 def convert_files(spec: ModelSpec, files: Mapping[str, Path]) -> Encoder:
@@ -256,7 +255,7 @@ def _record_first_fetch(spec: ModelSpec, files: Mapping[str, Path]) -> None:
 
 
 def _record_path(spec: ModelSpec) -> Path:
-    return hub.cache_dir() / CONVERTED_DIR / spec.name / FIRST_FETCH
+    return hub.cache_dir() / hub.CONVERTED_DIR / spec.name / FIRST_FETCH
 
 
 def _keep_sha256(folder: Path) -> None:

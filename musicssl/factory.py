@@ -262,11 +262,12 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], wh
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = ()) -> None:
+def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = (), own: Sequence[str] = ()) -> None:
     """Refuse an output folder for a release whose files would replace others: one that holds
     anything and is not a musicssl release (a project, a Hub snapshot), or where a release file
     is one of `inputs` (converting a folder into itself), or a folder that `load()` reads weights
-    from (a model's own folder in the caches or the package)."""
+    from (a model's own folder in the caches or the package). `own`: names of files the caller
+    writes beside a release (a run's log), which a folder may hold alone."""
     home = hub.weights_home(out)
     if home is not None:
         raise ValueError(f"{flag} {out} lies in {home}, where load() finds the weights it was given: a release "
@@ -277,7 +278,7 @@ def check_release_out(out: Path, flag: str, inputs: Sequence[Path] = ()) -> None
         if any((out / name).exists() and os.path.samefile(out / name, p) for p in inputs):
             raise ValueError(f"{flag} {out} holds the input {out / name}, which the release would replace: "
                              "give a new folder")
-    held = sorted(p.name for p in out.iterdir())
+    held = sorted(p.name for p in out.iterdir() if p.name not in own)
     if held and not _is_musicssl_release(out):
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise ValueError(f"{flag} {out} holds {shown} and is not a musicssl release, so its files would be "

@@ -639,7 +639,9 @@ def _check_out(model: Any, out: str | os.PathLike | None, freeze: str) -> None:
     if not isinstance(model, Encoder) and Path(model).is_dir() and Path(model).resolve() == Path(out).resolve():
         raise ValueError(f"-o/out {out} is the model's own folder: the classifier would replace the model it "
                          "starts from; give another folder")
-    check_release_out(Path(out), "-o/out")  # not a folder of other files, nor one that load() reads
+    # Not a folder of other files, nor one that load() reads; an earlier run's own files, or the log
+    # of one that stopped, may be there.
+    check_release_out(Path(out), "-o/out", own=(PARTIAL_LOG, "log.jsonl", "metrics.json"))
 
 
 @dataclass
@@ -678,7 +680,7 @@ def _fit(clf: Classifier, phases: list[Phase], data: TrainData, validate: Callab
     out only in the last phase: the head phase is short and always completes."""
     history: list[dict[str, Any]] = []
     if run is not None:
-        (run / PARTIAL_LOG).write_text("")
+        (run / PARTIAL_LOG).unlink(missing_ok=True)  # a stopped run's: the first epoch starts it anew
     for i, phase in enumerate(phases):
         apply_freeze(clf, phase.policy)
         stopper.stale = 0  # fine-tuning gets `patience` epochs of its own

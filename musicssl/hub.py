@@ -83,6 +83,10 @@ def offline_reason(offline: bool | None) -> str:
     return "HF_HUB_OFFLINE was set when huggingface_hub was imported"
 
 
+# Under cache_dir(): ports converted from their upstream files on first use, as release folders.
+CONVERTED_DIR = "converted"
+
+
 def hf_cache_dir() -> Path:
     """The Hugging Face Hub cache: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
     if os.environ.get("HF_HUB_CACHE"):
@@ -629,13 +633,16 @@ def _bundled_root() -> Path:
 
 
 def weights_home(path: Path) -> str | None:
-    """The place `load()` reads weights from that `path` lies in (the bundled weights, the Hub's
-    cache, musicssl's cache), said in words; None when it lies in none of them."""
+    """The folder `load()` reads weights from that `path` lies in (the bundled weights, a model's
+    tree in the Hugging Face cache, musicssl's converted ports), said in words; None for any other."""
     real = Path(os.path.realpath(path))
-    for what, root in (("musicssl's bundled weights", _bundled_root()), ("the Hugging Face cache", hf_cache_dir()),
-                       ("musicssl's cache", cache_dir())):
+    for what, root in (("musicssl's bundled weights", _bundled_root()),
+                       ("musicssl's converted weights", cache_dir() / CONVERTED_DIR)):
         if real.is_relative_to(os.path.realpath(root)):
             return f"{what} ({root})"
+    hf = Path(os.path.realpath(hf_cache_dir()))
+    if real.is_relative_to(hf) and real != hf and real.relative_to(hf).parts[0].startswith("models--"):
+        return f"the Hugging Face cache ({hf_cache_dir()})"
     return None
 
 

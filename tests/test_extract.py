@@ -1007,6 +1007,10 @@ def test_a_full_disk_at_the_start_or_the_end_is_said_in_a_line(tmp_path, monkeyp
     with caplog.at_level("WARNING", logger="musicssl"):
         assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 1
     assert "1 failed of 3 inputs" in capsys.readouterr().out and "No space left on device" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.setattr(bulk_run, "write_table", full)  # a full disk at the table alone fails the run too
+    assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc", "--table"]) == 1
+    assert "stopped because" in capsys.readouterr().out
 
 
 def test_a_manifest_that_cannot_be_written_is_said_before_any_work(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ import torch
 
 import musicssl
 from musicssl.cli import main
-from musicssl.errors import ReleaseFormatError, TaskFormatError
+from musicssl.errors import DivergedError, ReleaseFormatError, TaskFormatError
 from musicssl.factory import skip_weight_init
 from musicssl.finetune import Classifier, apply_freeze, finetune, layer_groups, param_groups, train_mode
 
@@ -334,6 +334,9 @@ def test_an_out_where_load_finds_weights_or_other_files_is_refused(task_csv, tmp
         assert main(["finetune", str(task_csv), "--model", "mfcc", "-o", str(out)]) == 2
         assert said in capsys.readouterr().err
     assert not snapshot.exists() and (notes / "README.md").read_text() == "my notes"
+    monkeypatch.setenv("MUSICSSL_CACHE", str(tmp_path))  # a scratch folder that also holds the user's runs
+    check_release_out(tmp_path / "runs" / "genre", "-o")  # not where load() reads weights: taken
+    check_release_out(tmp_path / "hf" / "my-exports", "-o")
 
 
 def test_a_refused_or_interrupted_run_leaves_the_out_folder_as_it_was(task_csv, trained, tmp_path, monkeypatch):
@@ -355,6 +358,13 @@ def test_a_refused_or_interrupted_run_leaves_the_out_folder_as_it_was(task_csv, 
     with pytest.raises(KeyboardInterrupt):
         finetune(task_csv, model=tiny(), out=run, epochs=2, batch_size=6)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ft.PARTIAL_LOG} == before
+    fresh = tmp_path / "fresh"  # interrupted in its first epoch, then run again: the same command works
+    with pytest.raises(KeyboardInterrupt):
+        finetune(task_csv, model=tiny(), out=fresh, epochs=2, batch_size=6)
+    monkeypatch.undo()
+    with pytest.raises(DivergedError):  # a run that diverges at once leaves nothing to refuse a rerun for
+        finetune(task_csv, model=tiny(), out=fresh, epochs=1, batch_size=6, lr=1e30, head_lr=1e30)
+    assert finetune(task_csv, model=tiny(), out=fresh, epochs=1, head_epochs=0, batch_size=6).out == fresh
 
 
 def test_numpy_numbers_go_into_the_run_files_as_numbers(task_csv, tmp_path):

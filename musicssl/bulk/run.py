@@ -525,9 +525,12 @@ class _Run:
                 self.final = read_view(self.out_dir / MANIFEST)  # with this run's lines
                 failed_list = self._failed_list()
                 tables = self._table() if table else []
-            except OSError as err:  # a full disk: the summary still says what happened
+            except OSError as err:  # a full disk: the summary still says what happened, and the run fails
+                if err.errno not in _OUT_OF_ROOM:
+                    raise
                 log.warning("cannot finish the manifest, the failed list or the table in %s: %s", self.out_dir,
                             err.strerror or err)
+                counts[4], self.stop_reason = 1.0, self.stop_reason or self._out_of_room(err)
         if self.ranks:
             distributed.barrier()  # nobody exits before rank 0 has merged
         return ExtractResult(

@@ -393,10 +393,19 @@ def init_args(local_vars: dict[str, Any]) -> dict[str, Any]:
 def masked_pool(frames: torch.Tensor, lengths: torch.Tensor, how: str = "mean") -> torch.Tensor:
     """frames (B, T, ...) and each item's valid frames (B,) -> (B, ...): the mean or max over them.
     Frames past `lengths` are ignored whatever they hold (NaN too); an item with none gives zeros."""
+    B, T = frames.shape[:2]
+    n = lengths.to(frames.device).long().clamp(min=0, max=T)
+    if frames.requires_grad:  # one masked pass: a slice per item would each take a full-size gradient
+        per_item = (B,) + (1,) * (frames.dim() - 2)
+        valid = (torch.arange(T, device=frames.device)[None, :] < n[:, None]).view(B, T, *per_item[1:])
+        if how == "max":
+            pooled = frames.masked_fill(~valid, float("-inf")).amax(dim=1)
+            return torch.where(n.view(per_item) > 0, pooled, torch.zeros_like(pooled))
+        return frames.masked_fill(~valid, 0).sum(dim=1) / n.clamp(min=1).view(per_item).to(frames.dtype)
     # Item by item over views: no masked copy of frames, which may be hours long.
     empty = frames.new_zeros(frames.shape[2:])
     pooled = [(frames[i, :k].amax(dim=0) if how == "max" else frames[i, :k].mean(dim=0)) if k > 0 else empty
-              for i, k in enumerate(lengths.clamp(max=frames.shape[1]).tolist())]
+              for i, k in enumerate(n.tolist())]
     return torch.stack(pooled)
 
 
