@@ -36,7 +36,6 @@ from torch import nn
 from musicssl.bulk.outputs import atomic_write, make_out_dir, unmade_if_unused
 from musicssl.devices import check_device, default_device
 from musicssl.errors import DivergedError
-from musicssl.evaluate.tasks import KINDS
 from musicssl.factory import check_release_out
 from musicssl.models.base import AudioLike, Encoder, LayersArg, evaluating, masked_pool
 from musicssl.optim import autocast_dtype, decay_groups, optimizer_step, warmup_cosine
@@ -44,6 +43,8 @@ from musicssl.registry import DEFAULT_MODEL, ModelSpec, family_class, register_f
 
 log = logging.getLogger(__name__)
 
+# evaluate.tasks.KINDS, written out: importing it would load the evaluation package with every model.
+KINDS = ("classification", "multilabel", "regression", "pitch")
 POOLS = ("mean", "max")
 # The epochs of a run under way; renamed to log.jsonl once the run is written, so that an interrupted
 # rerun into a finished run's folder leaves that run whole.
