@@ -55,7 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicssl.audio.frontends import AmplitudeToDB, MelSpectrogram
+from musicssl.convert import read_checkpoint
 from musicssl.errors import ReleaseFormatError
+from musicssl.factory import load_state_strict
 from musicssl.models.base import Encoder, init_args
 from musicssl.models.layers import Block
 from musicssl.registry import ModelSpec, register_family, register_model
@@ -228,8 +230,6 @@ class Dasheng(Encoder):
         """Upstream weights: the Hugging Face `model.safetensors` (keys under ``encoder.``, with its
         `config.json`) or the Zenodo `dasheng_base.pt` (``{"model": state_dict, "config": ...}``),
         whatever the file is called."""
-        from musicssl.factory import load_state_strict
-
         weights = [Path(p) for name, p in files.items() if name != "config.json"]
         if len(weights) != 1:
             raise ReleaseFormatError(f"expected one Dasheng weights file besides config.json, got {sorted(files)}")
@@ -264,7 +264,6 @@ def _init_weights(m: nn.Module) -> None:
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """(state dict, upstream config or None) from a safetensors file or a torch checkpoint,
     told apart by content (`musicssl convert` may hand the Zenodo .pt under another name)."""
-    from musicssl.convert import read_checkpoint
 
     with open(path, "rb") as f:
         head = f.read(1)

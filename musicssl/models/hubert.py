@@ -43,6 +43,7 @@ from torch import nn
 
 from musicssl.convert import fold_weight_norm, pick_file, read_checkpoint, take, unwrap_state
 from musicssl.errors import ReleaseFormatError
+from musicssl.factory import load_state_strict
 from musicssl.models.base import Encoder, init_args
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -357,8 +358,6 @@ class HuBERT(Encoder):
     # --- upstream weights ---------------------------------------------------------------------
     def load_upstream(self, files: dict[str, Any]) -> None:
         """Load MERT's ``pytorch_model.bin`` (a plain state dict, read with weights_only=True)."""
-        from musicssl.factory import load_state_strict
-
         path = pick_file({k: Path(v) for k, v in files.items()}, (".bin", ".pt", ".pth"), "checkpoint")
         state = unwrap_state(read_checkpoint(path), path)
         try:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicssl.audio.frontends import Spectrogram
+from musicssl.convert import pick_file, read_checkpoint
+from musicssl.factory import load_state_strict
 from musicssl.models.base import Encoder
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -328,9 +330,6 @@ class Music2Latent(Encoder):
     def load_upstream(self, files: dict[str, Any]) -> None:
         """Load upstream's `music2latent.pt` (a pickle whose `gen_state_dict` is the whole consistency
         model): the `encoder.*` part is kept, the rest dropped by name, and loaded strictly."""
-        from musicssl.convert import pick_file, read_checkpoint
-        from musicssl.factory import load_state_strict
-
         path = pick_file(files, (".pt",), "Music2Latent checkpoint")
         ckpt = read_checkpoint(path, allow=numpy_scalar_globals())
         load_state_strict(self, checkpoint_filter_fn(ckpt, output=self.output, where=str(path)), where=str(path))

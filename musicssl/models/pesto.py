@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from musicssl.audio.frontends import VQT, AmplitudeToDB
+from musicssl.convert import pick_file, read_checkpoint
 from musicssl.errors import ReleaseFormatError
+from musicssl.factory import load_state_strict
 from musicssl.models.base import AudioLike, Encoder, conv_frames, init_args
 from musicssl.registry import ModelSpec, register_family, register_model
 
@@ -357,9 +359,6 @@ class PESTO(Encoder):
         """Load upstream's checkpoint: the pesto-pitch wheel (its `pesto/weights/mir-1k_g7.ckpt`) or
         a bare Lightning checkpoint of that format. Its hparams and VQT settings must be this
         model's architecture; the state dict is mapped by `checkpoint_filter_fn` and loaded strictly."""
-        from musicssl.convert import pick_file
-        from musicssl.factory import load_state_strict
-
         path = pick_file(files, (".whl", ".ckpt"), "PESTO wheel or checkpoint")
         with tempfile.TemporaryDirectory() as tmp:
             ckpt_path, where = _checkpoint_in(path, Path(tmp))
@@ -487,7 +486,6 @@ def read_upstream_checkpoint(path: Path, where: str | None = None) -> dict[str, 
     """A pesto-pitch Lightning checkpoint -> {"state_dict", "hparams", "hcqt_params", ...}, with the
     omegaconf containers of its hparams turned into plain dicts and lists. Reads with
     ``weights_only=True`` (`musicssl.convert.read_checkpoint`)."""
-    from musicssl.convert import read_checkpoint
 
     where = where or str(path)
     try:
