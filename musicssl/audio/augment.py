@@ -561,31 +561,13 @@ def time_stretch(
     window = torch.hann_window(n_fft, periodic=True, dtype=dtype, device=x.device)
     spec = torch.stft(x.to(dtype), n_fft, hop, window=window, center=True, pad_mode="constant",
                       return_complex=True)  # (B, F, T)
-    n_bins, n_frames = spec.shape[1:]
     n_out = 1 + math.ceil(n / hop)
     # Fractional input frame read by each output frame, (B, T_out).
     r = rates.to(device=x.device, dtype=dtype)[:, None]
     out_times = torch.arange(n_out, device=x.device, dtype=dtype)[None, :] * hop
     pos = ((s - n * r) / 2 + out_times * r) / hop
-    valid = (pos >= 0) & (pos <= n_frames - 1)
-    i0 = pos.floor().clamp(0, max(0, n_frames - 2)).long()
-    i1 = (i0 + 1).clamp(max=n_frames - 1)
-    alpha = (pos - i0).clamp(0, 1)[:, None, :]
-    s0 = spec.gather(2, i0[:, None, :].expand(b, n_bins, n_out))
-    s1 = spec.gather(2, i1[:, None, :].expand(b, n_bins, n_out))
-    magnitude = ((1 - alpha) * s0.abs() + alpha * s1.abs()) * valid[:, None, :]
-    phase0 = torch.angle(s0)
-    expected = 2 * math.pi * hop * torch.arange(n_bins, device=x.device, dtype=dtype) / n_fft
-    expected = expected[None, :, None]
-    deviation = torch.angle(s1) - phase0 - expected
-    advance = deviation - 2 * math.pi * torch.round(deviation / (2 * math.pi)) + expected
-    owner = _nearest_peak(magnitude)  # (B, F, T_out)
-    relative = phase0 - phase0.gather(1, owner)
-    phases = [phase0[..., 0]]
-    for j in range(1, n_out):  # sequential: a peak's phase carries over from the previous frame
-        carried = phases[-1] + advance[..., j - 1]
-        phases.append(carried.gather(1, owner[..., j]) + relative[..., j])
-    phase = torch.stack(phases, dim=-1)
+    magnitude, phase0, advance = _frames_at(spec, pos, hop, n_fft)
+    phase = _locked_phases(magnitude, phase0, advance)
     out = torch.istft(torch.polar(magnitude, phase), n_fft, hop, window=window, center=True,
                       length=n)
     unchanged = rates == 1.0
@@ -593,6 +575,38 @@ def time_stretch(
         start = torch.full((b,), math.floor((s - n) / 2 + 0.5), dtype=torch.long)
         out = torch.where(_rows(unchanged, x.device), _take(x.to(dtype), start, n), out)
     return out.to(x.dtype)
+
+
+def _frames_at(spec: Tensor, pos: Tensor, hop: int, n_fft: int) -> tuple[Tensor, Tensor, Tensor]:
+    """An STFT (B, F, T) read at fractional frames `pos` (B, T_out) -> magnitudes interpolated
+    between the frames either side (zero outside the input), the phase of the frame before, and
+    each bin's phase advance per hop measured between the two (its instantaneous frequency)."""
+    b, n_bins, n_frames = spec.shape
+    valid = (pos >= 0) & (pos <= n_frames - 1)
+    i0 = pos.floor().clamp(0, max(0, n_frames - 2)).long()
+    i1 = (i0 + 1).clamp(max=n_frames - 1)
+    alpha = (pos - i0).clamp(0, 1)[:, None, :]
+    s0 = spec.gather(2, i0[:, None, :].expand(b, n_bins, pos.shape[1]))
+    s1 = spec.gather(2, i1[:, None, :].expand(b, n_bins, pos.shape[1]))
+    magnitude = ((1 - alpha) * s0.abs() + alpha * s1.abs()) * valid[:, None, :]
+    phase0 = torch.angle(s0)
+    expected = 2 * math.pi * hop * torch.arange(n_bins, device=spec.device, dtype=pos.dtype) / n_fft
+    expected = expected[None, :, None]
+    deviation = torch.angle(s1) - phase0 - expected
+    advance = deviation - 2 * math.pi * torch.round(deviation / (2 * math.pi)) + expected
+    return magnitude, phase0, advance
+
+
+def _locked_phases(magnitude: Tensor, phase0: Tensor, advance: Tensor) -> Tensor:
+    """Output phases (B, F, T_out) with identity phase locking: each peak's phase advances from the
+    previous output frame; the bins around it keep their analysed phase relative to it."""
+    owner = _nearest_peak(magnitude)  # (B, F, T_out)
+    relative = phase0 - phase0.gather(1, owner)
+    phases = [phase0[..., 0]]
+    for j in range(1, magnitude.shape[-1]):  # sequential: a peak's phase carries over from the previous frame
+        carried = phases[-1] + advance[..., j - 1]
+        phases.append(carried.gather(1, owner[..., j]) + relative[..., j])
+    return torch.stack(phases, dim=-1)
 
 
 def _nearest_peak(magnitude: Tensor) -> Tensor:
