@@ -259,6 +259,15 @@ def _translate_hf_error(
     said = err if not isinstance(err, hf_utils.LocalEntryNotFoundError) else err.__cause__ or err.__context__
     if status is not None and not isinstance(said, coded):  # (LocalEntryNotFoundError is an EntryNotFoundError)
         return DownloadError(f"could not fetch {what}: {endpoint} answered HTTP {status}. {_status_fix(status)}")
+    return _hub_answer(err, what, repo_id, filename, rev, endpoint) or _transfer_error(err, what, endpoint)
+
+
+def _hub_answer(err: BaseException, what: str, repo_id: str, filename: str, rev: str,
+                endpoint: str) -> DownloadError | None:
+    """What the Hub said (or that it could not be reached), as a DownloadError with its fix; None
+    for other errors."""
+    from huggingface_hub import utils as hf_utils
+
     if isinstance(err, hf_utils.LocalEntryNotFoundError):
         return DownloadError(
             f"could not fetch {what}: {endpoint} could not be reached (the client already retried) and the "
@@ -290,6 +299,11 @@ def _translate_hf_error(
         )
     if isinstance(err, hf_utils.HfHubHTTPError):
         return DownloadError(f"could not fetch {what} from {endpoint}: {first_line(err)}. Try again later.")
+    return None
+
+
+def _transfer_error(err: BaseException, what: str, endpoint: str) -> DownloadError:
+    """A download that failed on this side: the cache not writable, the disk, a cut connection."""
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.ENOTDIR, errno.EPERM):
         return DownloadError(
             f"could not fetch {what}: {first_line(err)}. The Hugging Face cache cannot be written there: point "
