@@ -105,19 +105,8 @@ class Classifier(Encoder):
         target_std: float = 1.0,
     ) -> None:
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        if pool not in POOLS:
-            raise ValueError(f"pool must be 'mean' or 'max', not {pool!r}")
-        if kind == "regression" and num_classes != 1:
-            raise ValueError(f"a regression head has one output, not num_classes={num_classes}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         classes = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
-        if len(classes) != num_classes:
-            raise ValueError(f"{len(classes)} class names for {num_classes} classes")
-        if kind == "pitch" and (values is None or len(values) != num_classes):
-            raise ValueError("a pitch head needs `values`: the MIDI number of each of its classes")
+        _check_head(kind, pool, num_classes, classes, values)
         self.backbone = _build_backbone(encoder)
         b = self.backbone
         self.sample_rate, self.hop_length, self.frame_offset = b.sample_rate, b.hop_length, b.frame_offset
@@ -134,19 +123,7 @@ class Classifier(Encoder):
             "target_mean": self.target_mean, "target_std": self.target_std,
         }
         self.layer_weights = nn.Parameter(torch.zeros(len(self.layer_ids)))
-        D = b.embed_dim
-        # Pooled features standardised by a BatchNorm without affine, as MAE's linear probe (He et al.
-        # 2022): a linear head on raw SSL features learns slowly where one shared direction dominates.
-        norm = nn.BatchNorm1d(D, affine=False, eps=1e-6)
-        if hidden:
-            self.head = nn.Sequential(norm, nn.Linear(D, hidden), nn.GELU(), nn.Dropout(dropout),
-                                      nn.Linear(hidden, num_classes))
-        else:
-            self.head = nn.Sequential(norm, nn.Dropout(dropout), nn.Linear(D, num_classes))
-        for m in self.head:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.head = _make_head(b.embed_dim, num_classes, hidden, dropout)
         self.spec = _classifier_spec(b, kind)
 
     # --- the Encoder contract, from the backbone ------------------------------------------------
@@ -239,6 +216,38 @@ class Classifier(Encoder):
         if self.kind == "pitch":
             return Prediction(p, [self.values[k] for k in best], self.classes)
         return Prediction(p, [self.classes[k] for k in best], self.classes)
+
+
+def _check_head(kind: str, pool: str, num_classes: int, classes: list[str], values: Sequence[float] | None) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be 'mean' or 'max', not {pool!r}")
+    if kind == "regression" and num_classes != 1:
+        raise ValueError(f"a regression head has one output, not num_classes={num_classes}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for {num_classes} classes")
+    if kind == "pitch" and (values is None or len(values) != num_classes):
+        raise ValueError("a pitch head needs `values`: the MIDI number of each of its classes")
+
+
+def _make_head(dim: int, num_classes: int, hidden: int, dropout: float) -> nn.Sequential:
+    """Pooled features (B, dim) -> logits (B, num_classes): linear, or an MLP of width `hidden`."""
+    # Standardised by a BatchNorm without affine first, as MAE's linear probe (He et al. 2022): a
+    # linear head on raw SSL features learns slowly where one shared direction dominates.
+    norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+    if hidden:
+        head = nn.Sequential(norm, nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                             nn.Linear(hidden, num_classes))
+    else:
+        head = nn.Sequential(norm, nn.Dropout(dropout), nn.Linear(dim, num_classes))
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return head
 
 
 def _window_starts(n: int, W: int) -> list[int]:
