@@ -224,6 +224,24 @@ class PatchEmbed(nn.Module):
 
 
 # --- the encoder ----------------------------------------------------------------------------------
+def _check_geometry(clip_samples: int, stft_hop: int, n_mels: int, spec_size: int, patch_size: int,
+                    depths: list[int], num_heads: list[int], window_size: int) -> None:
+    """Refuse sizes whose spectrogram image or Swin stages do not fit together (say which)."""
+    if len(depths) != len(num_heads):
+        raise ValueError(f"depths {depths} and num_heads {num_heads} must have the same length")
+    if spec_size % n_mels:
+        raise ValueError(f"spec_size ({spec_size}) must be a multiple of n_mels ({n_mels})")
+    n_frames = spec_size * (spec_size // n_mels)  # frames the image holds, runs stacked along frequency
+    if clip_samples // stft_hop + 1 > n_frames:
+        raise ValueError(f"{clip_samples} samples give more than the {n_frames} frames the image holds")
+    grid = spec_size // patch_size
+    for i in range(len(depths)):
+        g = grid // 2**i
+        if (i < len(depths) - 1 and g % 2) or (g > window_size and g % window_size):
+            raise ValueError(f"stage {i}'s {g} x {g} token grid does not halve or tile into "
+                             f"{window_size} x {window_size} windows")
+
+
 @register_family("htsat")
 class HTSAT(Encoder):
     """LAION-CLAP audio tower. wav (B, S) at 48 kHz -> [joint embedding (B, ceil(S / clip_samples), 512)].
@@ -260,20 +278,10 @@ class HTSAT(Encoder):
     ) -> None:
         super().__init__()
         depths, num_heads = [int(d) for d in depths], [int(h) for h in num_heads]
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths {depths} and num_heads {num_heads} must have the same length")
-        if spec_size % n_mels:
-            raise ValueError(f"spec_size ({spec_size}) must be a multiple of n_mels ({n_mels})")
+        _check_geometry(clip_samples, stft_hop, n_mels, spec_size, patch_size, depths, num_heads, window_size)
         self.freq_ratio = spec_size // n_mels  # runs of frames stacked along frequency
         self.n_frames = spec_size * self.freq_ratio  # frames after resizing
-        if clip_samples // stft_hop + 1 > self.n_frames:
-            raise ValueError(f"{clip_samples} samples give more than the {self.n_frames} frames the image holds")
         grid = spec_size // patch_size
-        for i in range(len(depths)):
-            g = grid // 2**i
-            if (i < len(depths) - 1 and g % 2) or (g > window_size and g % window_size):
-                raise ValueError(f"stage {i}'s {g} x {g} token grid does not halve or tile into "
-                                 f"{window_size} x {window_size} windows")
         self.args = dict(
             sample_rate=sample_rate, clip_samples=clip_samples, n_fft=n_fft, stft_hop=stft_hop, n_mels=n_mels,
             f_min=f_min, f_max=f_max, spec_size=spec_size, patch_size=patch_size, width=width, depths=depths,
