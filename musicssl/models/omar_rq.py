@@ -311,7 +311,7 @@ _BLOCK_RENAMES = {
 _TRAINING_ONLY = ("linear.", "quantizers.", "representation.", "input_rep.")
 
 
-def checkpoint_filter_fn(state: Mapping[str, torch.Tensor], head_dim: int,
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], head_dim: int,
                          rope_theta: float = 10000.0) -> dict[str, torch.Tensor]:
     """Upstream `model.ckpt` state (``net.layers.{i}.*``, ``embedding_layer.*``) -> OmarRQ keys.
 
@@ -321,7 +321,7 @@ def checkpoint_filter_fn(state: Mapping[str, torch.Tensor], head_dim: int,
     """
     expected_freqs = rope_freqs(head_dim, rope_theta)
     out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
+    for key, value in state_dict.items():
         if key.startswith(_TRAINING_ONLY):
             continue
         if key.startswith("embedding_layer."):
