@@ -159,7 +159,7 @@ def add_eval_parser(sub: Any) -> None:
     s.add_argument("-o", "--out", default=None, help="folder for the JSON results and plots (default: print only)")
     add_task_options(s)
     s.add_argument("--pool", choices=["mean", "max"], default="mean", help="clip pooling of frames (default mean)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the probes and of made splits (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the probes and of made splits (default 0)")
     s.add_argument("--cache", default=None, help="embedding cache folder (default <musicssl cache>/embeddings)")
     s.add_argument("--device", default=None, help="torch device for embedding (default: cuda if available)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="backbone precision (default float32)")
@@ -216,7 +216,7 @@ def add_finetune_parser(sub: Any) -> None:
     s.add_argument("--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
                    help="training precision: auto (bfloat16 autocast on CUDA, float32 elsewhere; default), "
                         "float32, bfloat16 or float16 (autocast with loss scaling); weights stay float32")
-    s.add_argument("--seed", type=int, default=0, help="seed of the head, the crops and their order (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the head, the crops and their order (default 0)")
     s.add_argument("--offline", action="store_true", help="never use the network (weights must be cached)")
 
 
@@ -229,6 +229,17 @@ def _seconds_or_none(text: str) -> float | None:
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), not {text!r}")
     return value or None
+
+
+def _seed(text: str) -> int:
+    """--seed: a whole number in [0, 2**32), as numpy and torch both take."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), not {text}")
+    return value
 
 
 def parse_layers(text: str, command: str = "embed", named: tuple[str, ...] = ("last", "all")) -> Any:
@@ -448,14 +459,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     missing = [t for t in args.tasks if not os.path.exists(os.path.expanduser(t))]
     if missing:  # said before the first task's work (and before -o is made), not after it
         raise ValueError(f"task {missing[0]} does not exist{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
-                         "give a task CSV, a TASK.json or a folder with a subfolder per class")
+                         "give a task CSV (its TASK.json, if any, beside it) or a folder with a subfolder per class")
     if args.out:
         from pathlib import Path
 
         from musicssl.bulk.outputs import make_out_dir
 
         make_out_dir(Path(args.out), "-o")  # before the work, not after it
-    names: dict[str, int] = {}
+    used: set[str] = set()
     for task in args.tasks:
         result = evaluate(
             task, models, layers=layers, probes=[p.strip() for p in args.probes.split(",")], pool=args.pool,
@@ -465,13 +476,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         print(format_table(result) + "\n")
         if args.out:
-            name = result.task["name"]
-            names[name] = names.get(name, 0) + 1
-            unique = name if names[name] == 1 else f"{name}-{names[name]}"  # two tasks both named task.csv
+            unique = _unused_name(result.task["name"], used)  # two tasks both named task.csv
             for path in write_outputs(result, args.out, unique).values():
                 print(f"wrote {path}")
     return 0
 
+
+
+def _unused_name(name: str, used: set[str]) -> str:
+    """`name`, or name-2, name-3, ... the first that no earlier task of the run took; taken into `used`."""
+    n, unique = 1, name
+    while unique in used:
+        n += 1
+        unique = f"{name}-{n}"
+    used.add(unique)
+    return unique
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

@@ -440,6 +440,67 @@ def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert "is a file: give -o a folder" in capsys.readouterr().err and not calls  # before any work
 
 
+def test_cli_eval_never_replaces_what_is_not_its_result(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """-o as the task's folder replaced its TASK.json (the same name as the result), and the next
+    run read the task as another kind; task-2.csv's result replaced that of a second task.csv."""
+    task = tone_task(tmp_path)
+    (tmp_path / "tones.json").write_text(json.dumps({"kind": "classification"}))
+    cache = ["--cache", str(tmp_path / "c"), "--models", "mfcc", "--probes", "knn"]
+    assert main(["eval", str(task), *cache, "-o", str(tmp_path)]) == 2
+    assert "tones.json is not an evaluation result" in capsys.readouterr().err
+    assert json.loads((tmp_path / "tones.json").read_text()) == {"kind": "classification"}
+    b = tone_task(tmp_path / "b")
+    (tmp_path / "tones-2.csv").write_text(task.read_text())
+    assert main(["eval", str(task), str(b), str(tmp_path / "tones-2.csv"), *cache, "-o", str(tmp_path / "o")]) == 0
+    # b's tones.csv became tones-2, so the task named tones-2 takes the next free name
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.json")) == ["tones-2-2.json", "tones-2.json", "tones.json"]
+
+
+def test_cli_eval_full_disk_bad_seed_and_sidecar_as_task_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from musicssl.evaluate import report
+
+    task = tone_task(tmp_path)
+    cache = ["--cache", str(tmp_path / "c"), "--models", "mfcc", "--probes", "knn"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(report, "plot_layers", full)
+    assert main(["eval", str(task), *cache, "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the results of tones in" in err and "No space left on device" in err
+    assert "tones.json was written" in err
+    for seed in ("-1", "99999999999999999999999"):
+        with pytest.raises(SystemExit):
+            main(["eval", str(task), *cache, "--seed", seed])
+        assert "expected a seed in [0, 2**32)" in capsys.readouterr().err
+    (tmp_path / "tones.json").write_text("{}")
+    assert main(["eval", str(tmp_path / "tones.json"), *cache]) == 2
+    assert "is a task's settings (TASK.json), not the task: give the CSV beside it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_cache_file_is_embedded_again(tmp_path: Path, damage: str,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A truncated or bit-flipped cache .npz was a bare zipfile.BadZipFile traceback."""
+    task = tone_task(tmp_path)
+    first = evaluate(task, ["mfcc"], probes=["knn"], cache=tmp_path / "c")
+    npz = next((tmp_path / "c").glob("*/mean/layer0.npz"))
+    data = bytearray(npz.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF
+    npz.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        again = evaluate(task, ["mfcc"], probes=["knn"], cache=tmp_path / "c")
+    assert "ignoring unreadable embedding cache" in caplog.text
+    assert scores(again.to_dict()) == scores(first.to_dict())
+
+
 @pytest.mark.skipif(not DEV.is_dir(), reason="needs the dev set at ../shared/data/dev")
 def test_benchmark_task_reproduces_its_numbers(tmp_path: Path) -> None:
     kwargs = dict(root=DEV, probes=["linear", "mlp", "knn"], cache=tmp_path / "c")

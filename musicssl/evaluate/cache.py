@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -77,7 +78,7 @@ class EmbeddingCache:
         try:
             with np.load(path) as z:
                 return dict(zip(z["keys"].tolist(), z["x"]))
-        except (OSError, ValueError, KeyError) as err:  # a damaged cache is only lost time
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # a damaged cache: lost time
             log.warning("ignoring unreadable embedding cache %s (%s)", path, err)
             return {}
 

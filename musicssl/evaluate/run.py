@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,6 +15,7 @@ import torch
 
 from musicssl import __version__
 from musicssl.devices import check_device
+from musicssl.errors import OutputPathError
 from musicssl.evaluate import metrics
 from musicssl.evaluate.cache import EmbeddingCache, default_cache
 from musicssl.evaluate.probes import PROBES, Fit, make_problem, run_probe
@@ -161,8 +163,29 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, name: str | None =
     from musicssl.evaluate.report import plot_layers, write_json
 
     out, name = Path(out), name or result.task["name"]
-    written = {"json": write_json(result, out / f"{name}.json")}
-    png = plot_layers(result, out / f"{name}.png")
+    _check_replaceable(out / f"{name}.json")
+    written: dict[str, Path] = {}
+    try:
+        written["json"] = write_json(result, out / f"{name}.json")
+        png = plot_layers(result, out / f"{name}.png")
+    except OSError as err:
+        done = f"; {written['json']} was written" if written else ""
+        raise OutputPathError(f"cannot write the results of {name} in {out}: {err.strerror or err}{done}; free "
+                              "space, or give -o another folder (the embeddings are cached: a rerun only probes)") from err
     if png is not None:
         written["png"] = png
     return written
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace a file that is not an earlier result (a task's TASK.json beside its CSV,
+    with `-o` the task's folder)."""
+    if not path.exists():
+        return
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):
+        held = None
+    if not (isinstance(held, dict) and {"task", "primary", "models"} <= held.keys()):
+        raise OutputPathError(f"{path} is not an evaluation result (a task's TASK.json?), so writing this task's "
+                              "result would replace it: give -o another folder (the embeddings are cached: a rerun only probes)")

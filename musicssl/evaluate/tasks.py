@@ -91,6 +91,9 @@ def load_task(
     valid_fraction: share of the training items moved to valid when the task gives none.
     """
     path = Path(source).expanduser()
+    if path.suffix.lower() == ".json" and path.is_file():
+        raise TaskFormatError(f"{path} is a task's settings (TASK.json), not the task: give the CSV beside it, "
+                              f"{path.with_suffix('.csv')}, which reads it")
     if path.is_dir():
         task = _read_folder(path)
     elif path.is_file():
