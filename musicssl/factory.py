@@ -20,7 +20,7 @@ import torch
 
 from musicssl import __version__, hub
 from musicssl.devices import check_device
-from musicssl.errors import ReleaseFormatError, WeightsUnavailableError
+from musicssl.errors import OutputPathError, ReleaseFormatError, WeightsUnavailableError, first_line
 from musicssl.models.base import Encoder
 from musicssl.registry import DEFAULT_MODEL, ModelSpec, builder, family_class, is_registered, model_info
 
@@ -301,6 +301,7 @@ def save_pretrained(
 
     dtype: store the weights in this precision (e.g. torch.float16 to halve the file); default as is.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from musicssl.bulk.outputs import TEMP_SUFFIX, make_out_dir, usual_mode
@@ -327,6 +328,9 @@ def save_pretrained(
         save_file(state, str(temp), metadata={"format": "pt", "musicssl": __version__})
         os.chmod(temp, usual_mode())  # safetensors writes 0600: others could not load it
         os.replace(temp, folder / "model.safetensors")
+    except (OSError, SafetensorError) as err:  # a full disk, said by safetensors in its own words
+        raise OutputPathError(f"cannot write {folder / 'model.safetensors'}: {first_line(err)}; free space, or "
+                              "give another folder") from err
     finally:
         temp.unlink(missing_ok=True)
     _write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

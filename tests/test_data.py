@@ -338,3 +338,21 @@ def test_loader_checks_its_arguments(tiny: SyntheticMusic) -> None:
         make_loader(tiny, 2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(tiny, 0)
+
+
+def test_an_item_of_a_file_damaged_part_way_is_the_same_in_any_process(tmp_path: Path) -> None:
+    """After one crop of a file damaged part-way failed, its later crops were replaced in that
+    process only: a resumed run (a fresh process) read them, and trained on other batches."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        sf.write(tmp_path / f"good{i}.flac", 0.1 * rng.standard_normal(3 * SR), SR)
+    sf.write(tmp_path / "damaged.flac", 0.1 * rng.standard_normal(20 * SR), SR)
+    data = (tmp_path / "damaged.flac").read_bytes()
+    (tmp_path / "damaged.flac").write_bytes(data[: len(data) // 2])  # its second half is gone
+
+    def items(start: int, stop: int) -> dict[int, torch.Tensor]:
+        ds = crops(tmp_path, length=60, seed=0)
+        return {i: ds[i]["audio"] for i in range(start, stop)}
+
+    whole, resumed = items(0, 60), items(30, 60)
+    assert all(torch.equal(whole[i], resumed[i]) for i in range(30, 60))

@@ -139,7 +139,7 @@ def test_resuming_with_other_settings_is_refused_and_steps_may_grow(tmp_path):
     train("simclr", out=str(run), progress=False, **{**settings, "steps": 3, "log_every": 2})
     assert load_checkpoint(run)["step"] == 3
     (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:1000])
-    with pytest.raises(ValueError, match="It is damaged"):
+    with pytest.raises(ValueError, match="it is damaged"):
         train("simclr", out=str(run), progress=False, **settings)
 
 
@@ -301,3 +301,63 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_twice_the_batch(tmp_p
     loss = {out: [json.loads(line)["loss"] for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
             for out in ("one", "two")}
     np.testing.assert_allclose(loss["two"], loss["one"], rtol=1e-4)
+
+
+# --- faults of the run folder ---------------------------------------------------------------------
+
+def test_a_full_disk_at_a_checkpoint_is_one_error_and_leaves_no_part_file(tmp_path, monkeypatch):
+    """torch says a full disk as a RuntimeError of its zip writer: it was a bare traceback, and the
+    partial checkpoint.pt.part kept the disk full."""
+    from musicssl.errors import OutputPathError
+
+    real = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        real(obj, path, *args, **kwargs)  # what torch wrote before it ran out of room stays behind
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13891264 vs 13891152")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OutputPathError, match="cannot write .*checkpoint.pt: .*free space"):
+        train("simclr", out=str(tmp_path / "run"), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".train.lock", "config.json", "log.jsonl"]
+
+
+def test_one_run_folder_trains_one_run_at_a_time(tmp_path):
+    """Two trainings into one --out interleaved their log and raced for the checkpoint."""
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / ".train.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"host pid 1\n")
+    script = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+              "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(run / ".train.lock")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"held"
+        with pytest.raises(ValueError, match="is being trained by host pid 1: wait for it to end"):
+            train("simclr", out=str(run), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
+    finally:
+        holder.kill()
+        holder.wait()
+        os.close(fd)
+
+
+def test_a_fresh_start_drops_the_log_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n')  # a kill before any checkpoint left these
+    train("simclr", out=str(run), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 2})
+    assert [json.loads(l)["step"] for l in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_refused_data_and_foreign_checkpoints_leave_nothing_behind(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.wav\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: it is not UTF-8 text .* save it as UTF-8"):
+        train("simclr", out=str(tmp_path / "run"), progress=False,
+              **{**LOOP, **SETTINGS["simclr"], "steps": 1, "data": str(tmp_path / "latin1.txt")})
+    assert not (tmp_path / "run").exists()  # config.json was written before the data was read
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"a": 1}, other / "checkpoint.pt")
+    with pytest.raises(ValueError, match="is not a checkpoint of `musicssl train`"):
+        export_run(other, tmp_path / "rel")
+    assert not (tmp_path / "rel").exists()

@@ -89,7 +89,7 @@ class AudioCrops(Dataset[Item]):
         if length is not None and length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         self.length = len(self.files) if length is None else int(length)
-        self._bad: set[int] = set()  # files found undecodable in this process: warn once
+        self._bad: set[int] = set()  # files a crop of which failed in this process: warned of once
 
     def __len__(self) -> int:
         return self.length
@@ -106,14 +106,15 @@ class AudioCrops(Dataset[Item]):
             # Fall back to the items after `index`, so the substitute is deterministic too.
             i = index + attempt
             k = i % n_files
-            if k in self._bad:
-                continue
             try:
                 audio = self._crop(k, np.random.default_rng([self.seed, self.epoch, i]))
             except (AudioDecodeError, OSError) as err:
-                self._bad.add(k)
-                log.warning("Skipping undecodable audio file %s (using another file's crop "
-                            "instead): %s", self.files[k], err)
+                # Tried again when drawn again: a file damaged part-way still gives its intact crops,
+                # so what an item holds never depends on what this process drew before (a resume).
+                if k not in self._bad:
+                    self._bad.add(k)
+                    log.warning("Skipping undecodable audio of %s (using another file's crop instead; said "
+                                "once): %s", self.files[k], err)
                 continue
             return {"audio": torch.from_numpy(audio), "index": index}
         raise AudioDecodeError(
@@ -171,7 +172,11 @@ def _list_source(source: Source) -> list[Path]:
             return _read_csv(path)
         if suffix in AUDIO_EXTENSIONS:
             return [path]
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's BOM is no path
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's BOM is no path
+        except UnicodeDecodeError as err:
+            raise ValueError(f"cannot read the list {path}: it is not UTF-8 text (byte {err.start}: {err.reason}); "
+                             "save it as UTF-8") from err
         entries = [line.strip() for line in lines]
         return [_resolve(e, path.parent) for e in entries if e and not e.startswith("#")]
     return [Path(p).expanduser() for p in source]
@@ -433,7 +438,8 @@ def make_loader(
     is a permutation of the dataset's N items seeded by (seed, e), and the dataset is set to epoch
     e before the item is read. So a batch depends only on (seed, step, rank, world_size,
     batch_size): ``start_step`` resumes exactly where an uninterrupted run would be, the worker
-    count changes nothing, and ranks 0..W-1 together see what one process with W times the batch
+    count changes which items nothing (a collate's float rounding may differ with the threads a
+    worker runs: ~1e-8), and ranks 0..W-1 together see what one process with W times the batch
     sees (rank r holds the r-th slice). Items arrive with "index" = g and "dataset_index" = i.
 
     ``collate`` (list of items -> dict of tensors) runs in the workers. ``drop_last`` is accepted

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from musicssl.bulk.outputs import make_out_dir
+from musicssl.bulk.outputs import make_out_dir, unmade_if_unused
 from musicssl.factory import card_stub, check_release_out, save_pretrained
 from musicssl.registry import ModelSpec
 from musicssl.recipes.train import CHECKPOINT, load_checkpoint, recipe_from_checkpoint, resolve_configs
@@ -28,8 +28,15 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | No
     if (Path(out) / CHECKPOINT).exists():  # its config.json would become the release's
         raise ValueError(f"--out {out} is a training run (it holds {CHECKPOINT}): export into a new folder")
     check_release_out(Path(out), "--out")
-    make_out_dir(Path(out), "--out")  # named as the command names it (save_pretrained would say "folder=")
     encoder = recipe_from_checkpoint(ckpt).export_encoder().eval()
+    with unmade_if_unused(out):  # a release that cannot be written leaves no empty folder
+        make_out_dir(Path(out), "--out")  # named as the command names it (save_pretrained would say "folder=")
+        return _write_release(ckpt, encoder, out, name, dtype)
+
+
+def _write_release(ckpt: dict[str, Any], encoder: Any, out: str | os.PathLike, name: str | None,
+                   dtype: torch.dtype | None) -> Path:
+    """save_pretrained with the run's facts as provenance and its card."""
     tcfg, rcfg = ckpt["train_config"], ckpt["recipe_config"]
     release = name or Path(out).name
     provenance = {

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import platform
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,17 @@ import torch.distributed as dist
 from torch import nn
 
 from musicssl import __version__, signals
-from musicssl.bulk.outputs import atomic_write, make_out_dir
+from musicssl.bulk.manifest import lock
+from musicssl.bulk.outputs import atomic_write, make_out_dir, unmade_if_unused
 from musicssl.devices import check_device
-from musicssl.errors import DivergedError, first_line
+from musicssl.errors import DivergedError, OutputPathError, first_line
 from musicssl.optim import PRECISIONS, autocast_dtype, decay_groups, optimizer_step, warmup_cosine
 from musicssl.recipes import RECIPES
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+LOCK_FILE = ".train.lock"  # held by the process training the run
 
 
 @dataclass
@@ -201,8 +204,14 @@ def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, sc
         "musicssl_version": __version__,
     }
     tmp = run / (CHECKPOINT + ".part")
-    torch.save(state, tmp)
-    os.replace(tmp, run / CHECKPOINT)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, run / CHECKPOINT)
+    except (OSError, RuntimeError) as err:  # torch says a full disk as a RuntimeError of its zip writer
+        tmp.unlink(missing_ok=True)  # a partial one would keep the disk full
+        raise OutputPathError(f"cannot write {run / CHECKPOINT}: {first_line(err)}; free space (or give --out a "
+                              "folder on another disk) and run the same command again: it resumes from the "
+                              "last checkpoint") from err
     return run / CHECKPOINT
 
 
@@ -212,10 +221,21 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run}: train first (musicssl train RECIPE --out {run})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
-        raise ValueError(f"cannot read {path}: {first_line(err)}. It is damaged (cut short?): delete it "
-                         f"to start {run} again, or train into another --out") from err
+        # Not torch's own words: they advise weights_only=False, which runs whatever the file holds.
+        raise ValueError(f"cannot read {path}: it is damaged (cut short?) or not a checkpoint musicssl wrote: "
+                         f"delete it to start {run} again, or train into another --out") from err
+    missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else ["all"]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of `musicssl train` (it lacks {', '.join(missing)}): "
+                         f"delete it to start {run} again, or train into another --out")
+    return ckpt
+
+
+# What every checkpoint of save_checkpoint holds.
+_CHECKPOINT_KEYS = {"step", "model", "optimizer", "scaler", "train_config", "recipe_config", "rng",
+                    "elapsed_seconds", "musicssl_version"}
 
 
 # Settings a resumed run may change: how long it runs and how it reports, not what it computes.
@@ -253,8 +273,13 @@ def _json(value: Any) -> Any:
 def recipe_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the recipe a checkpoint describes, with its trained weights."""
     cls = recipe_class(ckpt["train_config"]["recipe"])
-    recipe = cls(cls.Config(**ckpt["recipe_config"]))
-    recipe.load_state_dict(ckpt["model"], strict=True)
+    try:
+        recipe = cls(cls.Config(**ckpt["recipe_config"]))
+        recipe.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, RuntimeError) as err:  # settings or weights this musicssl's recipe does not have
+        raise ValueError(f"the checkpoint (musicssl {ckpt.get('musicssl_version', '?')}) does not fit this "
+                         f"musicssl's {ckpt['train_config']['recipe']} recipe ({first_line(err)}): export it "
+                         "with the musicssl that trained it") from err
     return recipe
 
 
@@ -328,9 +353,12 @@ def train(recipe: str, *, preset: str | None = None, progress: bool | None = Non
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     # A pathlib.Path is as good as its string (settings are saved as JSON).
     overrides = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in overrides.items()}
+    held: list[int] = []  # the run folder's lock (`_hold_run`), let go however the run ends
     try:
-        return _train(recipe, preset, progress, until, overrides)
+        return _train(recipe, preset, progress, until, overrides, held)
     finally:
+        for fd in held:
+            os.close(fd)
         # A process group left to the interpreter's exit can abort it (SIGABRT, "terminate called
         # without an active exception") while gloo's threads still hold tensors: end the one we began.
         if started and dist.is_initialized():
@@ -338,7 +366,7 @@ def train(recipe: str, *, preset: str | None = None, progress: bool | None = Non
 
 
 def _train(recipe: str, preset: str | None, progress: bool | None, until: int | None,
-           overrides: dict[str, Any]) -> Path:
+           overrides: dict[str, Any], held: list[int]) -> Path:
     from musicssl.recipes.data import make_loader
 
     tcfg, rcfg = resolve_configs(recipe, preset, overrides)
@@ -349,25 +377,30 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     torch.manual_seed(tcfg.seed)
     model = build_recipe(recipe, rcfg).to(device)  # settings it refuses leave no folder behind
     run = Path(tcfg.out)
-    make_out_dir(run, "--out")
-    _check_run_folder(run)
-    opt = make_optimizer(model, tcfg)
-    amp = autocast_dtype(tcfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    ckpt = _resume(run, model, opt, scaler, tcfg, rcfg, rank) if (run / CHECKPOINT).exists() else None
-    start, elapsed = (ckpt["step"], ckpt["elapsed_seconds"]) if ckpt else (0, 0.0)
-    if rank == 0:  # whole or not at all: the other ranks may be reading it in _check_run_folder
-        text = json.dumps({"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
-                           "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2)
-        atomic_write(run / "config.json", lambda fh: fh.write(text), "w")
-    step_module: nn.Module = _Step(model)
-    if world > 1:
-        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
-    data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)
+    ckpt = load_checkpoint(run) if (run / CHECKPOINT).exists() else None
+    if ckpt is not None:  # a resume: its settings are checked before the data is read
+        check_resume(ckpt, tcfg, rcfg, run)
+    data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)  # data it refuses leaves no folder either
     if model.NEGATIVES_IN_BATCH and len(data) < tcfg.batch_size and rank == 0:
         log.warning("the batch of %d holds more items than the %d files of the data, so copies of one file meet in "
                     "a batch, and %s takes them for negatives of each other: give at least %d files, or a smaller "
-                    "--batch-size", tcfg.batch_size, len(data), recipe, tcfg.batch_size)
+                    "batch_size=", tcfg.batch_size, len(data), recipe, tcfg.batch_size)
+    with unmade_if_unused(run):
+        make_out_dir(run, "--out")
+        _check_run_folder(run)
+        if rank == 0:
+            held.append(_hold_run(run))
+        opt = make_optimizer(model, tcfg)
+        amp = autocast_dtype(tcfg.precision, device)
+        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+        if ckpt is not None:
+            _resume(run, ckpt, model, opt, scaler, rank)
+        start, elapsed = (ckpt["step"], ckpt["elapsed_seconds"]) if ckpt else (0, 0.0)
+        if rank == 0:
+            _write_config(run, tcfg, rcfg, world, fresh=ckpt is None)
+    step_module: nn.Module = _Step(model)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if device.type == "cuda" else None)
     loader = make_loader(data, tcfg.batch_size // world, collate=model.collate, num_workers=tcfg.num_workers,
                          seed=tcfg.seed, rank=rank, world_size=world, start_step=start)
     bar = _progress_bar(tcfg, start, rank, progress)
@@ -416,12 +449,10 @@ def _check_settings(recipe: str, tcfg: TrainConfig, rank: int, world: int) -> No
                     tcfg.warmup_steps, tcfg.steps, tcfg.lr, tcfg.steps // 10)
 
 
-def _resume(run: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any, tcfg: TrainConfig,
-            rcfg: Any, rank: int) -> dict[str, Any]:
-    """Load the run's checkpoint into model, optimiser and scaler (after checking it is this run's) -> it;
-    its "rng" is restored by the caller once the data loader has started."""
-    ckpt = load_checkpoint(run)
-    check_resume(ckpt, tcfg, rcfg, run)
+def _resume(run: Path, ckpt: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, scaler: Any,
+            rank: int) -> None:
+    """Load the run's checkpoint (checked to be this run's) into model, optimiser and scaler; its
+    "rng" is restored by the caller once the data loader has started."""
     model.load_state_dict(ckpt["model"], strict=True)
     opt.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt["scaler"]:
@@ -429,7 +460,33 @@ def _resume(run: Path, model: nn.Module, opt: torch.optim.Optimizer, scaler: Any
     if rank == 0:  # the one process that writes the log
         _trim_log(run / "log.jsonl", ckpt["step"])
     log.info("resuming %s at step %d", run, ckpt["step"])
-    return ckpt
+
+
+def _hold_run(run: Path) -> int:
+    """Lock RUN (the file descriptor, kept open until the run ends): two trainings into one --out
+    would interleave their log and race for the checkpoint."""
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    if not lock(fd, wait=False):
+        os.close(fd)
+        holder = (run / LOCK_FILE).read_text().strip() or "another process"
+        raise ValueError(f"{run} is being trained by {holder}: wait for it to end, or train into another --out")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    return fd
+
+
+def _write_config(run: Path, tcfg: TrainConfig, rcfg: Any, world: int, fresh: bool) -> None:
+    """RUN/config.json, whole or not at all (other ranks may be reading it in _check_run_folder); a
+    fresh run also starts log.jsonl anew (one killed before its first checkpoint left lines)."""
+    text = json.dumps({"train": dataclasses.asdict(tcfg), "recipe": dataclasses.asdict(rcfg), "world_size": world,
+                       "musicssl_version": __version__, "torch_version": torch.__version__}, indent=2)
+    try:
+        atomic_write(run / "config.json", lambda fh: fh.write(text), "w")
+        if fresh:
+            (run / "log.jsonl").unlink(missing_ok=True)
+    except OSError as err:
+        raise OutputPathError(f"cannot write {run / 'config.json'}: {err.strerror or err}; free space, or give "
+                              "--out a folder you may write to") from err
 
 
 def _check_run_folder(run: Path) -> None:
