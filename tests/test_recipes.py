@@ -361,3 +361,17 @@ def test_refused_data_and_foreign_checkpoints_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="is not a checkpoint of `musicssl train`"):
         export_run(other, tmp_path / "rel")
     assert not (tmp_path / "rel").exists()
+
+
+def test_the_card_of_a_run_resumed_with_other_steps_says_so(tmp_path):
+    """A run extended by a resume (steps=2, then steps=3) had the card of one run with steps=3, whose
+    learning-rate schedule, and so weights, differ."""
+    settings = {**LOOP, **SETTINGS["simclr"]}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **{**settings, "steps": 2})
+    train("simclr", out=str(run), progress=False, **{**settings, "steps": 3})
+    assert load_checkpoint(run)["segments"] == [[0, 2], [2, 3]]
+    card = (export_run(run, tmp_path / "rel") / "README.md").read_text()
+    assert "resumed with other `steps` (steps=2 from step 0, then steps=3 from step 2)" in card
+    plain = export_run(train("simclr", out=str(tmp_path / "one"), progress=False, **{**settings, "steps": 1}),
+                       tmp_path / "rel1")
+    assert "resumed with other" not in (plain / "README.md").read_text()

@@ -43,6 +43,7 @@ def _write_release(ckpt: dict[str, Any], encoder: Any, out: str | os.PathLike, n
         "recipe": tcfg["recipe"], "preset": tcfg["preset"], "steps": ckpt["step"], "data": tcfg["data"],
         "train_config": tcfg, "recipe_config": rcfg, "train_seconds": round(ckpt["elapsed_seconds"], 1),
         "hardware": ckpt.get("hardware", "not recorded"), "trained_with": ckpt["musicssl_version"],
+        "segments": ckpt.get("segments") or [[0, tcfg["steps"]]],
     }
     encoder.spec = _run_spec(encoder, release, provenance)
     folder = save_pretrained(encoder, out, name=release, provenance=provenance, dtype=dtype)
@@ -76,6 +77,11 @@ def _card(encoder: Any, name: str, prov: dict[str, Any]) -> str:
         f"    musicssl train {prov['recipe']} --data {shlex.quote(str(prov['data']))}{preset} --out RUN "
         f"{train_overrides(prov)}\n"
     )
+    if len(prov["segments"]) > 1:
+        stretches = ", then ".join(f"steps={steps} from step {start}" for start, steps in prov["segments"])
+        training += (f"\nThe run was resumed with other `steps` ({stretches}): each setting's learning-rate "
+                     "schedule held from where it took over, so the command above, one run with the last "
+                     "setting, gives other weights.\n")
     return card.replace("## Training data\n(to be filled in)", "## Training data\n" + training)
 
 

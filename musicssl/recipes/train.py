@@ -188,8 +188,10 @@ def lr_factor(step: int, tcfg: TrainConfig) -> float:
 
 
 def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
-                    tcfg: TrainConfig, rcfg: Any, elapsed: float) -> Path:
-    """Everything needed to resume or export, written atomically: weights, optimiser, configs, RNG."""
+                    tcfg: TrainConfig, rcfg: Any, elapsed: float, segments: list[list[int]] | None = None) -> Path:
+    """Everything needed to resume or export, written atomically: weights, optimiser, configs, RNG.
+    segments: [from step, steps setting] of each stretch of a run whose resumes changed `steps` (its
+    schedule), for the model card; default one stretch."""
     state = {
         "step": step,
         "model": recipe.state_dict(),
@@ -200,6 +202,7 @@ def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, sc
         "encoder": {"family": recipe.export_encoder().family, "args": recipe.export_encoder().args},
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "elapsed_seconds": elapsed,
+        "segments": segments or [[0, tcfg.steps]],
         "hardware": hardware(),  # where it trained, for the model card (export runs elsewhere)
         "musicssl_version": __version__,
     }
@@ -396,6 +399,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
         if ckpt is not None:
             _resume(run, ckpt, model, opt, scaler, rank)
         start, elapsed = (ckpt["step"], ckpt["elapsed_seconds"]) if ckpt else (0, 0.0)
+        segments = _segments(ckpt, start, tcfg.steps)
         if rank == 0:
             _write_config(run, tcfg, rcfg, world, fresh=ckpt is None)
     step_module: nn.Module = _Step(model)
@@ -423,12 +427,13 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
                 stats.add(out, grad_norm)
                 _report(run, bar, stats, done, tcfg, world, time.perf_counter() - t0, start, rank)
                 if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
-                    save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
+                    save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0,
+                                    segments)
                     saved = done
             whole = True
     except KeyboardInterrupt:
         if whole and done > saved and rank == 0:  # keep the steps since the last checkpoint
-            save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0)
+            save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0, segments)
         raise
     if world > 1:
         dist.barrier()
@@ -460,6 +465,18 @@ def _resume(run: Path, ckpt: dict[str, Any], model: nn.Module, opt: torch.optim.
     if rank == 0:  # the one process that writes the log
         _trim_log(run / "log.jsonl", ckpt["step"])
     log.info("resuming %s at step %d", run, ckpt["step"])
+
+
+def _segments(ckpt: dict[str, Any] | None, start: int, steps: int) -> list[list[int]]:
+    """The run's stretches ([from step, steps setting]), one more if this resume changes `steps`."""
+    if ckpt is None:
+        return [[0, steps]]
+    segments = [list(seg) for seg in ckpt.get("segments") or [[0, ckpt["train_config"]["steps"]]]]
+    if segments[-1][1] == steps:
+        return segments
+    if len(segments) > 1 and segments[-1][0] == start:  # the last change ran no step: this one replaces it
+        segments.pop()
+    return [*segments, [start, steps]]
 
 
 def _hold_run(run: Path) -> int:
