@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from musicssl.errors import describe
-from musicssl.models.base import Encoder, RunningPool, Launched, Window
+from musicssl.models.base import Encoder, Launched, RunningPool, Window
 
 
 @dataclass(eq=False)

@@ -41,8 +41,8 @@ from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
 from musicssl.devices import check_device
-from musicssl.errors import MusicsslError, OutputPathError, first_line
-from musicssl.models.base import Encoder, LayersArg, RunningPool, is_single_layer, check_batch_size
+from musicssl.errors import OutputPathError, first_line
+from musicssl.models.base import Encoder, LayersArg, RunningPool, check_batch_size, is_single_layer
 from musicssl.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import math
 import os
 import pickle
 import platform
