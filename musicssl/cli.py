@@ -70,7 +70,8 @@ def add_embed_parser(sub: Any) -> None:
                     "((L, T, D) and (L, D) with several --layers). "
                     "Finished outputs are skipped, so a killed run resumes where it stopped; OUT/manifest.jsonl "
                     "gets a line per input and OUT/run.json says how the outputs were made. Bad files are "
-                    "listed in OUT/failed.txt and the exit code is 1 if any failed. "
+                    "listed in OUT/failed.txt; the exit code is 1 if any failed, a folder could not be read, or the "
+                    "run stopped early (--fail-fast, a full disk). "
                     "Many jobs: --shard K/N, or torchrun --nproc-per-node G -m musicssl embed ... (one per GPU).",
     )
     s.add_argument("inputs", nargs="*", metavar="INPUT", help="audio files or folders (searched recursively)")
