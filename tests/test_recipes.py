@@ -375,3 +375,18 @@ def test_the_card_of_a_run_resumed_with_other_steps_says_so(tmp_path):
     plain = export_run(train("simclr", out=str(tmp_path / "one"), progress=False, **{**settings, "steps": 1}),
                        tmp_path / "rel1")
     assert "resumed with other" not in (plain / "README.md").read_text()
+
+
+def test_a_resume_says_when_the_data_changed(tmp_path, caplog):
+    """Files added between two runs of one training changed its batches without a word."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).parent / "data", data)
+    settings = {**LOOP, **SETTINGS["simclr"], "data": str(data)}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **{**settings, "steps": 1})
+    first = next(p for p in sorted(data.rglob("*")) if p.suffix in (".wav", ".flac"))
+    shutil.copy(first, data / ("added" + first.suffix))
+    with caplog.at_level("WARNING"):
+        train("simclr", out=str(run), progress=False, **{**settings, "steps": 2})
+    assert "files now and held" in caplog.text and "not those of an uninterrupted run" in caplog.text

@@ -187,10 +187,12 @@ def lr_factor(step: int, tcfg: TrainConfig) -> float:
 
 
 def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
-                    tcfg: TrainConfig, rcfg: Any, elapsed: float, segments: list[list[int]] | None = None) -> Path:
+                    tcfg: TrainConfig, rcfg: Any, elapsed: float, segments: list[list[int]] | None = None,
+                    data_files: int | None = None) -> Path:
     """Everything needed to resume or export, written atomically: weights, optimiser, configs, RNG.
     segments: [from step, steps setting] of each stretch of a run whose resumes changed `steps` (its
-    schedule), for the model card; default one stretch."""
+    schedule), for the model card; default one stretch. data_files: how many files the data held,
+    so that a resume can say when that changed."""
     state = {
         "step": step,
         "model": recipe.state_dict(),
@@ -202,6 +204,7 @@ def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, sc
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "elapsed_seconds": elapsed,
         "segments": segments or [[0, tcfg.steps]],
+        "data_files": data_files,
         "hardware": hardware(),  # where it trained, for the model card (export runs elsewhere)
         "musicssl_version": __version__,
     }
@@ -383,6 +386,11 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if ckpt is not None:  # a resume: its settings are checked before the data is read
         check_resume(ckpt, tcfg, rcfg, run)
     data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)  # data it refuses leaves no folder either
+    n_files = len(data.files) if hasattr(data, "files") else None  # synthetic data has none
+    before = ckpt.get("data_files") if ckpt else None
+    if None not in (before, n_files) and before != n_files and rank == 0:
+        log.warning("the data %s holds %d files now and held %d when the run began: the run goes on, but its "
+                    "batches from here are not those of an uninterrupted run", tcfg.data, n_files, before)
     if model.NEGATIVES_IN_BATCH and len(data) < tcfg.batch_size and rank == 0:
         log.warning("the batch of %d holds more items than the %d files of the data, so copies of one file meet in "
                     "a batch, and %s takes them for negatives of each other: give at least %d files, or a smaller "
@@ -427,12 +435,13 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
                 _report(run, bar, stats, done, tcfg, world, time.perf_counter() - t0, start, rank)
                 if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
                     save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0,
-                                    segments)
+                                    segments, n_files)
                     saved = done
             whole = True
     except KeyboardInterrupt:
         if whole and done > saved and rank == 0:  # keep the steps since the last checkpoint
-            save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0, segments)
+            save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0, segments,
+                            n_files)
         raise
     if world > 1:
         dist.barrier()
