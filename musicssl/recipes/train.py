@@ -228,7 +228,7 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
-        # Not torch's own words: they advise weights_only=False, which runs whatever the file holds.
+        # Not torch's own words: they advise loading without weights_only, which runs whatever the file holds.
         raise ValueError(f"cannot read {path}: it is damaged (cut short?) or not a checkpoint musicssl wrote: "
                          f"delete it to start {run} again, or train into another --out") from err
     missing = sorted(_CHECKPOINT_KEYS - set(ckpt)) if isinstance(ckpt, dict) else ["all"]
