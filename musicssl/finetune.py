@@ -313,7 +313,7 @@ _RANGES = {
     "epochs": (1, math.inf, True, True, True), "patience": (1, math.inf, True, True, True),
     # batch_size 1: every batch would be skipped (the head's batch statistics need two items)
     "batch_size": (2, math.inf, True, True, True), "head_epochs": (0, math.inf, True, True, True),
-    "hidden": (0, math.inf, True, True, True), "seed": (-math.inf, math.inf, True, True, True),
+    "hidden": (0, math.inf, True, True, True), "seed": (0, 2**32, True, False, True),
     "lr": (0, math.inf, False, False, False), "head_lr": (0, math.inf, False, False, False),
     # llrd ** (L - i) alternates in sign below 0: every other block would train backwards
     "llrd": (0, math.inf, False, False, False), "weight_decay": (0, math.inf, True, False, False),

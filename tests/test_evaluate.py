@@ -449,6 +449,10 @@ def test_cli_eval_never_replaces_what_is_not_its_result(tmp_path: Path, capsys: 
     assert main(["eval", str(task), *cache, "-o", str(tmp_path)]) == 2
     assert "tones.json is not an evaluation result" in capsys.readouterr().err
     assert json.loads((tmp_path / "tones.json").read_text()) == {"kind": "classification"}
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "tones.png").write_bytes(b"\x89PNG a picture of the user's")
+    assert main(["eval", str(task), *cache, "-o", str(tmp_path / "pics")]) == 2
+    assert "tones.png is not an evaluation result" in capsys.readouterr().err
     b = tone_task(tmp_path / "b")
     (tmp_path / "tones-2.csv").write_text(task.read_text())
     assert main(["eval", str(task), str(b), str(tmp_path / "tones-2.csv"), *cache, "-o", str(tmp_path / "o")]) == 0
@@ -477,6 +481,8 @@ def test_cli_eval_full_disk_bad_seed_and_sidecar_as_task_are_one_line(tmp_path: 
         with pytest.raises(SystemExit):
             main(["eval", str(task), *cache, "--seed", seed])
         assert "expected a seed in [0, 2**32)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"seed must be a whole number in \[0, 2\*\*32\)"):  # in Python too
+        evaluate(task, ["mfcc"], probes=["knn"], cache=tmp_path / "c", seed=2**64)
     (tmp_path / "tones.json").write_text("{}")
     assert main(["eval", str(tmp_path / "tones.json"), *cache]) == 2
     assert "is a task's settings (TASK.json), not the task: give the CSV beside it" in capsys.readouterr().err

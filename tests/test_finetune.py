@@ -377,7 +377,7 @@ def test_numpy_numbers_go_into_the_run_files_as_numbers(task_csv, tmp_path):
 
 
 @pytest.mark.parametrize("setting, value", [("crop_seconds", -5.0), ("label_smoothing", 1.5), ("dropout", 2.0),
-                                            ("warmup", -1.0), ("epochs", 2.5)])
+                                            ("warmup", -1.0), ("epochs", 2.5), ("seed", -1), ("seed", 2**64)])
 def test_settings_out_of_range_are_refused_before_any_work(task_csv, tmp_path, setting, value):
     with pytest.raises(ValueError, match=f"{setting} must be a (finite|whole) number"):
         finetune(task_csv, model=tiny(), out=tmp_path / "run", **{setting: value})

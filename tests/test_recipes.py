@@ -389,4 +389,38 @@ def test_a_resume_says_when_the_data_changed(tmp_path, caplog):
     shutil.copy(first, data / ("added" + first.suffix))
     with caplog.at_level("WARNING"):
         train("simclr", out=str(run), progress=False, **{**settings, "steps": 2})
-    assert "files now and held" in caplog.text and "not those of an uninterrupted run" in caplog.text
+    assert "holds other files than when the run began" in caplog.text and "uninterrupted" in caplog.text
+    caplog.clear()
+    first.rename(data / ("renamed" + first.suffix))  # as many files as before, but not the same ones
+    with caplog.at_level("WARNING"):
+        train("simclr", out=str(run), progress=False, **{**settings, "steps": 3})
+    assert "holds other files than when the run began" in caplog.text
+
+
+@pytest.mark.parametrize("keep", [5000, 60000])
+def test_a_checkpoint_cut_part_way_is_said_to_be_damaged(tmp_path, keep):
+    """Cut at some lengths, torch.load raised OSError ("[Errno 22] Invalid argument"), which was
+    passed on as it was."""
+    settings = {**LOOP, **SETTINGS["simclr"], "steps": 1}
+    run = train("simclr", out=str(tmp_path / "run"), progress=False, **settings)
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:keep])
+    with pytest.raises(ValueError, match="it is damaged"):
+        load_checkpoint(run)
+
+
+def test_a_full_disk_when_a_run_starts_leaves_no_folder(tmp_path, monkeypatch):
+    import errno
+
+    from musicssl.errors import OutputPathError
+
+    real = os.write
+
+    def full(fd, data):
+        if data.endswith(f"pid {os.getpid()}\n".encode()):  # the lock file's line, the run's first write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OutputPathError, match=r"cannot write .*\.train\.lock: No space left on device; free space"):
+        train("simclr", out=str(tmp_path / "run"), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
+    assert not (tmp_path / "run").exists()

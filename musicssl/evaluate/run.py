@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,8 @@ def evaluate(
         is reported) or indices.
     cache: where embeddings are kept (default `<musicssl cache>/embeddings`).
     """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be a whole number in [0, 2**32) (numpy and torch take those), got {seed!r}")
     if not isinstance(task, Task):
         task = load_task(task, seed=seed, **task_options)
     unknown = [p for p in probes if p not in PROBES]
@@ -163,7 +166,7 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, name: str | None =
     from musicssl.evaluate.report import plot_layers, write_json
 
     out, name = Path(out), name or result.task["name"]
-    _check_replaceable(out / f"{name}.json")
+    _check_replaceable(out / f"{name}.json", out / f"{name}.png")
     written: dict[str, Path] = {}
     try:
         written["json"] = write_json(result, out / f"{name}.json")
@@ -177,15 +180,17 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, name: str | None =
     return written
 
 
-def _check_replaceable(path: Path) -> None:
-    """Refuse to replace a file that is not an earlier result (a task's TASK.json beside its CSV,
-    with `-o` the task's folder)."""
-    if not path.exists():
-        return
+def _check_replaceable(json_path: Path, png_path: Path) -> None:
+    """Refuse to replace files that are not an earlier result (a task's TASK.json beside its CSV,
+    with `-o` the task's folder; a picture of the same name). A picture is taken for a result's
+    only beside the result's JSON."""
     try:
-        held = json.loads(path.read_text())
+        held = json.loads(json_path.read_text()) if json_path.exists() else None
     except (OSError, ValueError):
-        held = None
-    if not (isinstance(held, dict) and {"task", "primary", "models"} <= held.keys()):
-        raise OutputPathError(f"{path} is not an evaluation result (a task's TASK.json?), so writing this task's "
-                              "result would replace it: give -o another folder (the embeddings are cached: a rerun only probes)")
+        held = "unreadable"
+    earlier = isinstance(held, dict) and {"task", "primary", "models"} <= held.keys()
+    taken = [p for p, mine in ((json_path, held is None or earlier), (png_path, earlier)) if p.exists() and not mine]
+    if taken:
+        raise OutputPathError(f"{taken[0]} is not an evaluation result (a task's TASK.json?), so writing this "
+                              "task's result would replace it: give -o another folder (the embeddings are cached: "
+                              "a rerun only probes)")

@@ -10,6 +10,7 @@ loss and throughput, and DDP when launched with `torchrun` (gloo on CPU, NCCL on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import logging
@@ -188,11 +189,11 @@ def lr_factor(step: int, tcfg: TrainConfig) -> float:
 
 def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, scaler: Any, step: int,
                     tcfg: TrainConfig, rcfg: Any, elapsed: float, segments: list[list[int]] | None = None,
-                    data_files: int | None = None) -> Path:
+                    data_files: dict[str, Any] | None = None) -> Path:
     """Everything needed to resume or export, written atomically: weights, optimiser, configs, RNG.
     segments: [from step, steps setting] of each stretch of a run whose resumes changed `steps` (its
-    schedule), for the model card; default one stretch. data_files: how many files the data held,
-    so that a resume can say when that changed."""
+    schedule), for the model card; default one stretch. data_files: what files the data held
+    (`_data_files`), so that a resume can say when they changed."""
     state = {
         "step": step,
         "model": recipe.state_dict(),
@@ -227,7 +228,9 @@ def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no {CHECKPOINT} in {run}: train first (musicssl train RECIPE --out {run})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
+    except PermissionError:
+        raise  # says so itself
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # cut short or not a checkpoint
         # Not torch's own words: they advise loading without weights_only, which runs whatever the file holds.
         raise ValueError(f"cannot read {path}: it is damaged (cut short?) or not a checkpoint musicssl wrote: "
                          f"delete it to start {run} again, or train into another --out") from err
@@ -386,11 +389,12 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     if ckpt is not None:  # a resume: its settings are checked before the data is read
         check_resume(ckpt, tcfg, rcfg, run)
     data = make_data(tcfg, rcfg, model.export_encoder().sample_rate)  # data it refuses leaves no folder either
-    n_files = len(data.files) if hasattr(data, "files") else None  # synthetic data has none
+    files = _data_files(data)
     before = ckpt.get("data_files") if ckpt else None
-    if None not in (before, n_files) and before != n_files and rank == 0:
-        log.warning("the data %s holds %d files now and held %d when the run began: the run goes on, but its "
-                    "batches from here are not those of an uninterrupted run", tcfg.data, n_files, before)
+    if isinstance(before, dict) and files is not None and before != files and rank == 0:
+        log.warning("the data %s holds other files than when the run began (%d now, %d then): the run goes on, but "
+                    "its batches from here are not those of an uninterrupted run", tcfg.data, files["count"],
+                    before.get("count", 0))
     if model.NEGATIVES_IN_BATCH and len(data) < tcfg.batch_size and rank == 0:
         log.warning("the batch of %d holds more items than the %d files of the data, so copies of one file meet in "
                     "a batch, and %s takes them for negatives of each other: give at least %d files, or a smaller "
@@ -435,13 +439,13 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
                 _report(run, bar, stats, done, tcfg, world, time.perf_counter() - t0, start, rank)
                 if (done % tcfg.ckpt_every == 0 or done == last) and rank == 0:
                     save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0,
-                                    segments, n_files)
+                                    segments, files)
                     saved = done
             whole = True
     except KeyboardInterrupt:
         if whole and done > saved and rank == 0:  # keep the steps since the last checkpoint
             save_checkpoint(run, model, opt, scaler, done, tcfg, rcfg, elapsed + time.perf_counter() - t0, segments,
-                            n_files)
+                            files)
         raise
     if world > 1:
         dist.barrier()
@@ -475,6 +479,17 @@ def _resume(run: Path, ckpt: dict[str, Any], model: nn.Module, opt: torch.optim.
     log.info("resuming %s at step %d", run, ckpt["step"])
 
 
+def _data_files(data: Any) -> dict[str, Any] | None:
+    """How many files the data holds and a digest of their names and sizes (names alone: a moved
+    data folder is the same data); None for synthetic data."""
+    if not hasattr(data, "files"):
+        return None
+    digest = hashlib.sha256()
+    for name, size in sorted((Path(f).name, info.frames) for f, info in zip(data.files, data.infos)):
+        digest.update(f"{name}\0{size}\n".encode("utf-8", "surrogateescape"))
+    return {"count": len(data.files), "digest": digest.hexdigest()[:16]}
+
+
 def _segments(ckpt: dict[str, Any] | None, start: int, steps: int) -> list[list[int]]:
     """The run's stretches ([from step, steps setting]), one more if this resume changes `steps`."""
     if ckpt is None:
@@ -495,8 +510,14 @@ def _hold_run(run: Path) -> int:
         os.close(fd)
         holder = (run / LOCK_FILE).read_text().strip() or "another process"
         raise ValueError(f"{run} is being trained by {holder}: wait for it to end, or train into another --out")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+    except OSError as err:  # a full disk: nothing of this run may stay behind
+        os.close(fd)
+        (run / LOCK_FILE).unlink(missing_ok=True)
+        raise OutputPathError(f"cannot write {run / LOCK_FILE}: {err.strerror or err}; free space, or give --out "
+                              "a folder you may write to") from err
     return fd
 
 
@@ -583,8 +604,12 @@ def _report(run: Path, bar: Any, stats: _StepStats, done: int, tcfg: TrainConfig
     if done % tcfg.log_every == 0 or done == tcfg.steps:
         record = _log_record(stats.take(), done, tcfg, world, seconds, start)  # all ranks: it averages
         if rank == 0:
-            with open(run / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            try:
+                with open(run / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full disk between checkpoints
+                raise OutputPathError(f"cannot write {run / 'log.jsonl'}: {err.strerror or err}; free space and run "
+                                      "the same command again: it resumes from the last checkpoint") from err
             bar(record)
 
 
