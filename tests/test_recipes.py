@@ -424,3 +424,13 @@ def test_a_full_disk_when_a_run_starts_leaves_no_folder(tmp_path, monkeypatch):
     with pytest.raises(OutputPathError, match=r"cannot write .*\.train\.lock: No space left on device; free space"):
         train("simclr", out=str(tmp_path / "run"), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_of_other_files_is_refused_before_a_run_starts(tmp_path):
+    """--out as the data folder (or any folder of other files) was taken: the run's files went in
+    beside them, and a log.jsonl there was appended to and trimmed."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "song.wav").write_bytes(b"RIFF")
+    with pytest.raises(ValueError, match="holds song.wav, which no training run writes"):
+        train("simclr", out=str(tmp_path / "data"), progress=False, **{**LOOP, **SETTINGS["simclr"], "steps": 1})
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["song.wav"]

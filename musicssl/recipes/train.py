@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 LOCK_FILE = ".train.lock"  # held by the process training the run
+# What a run folder holds (a checkpoint being written, under a temporary name, too).
+_RUN_FILES = {CHECKPOINT, CHECKPOINT + ".part", "config.json", "log.jsonl", LOCK_FILE}
 
 
 @dataclass
@@ -547,6 +549,10 @@ def _check_run_folder(run: Path) -> None:
     if release:
         raise ValueError(f"--out {run} holds a model release or another config.json, which a run would overwrite: "
                          "train into a new folder (a run folder holds checkpoint.pt, config.json and log.jsonl)")
+    others = sorted(p.name for p in run.iterdir() if p.name not in _RUN_FILES) if not (run / CHECKPOINT).exists() else []
+    if others:  # the data folder, say: its files would sit beside a run's, and its log.jsonl be trimmed
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ValueError(f"--out {run} holds {shown}, which no training run writes: train into a new or empty folder")
 
 
 def _step(step: int, batch: dict[str, Any], model: nn.Module, step_module: nn.Module, opt: torch.optim.Optimizer,
