@@ -150,7 +150,7 @@ def test_made_splits_hit_their_shares_when_every_class_is_small(tmp_path: Path) 
     assert list(blank.split) == list(task.split)
 
 
-def test_groups_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_group_columns_and_blank_cells_never_straddle_splits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     rows = [{"path": tone(tmp_path / f"{i}.wav", 100 + i).name, "label": "ab"[i % 2], "fold": str(i % 5),
              "group": "" if i < 20 else f"kit {i % 4}"} for i in range(40)]
     path = write_csv(tmp_path / "kits.csv", rows)

@@ -1041,7 +1041,7 @@ def test_what_a_folder_search_cannot_read_is_said_and_fails_the_run(tmp_path, ca
     assert main(["embed", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "mfcc"]) == 1
     captured = capsys.readouterr()
     assert "2 embedded, 0 skipped, 0 failed" in captured.out
-    assert f"1 folders or files in the inputs could not be read" in captured.err and "gone.wav" in captured.err
+    assert "1 folders or files in the inputs could not be read" in captured.err and "gone.wav" in captured.err
 
 
 def test_closed_streams_and_a_dangling_output_link_get_one_line(tmp_path, monkeypatch, capsys):
