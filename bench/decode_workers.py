@@ -8,7 +8,7 @@ or hangs its decoder.
 A setup is "N" (N decoding processes; with 0, the run's own threads, as many as it picks) or "0/T"
 (in the run's process, T files at a time). For each codec, `musicssl.extract(folder, OUT, model)`
 runs once per setup per round, in alternating order, `--rounds` times in one process (medians: these
-machines are noisy). The model's threads are what the run gives it (`_threads_beside`: one core left
+machines are noisy). The model's threads are what the run gives it (`model_threads`: one core left
 per decoding process). Each run starts its own processes, so their start (~0.2 s) is in the time, as
 it is in a real run.
 """

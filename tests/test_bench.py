@@ -107,3 +107,14 @@ def test_float16_is_timed_on_a_cpu_only_when_asked(run):
     assert run.dtypes_for("cpu", None) == ["float32", "bfloat16"]
     assert run.dtypes_for("cuda", None) == ["float32", "bfloat16", "float16"]
     assert run.dtypes_for("cpu", ["float16"]) == ["float16"]
+
+
+def test_host_overhead_runs_the_pipeline_with_outputs_of_each_models_shape() -> None:
+    """bench/host_overhead.py: the stand-in writes frames of each named model's rate and width."""
+    cmd = [sys.executable, "bench/host_overhead.py", "--data", "tests/data", "--like", "mfcc", "mert-v1-95m",
+           "--repeats", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| m")}
+    assert rows["mfcc"][1].endswith(" x 60") and rows["mert-v1-95m"][1].endswith(" x 768"), rows
+    assert all(r[2] == "4" and float(r[3]) > 0 for r in rows.values()), rows

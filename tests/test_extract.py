@@ -468,6 +468,28 @@ def test_a_failed_name_with_a_line_break_stays_out_of_the_retry_list(tmp_path, c
     assert "1 failed inputs have a line break in their name" in caplog.text
 
 
+def test_the_loops_own_work_runs_on_one_thread_and_the_model_on_the_free_cores(tmp_path, monkeypatch):
+    """torch's parallel ops wait for their slowest thread, so the loop stitches and pools on one; the
+    model gets the cores that decoding processes leave (4 cores, 1 process: 3), and the threads are
+    as they were after the run."""
+    from musicssl.bulk import run as bulk_run
+    from musicssl.models.base import Encoder
+
+    corpus(tmp_path / "in", 3)
+    seen: dict[str, set[int]] = {"model": set(), "stitch": set()}
+    launch, place = Encoder.launch_windows, Encoder.place_window
+    monkeypatch.setattr(Encoder, "launch_windows", lambda self, *a: seen["model"].add(torch.get_num_threads()) or launch(self, *a))
+    monkeypatch.setattr(Encoder, "place_window", lambda self, *a: seen["stitch"].add(torch.get_num_threads()) or place(self, *a))
+    monkeypatch.setattr(bulk_run, "_cores", lambda: 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert extract([tmp_path / "in"], tmp_path / "out", "mfcc", num_workers=1).ok == 3
+        assert seen == {"model": {3}, "stitch": {1}} and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("when", ["launch", "result"])
 def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monkeypatch, when):
     """Out of memory on a batch of more than two windows, raised when the batch is started or (as an

@@ -6,9 +6,8 @@ import logging
 import time
 from typing import Callable
 
-import torch
-
 from musicssl.bulk.decoders import DecoderPool
+from musicssl.bulk.pipeline import LoopThreads
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +27,8 @@ class Growth:
     added. `waited`: the run's seconds spent waiting so far.
     """
 
-    def __init__(self, pool: DecoderPool, cap: int, waited: Callable[[], float]) -> None:
-        self.pool, self.cap, self.waited = pool, cap, waited
+    def __init__(self, pool: DecoderPool, cap: int, waited: Callable[[], float], threads: LoopThreads) -> None:
+        self.pool, self.cap, self.waited, self.threads = pool, cap, waited, threads
         self.since: float | None = None  # the start of this interval (from the first file: not the processes' start)
         self.waited_before, self.decoded_before = 0.0, 0  # at its start
         self.rate_before: float | None = None  # samples decoded per s in the interval before the last process came
@@ -57,8 +56,8 @@ class Growth:
             return
         self.rate_before = None
         if share > GROW_SHARE and self.pool.grow():
-            torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+            self.threads.one_fewer()
             self.rate_before, self.warming, self.settled = rate, True, len(self.pool.workers) >= self.cap
             log.info("waited for decoded audio %.0f %% of the last %.0f s: %d decoding processes now, %d "
                      "threads for the model", 100 * share, now - self.since, len(self.pool.workers),
-                     torch.get_num_threads())
+                     self.threads.model_threads)

@@ -148,6 +148,40 @@ class Stopwatch:
 _END = object()
 
 
+class LoopThreads:
+    """torch's threads in the run's loop: one for its own work on the host (stacking windows,
+    stitching frames, pooling clips), `model` of them only while the model runs.
+
+    torch's thread pool waits at every parallel op for its slowest thread, and the loop's ops are
+    small: while the cores are busy (decoders, writer threads, other jobs) each waited milliseconds
+    for a thread to be scheduled. One thread copies a file's frames in a fraction of a millisecond
+    (bench/host_overhead.py). `model`: the cores the decoders leave on CPU, one on a GPU.
+    """
+
+    def __init__(self, model: int) -> None:
+        self.model_threads, self.before = max(1, model), torch.get_num_threads()
+
+    def __enter__(self) -> "LoopThreads":
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+    @contextlib.contextmanager
+    def model(self) -> Iterator[None]:
+        """The model's threads for the block (setting them costs well under a microsecond)."""
+        torch.set_num_threads(self.model_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
+
+    def one_fewer(self) -> None:
+        """A core less for the model: a decoding process took it."""
+        self.model_threads = max(1, self.model_threads - 1)
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
@@ -169,6 +203,7 @@ class BatchRunner:
     keep: list[int]
     on_split: Callable[[int, BaseException], None] = lambda n, err: None
     watch: Stopwatch = field(default_factory=Stopwatch)  # "model": starting batches and waiting for them
+    threads: LoopThreads | None = None  # the model's threads, while it runs (None: as they are)
     pending: tuple[list[tuple[OpenFile, Window]], Launched, float] | None = None  # (batch, launched, s to start)
 
     def __post_init__(self) -> None:
@@ -183,7 +218,7 @@ class BatchRunner:
         start = time.perf_counter()
         try:
             wav = self.encoder.stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
-            with self.watch("model"):
+            with self.watch("model"), self.threads.model() if self.threads else contextlib.nullcontext():
                 launched = self.encoder.launch_windows(wav, [w.length for _, w in batch], self.keep)
         except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
             self.flush()

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ from musicssl.bulk.outputs import (FORMATS, looks_complete, made_from, make_out_
                                    unmade_if_unused, write_output, write_table)
 from musicssl.bulk.decoders import DecoderPool
 from musicssl.bulk.growth import Growth
-from musicssl.bulk.pipeline import BatchRunner, OpenFile, Stopwatch, WindowPacker
+from musicssl.bulk.pipeline import BatchRunner, LoopThreads, OpenFile, Stopwatch, WindowPacker
 from musicssl.bulk.plan import Job, parse_shard, plan_jobs, take_shard
 from musicssl.bulk.trail import Trail, left_by_dead_runs
 from musicssl.bulk.writer import BackgroundWriter
@@ -357,13 +357,14 @@ class _Run:
     def _embed(self, todo: list[Job], batch_size: int, workers: int, most: int, timeout: float | None) -> None:
         # Enough open files that most windows find company of their length (see WindowPacker).
         packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
-        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch)
+        threads = LoopThreads(model_threads(self.encoder.device, workers))
+        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch, threads=threads)
         todo = self._retry_crashed(todo, timeout)
         paths = [str(j.source) for j in todo]
-        with torch.inference_mode(), _threads_beside(workers), contextlib.closing(Trail(self.out_dir)) as trail, \
+        with torch.inference_mode(), threads, contextlib.closing(Trail(self.out_dir)) as trail, \
                 DecoderPool(paths, self.encoder.sample_rate, workers, timeout, trail=trail,
                             threads=min(LOCAL_THREADS, _cores())) as stream:
-            growth = Growth(stream, most, waited=lambda: self.watch.seconds["decoding"])
+            growth = Growth(stream, most, waited=lambda: self.watch.seconds["decoding"], threads=threads)
             for seq, item in enumerate(self.watch.each("decoding", stream)):
                 signals.check()  # a Ctrl-C or SIGTERM whose KeyboardInterrupt was lost (musicssl.signals)
                 growth.check()
@@ -648,18 +649,14 @@ def most_workers(device: torch.device, world: int = 1) -> int:
     return max(1, cores - 1) if device.type == "cuda" else max(1, cores // 2)
 
 
-@contextlib.contextmanager
-def _threads_beside(workers: int) -> Iterator[None]:
-    """Leave one core per decoding process: torch's thread pool waits at every parallel op for its
-    slowest thread, so threads that share cores with busy decoders stall the loop (with one decoder
-    on 2 cores, zero-filling a file's 256 KB frames buffer took 3.6 ms)."""
-    before = torch.get_num_threads()
-    if workers:
-        torch.set_num_threads(max(1, min(before, _cores() - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def model_threads(device: torch.device, workers: int) -> int:
+    """torch threads for the model's forward in a run with `workers` decoding processes: on CPU one
+    per core they leave free (a thread sharing a core with a busy decoder stalls all the others at
+    each parallel op: with one decoder on 2 cores, zero-filling 256 KB took 3.6 ms); on a GPU one,
+    as the device does the work."""
+    if device.type == "cuda":
+        return 1
+    return max(1, min(torch.get_num_threads(), _cores() - workers))
 
 
 def _cores() -> int:
