@@ -374,7 +374,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
             raise OutputPathError(f"cannot write the summary to standard output ({err.strerror or err}); the run "
                                   f"itself ended: its manifest {result.manifest} says what was done") from err
-    return 1 if result.found == 0 else result.exit_code
+    return result.exit_code
 
 
 # ExtractResult.stages, as the summary names them: what bounds a run.
@@ -388,13 +388,7 @@ def print_summary(r: Any, args: argparse.Namespace) -> None:
         print(f"0 of {r.found} inputs fall in shard {args.shard}: nothing to do -> {r.out_dir}")
         _say_unreadable(r)
         return
-    if r.found == 0:
-        from musicssl.audio.io import AUDIO_EXTENSIONS
-
-        wanted = args.ext or ",".join(sorted(AUDIO_EXTENSIONS))
-        searched = f" (searched every subfolder for {wanted}{'; --ext set this list' if args.ext else ''})"
-        print(f"no audio files found in {', '.join(args.inputs) or args.files_from}{searched if args.inputs else ''}",
-              file=sys.stderr)
+    if r.found == 0:  # the run said so in a warning
         _say_unreadable(r)
         return
     from musicssl.bulk.outputs import printable

@@ -15,6 +15,8 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
         d = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise DeviceError(f"unknown device {device!r}: use {_choices()}") from err
+    if d.type == "meta":  # shapes without data: a model there cannot embed anything
+        raise DeviceError(f"device {str(device)!r} holds no data, so a model there cannot embed; use {_choices()}")
     if d.type == "cuda":
         _check_cuda(d, device)
     elif d.type == "mps" and not torch.backends.mps.is_available():

@@ -7,6 +7,7 @@ A release folder is `config.json` (family, constructor args, spec, provenance) +
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -53,6 +54,9 @@ def load(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16, not {dtype!r}")
     source = os.fspath(name)
+    if not source.strip():  # Path("") is the working folder: an unset variable would load from there
+        raise ValueError("load() got an empty model name (an unset variable?): give a name such as "
+                         f"{DEFAULT_MODEL!r}, 'hf-hub:org/repo' or a release folder")
     if not is_registry_name(source):
         if not pretrained or overrides:  # a release is rebuilt from its own config.json
             given = ["pretrained=False"] * (not pretrained) + [f"{k}=" for k in sorted(overrides)]
@@ -87,7 +91,7 @@ def _load_registered(name: str, pretrained: bool, offline: bool | None, override
         raise ValueError(f"constructor overrides {sorted(overrides)} only apply with pretrained=False")
     if not pretrained or not spec.needs_weights:
         model = builder(spec.name)(**overrides)
-        model.spec = spec
+        model.spec = _random_weights_spec(spec, model) if spec.needs_weights else spec
         return model
     if spec.weights is None:
         raise WeightsUnavailableError(
@@ -107,6 +111,18 @@ def _load_registered(name: str, pretrained: bool, offline: bool | None, override
     model = load_release(folder)
     model.spec = spec
     return model
+
+
+def _random_weights_spec(spec: ModelSpec, model: Encoder) -> ModelSpec:
+    """The spec of `spec`'s architecture built with random weights: no weights to name (run.json and
+    releases must not pass it off as the trained model), and the shapes the overrides gave it."""
+    return dataclasses.replace(
+        spec, weights=None, revision=None, files={}, upstream=False, sample_rate=model.sample_rate,
+        frame_rate=model.frame_rate, embed_dim=model.embed_dim, num_layers=model.num_layers,
+        recommended_layer=spec.recommended_layer if spec.recommended_layer < model.num_layers else -1,
+        context_seconds=model.context_seconds, args=dict(model.args),
+        description=f"random weights (pretrained=False) of this architecture. {spec.description}".strip(),
+    )
 
 
 def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
@@ -309,7 +325,7 @@ def save_pretrained(
     if not isinstance(encoder, Encoder):
         raise TypeError(f"save_pretrained takes a musicssl Encoder (from musicssl.load or a recipe), not a "
                         f"{type(encoder).__name__}")
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     make_out_dir(folder, "save_pretrained(folder=...)")
     spec = _release_spec(encoder, name)
     config = {

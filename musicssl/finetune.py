@@ -594,6 +594,7 @@ def finetune(
     head_lr, llrd, weight_decay, clip_grad, dropout, label_smoothing, warmup = (
         n[k] for k in ("head_lr", "llrd", "weight_decay", "clip_grad", "dropout", "label_smoothing", "warmup"))
     lr, crop_seconds = n.get("lr"), n.get("crop_seconds")
+    out = None if out is None else os.path.expanduser(out)
     _check_out(model, out, freeze)
     if not isinstance(task, Task):
         task = load_task(task, kind=kind, label=label, root=root, group=group, seed=seed)  # eval --seed's splits

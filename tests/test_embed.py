@@ -139,6 +139,36 @@ def test_numpy_layer_lists_and_rates_are_taken():
                                enc.embed(x, sr=SR, layers=[0]).frames)
 
 
+def test_a_0d_layer_array_is_one_layer_as_an_int_is():
+    enc, x = musicssl.load("mfcc"), music(1.0)
+    want = enc.embed(x, sr=SR, layers=0).clip.shape
+    assert enc.embed(x, sr=SR, layers=np.array(0)).clip.shape == enc.embed(x, sr=SR, layers=torch.tensor(0)).clip.shape == want
+
+
+def test_audio_far_too_loud_for_float32_is_refused_and_unscaled_pcm_warned_of(caplog):
+    """Finite samples beyond 1e10 gave NaN embeddings (the power spectrum overflows); float64 beyond
+    float32's range was said to hold Inf values it never held. Integer-scaled floats get a warning."""
+    enc, x = musicssl.load("mfcc"), music(1.0)
+    for loud in (x.astype(np.float64) * 1e19, x.astype(np.float64) * 1e300, torch.from_numpy(x).double() * 1e300):
+        with pytest.raises(AudioInputError, match=r"has samples up to .*e\+.*scale it, e.g. x / np.abs\(x\).max\(\)"):
+            enc.embed(loud, sr=SR)
+    with caplog.at_level("WARNING", logger="musicssl"):
+        out = enc.embed(x * 32768 / np.abs(x).max(), sr=SR)
+    assert torch.isfinite(out.clip).all() and "integer PCM passed as floats? Divide it by its scale" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="musicssl"):
+        enc.embed(x * 1.5 / np.abs(x).max(), sr=SR)  # a loud master's overs: not warned of
+    assert not caplog.text
+
+
+def test_sample_rates_beyond_any_audio_and_meta_tensors_are_refused():
+    enc, x = musicssl.load("mfcc"), music(1.0)
+    with pytest.raises(AudioInputError, match="not an audio sample rate \\(the highest taken is 10000000 Hz\\)"):
+        enc.embed(x, sr=2**62)  # soxr never returned on it
+    with pytest.raises(AudioInputError, match="the 'meta' device, which holds shapes but no samples"):
+        enc.embed(torch.empty(16000, device="meta"), sr=SR)
+
+
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_pooling_keeps_no_frames_of_long_audio(pool):
     """pool= returns only the clip, so only a running sum and max per item are held, whatever the

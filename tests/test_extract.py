@@ -468,6 +468,52 @@ def test_a_failed_name_with_a_line_break_stays_out_of_the_retry_list(tmp_path, c
     assert "1 failed inputs have a line break in their name" in caplog.text
 
 
+def test_the_python_api_refuses_what_the_cli_could_not_pass(tmp_path):
+    """Mistakes only a Python caller can make are said up front, before a model loads, not as a
+    traceback from deep inside; nothing is made."""
+    corpus(tmp_path / "in", 1)
+    bad = [({"dtype": "float16"}, ValueError, "floating torch dtype such as torch.bfloat16"),
+           ({"dtype": torch.int8}, ValueError, "floating torch dtype"),
+           ({"shard": (0, 2)}, ValueError, "shard takes 'K/N' as a string"),
+           ({"decode_timeout": "10"}, ValueError, "decode_timeout must be seconds > 0"),
+           ({"inputs": None}, TypeError, "inputs must be a file or folder, or a list of them"),
+           ({"inputs": np.zeros(3)}, TypeError, "inputs must be a file or folder.*not ndarray"),
+           ({"out": None}, TypeError, "out must be the output folder")]
+    for change, error, said in bad:
+        kwargs = {"inputs": tmp_path / "in", "out": tmp_path / "out", "model": "no-such-model", **change}
+        with pytest.raises(error, match=said):
+            extract(**kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_extension_as_a_string_and_a_folder_with_no_audio(tmp_path, caplog):
+    """extensions="flac" was read letter by letter and found nothing; a folder with no audio gave
+    exit code 0, no word, and an empty output folder."""
+    (tmp_path / "in").mkdir()
+    sf.write(tmp_path / "in" / "a.flac", np.zeros(8000), SR)
+    tone(tmp_path / "in" / "b.wav", 0.5)
+    res = extract(tmp_path / "in", tmp_path / "out", "mfcc", extensions="flac")
+    assert (res.found, res.ok, res.exit_code) == (1, 1, 0) and list(outputs(tmp_path / "out")) == ["a.flac.npz"]
+    (tmp_path / "empty").mkdir()
+    with caplog.at_level("WARNING", logger="musicssl"):
+        res = extract(tmp_path / "empty", tmp_path / "none", "no-such-model")  # no model is loaded for nothing
+    assert (res.found, res.exit_code) == (0, 1) and not (tmp_path / "none").exists()
+    assert f"no audio files found in {tmp_path / 'empty'} (searched every subfolder for .aac," in caplog.text
+
+
+def test_out_under_home_and_random_weights_in_run_json(tmp_path, monkeypatch):
+    """"~/feats" is the home folder's, as load() and the inputs read it (not a folder named "~"), and
+    a model built with pretrained=False is not recorded with the released weights' files."""
+    tone(tmp_path / "in" / "a.wav", 0.5)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "in")
+    enc = musicssl.load("simclr-mini", pretrained=False, depth=2)
+    assert extract("~/in", "~/feats", enc).ok == 1
+    info = json.loads((tmp_path / "feats" / "run.json").read_text())
+    assert (info["model"], info["weights"], info["weights_files"]) == ("simclr-mini", None, {})
+    assert not (tmp_path / "in" / "~").exists()
+
+
 def test_the_loops_own_work_runs_on_one_thread_and_the_model_on_the_free_cores(tmp_path, monkeypatch):
     """torch's parallel ops wait for their slowest thread, so the loop stitches and pools on one; the
     model gets the cores that decoding processes leave (4 cores, 1 process: 3), and the threads are

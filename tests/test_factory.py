@@ -79,6 +79,28 @@ def test_architecture_without_weights_refuses_with_the_way_out():
     assert "no released weights" in msg and "pretrained=False" in msg and "train" in msg
 
 
+def test_random_weights_are_not_passed_off_as_the_released_model(tmp_path, monkeypatch):
+    """pretrained=False kept the released model's spec: its weights and files, and the layer count
+    the overrides had changed, went into run.json and releases as if trained."""
+    enc = musicssl.load("simclr-mini", pretrained=False, depth=2)
+    released = musicssl.registry.model_info("simclr-mini")
+    assert released.weights and released.files  # what must not be claimed
+    assert (enc.spec.weights, enc.spec.files, enc.spec.revision) == (None, {}, None)
+    assert enc.spec.num_layers == enc.num_layers == 2 and enc.spec.args["depth"] == 2
+    assert enc.spec.description.startswith("random weights (pretrained=False)")
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" in a folder written is expanded, as load() reads it
+    musicssl.save_pretrained(enc, "~/rel")
+    again = musicssl.load("~/rel")
+    assert (tmp_path / "rel" / "model.safetensors").is_file() and again.spec.description == enc.spec.description
+
+
+def test_an_empty_name_and_the_meta_device_are_refused():
+    with pytest.raises(ValueError, match="an empty model name \\(an unset variable\\?\\)"):
+        musicssl.load("")  # it was read as the working folder
+    with pytest.raises(DeviceError, match="device 'meta' holds no data"):
+        musicssl.load("mfcc", device="meta")
+
+
 def test_a_device_this_machine_lacks_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr("musicssl.hub.fetch_release", lambda *a, **k: pytest.fail("fetched before the check"))
     with pytest.raises(DeviceError, match="device 'cuda:99'"):

@@ -32,7 +32,7 @@ import soxr
 
 from musicssl.audio.mpeg import has_length_tag, mpeg_samples
 from musicssl.audio.ogg import ogg_chained, ogg_cut_short
-from musicssl.audio.sink import MIN_RATE, FrameSink, ImplausibleRate, mix_down
+from musicssl.audio.sink import MAX_RATE, MIN_RATE, FrameSink, ImplausibleRate, mix_down
 from musicssl.audio.wav import open_unsized
 from musicssl.errors import AudioDecodeError, AudioInputError, OffsetPastEndError
 
@@ -234,6 +234,8 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
         return [base]
     if not base.is_dir():
         raise FileNotFoundError(f"Cannot search '{base}' for audio files: no such file or folder.")
+    if isinstance(extensions, str):  # "flac", not its letters
+        extensions = [extensions]
     suffixes = tuple({e.lower() if e.startswith(".") else "." + e.lower() for e in extensions})
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
@@ -287,6 +289,9 @@ def check_rate(sr: Any, name: str) -> int:
     if sr < MIN_RATE:
         raise AudioInputError(f"{name}={sr!r} Hz is not an audio sample rate (the lowest taken is {MIN_RATE} Hz): "
                               f"rates are in Hz, e.g. 48000 rather than 48.")
+    if sr > MAX_RATE:
+        raise AudioInputError(f"{name}={sr!r} Hz is not an audio sample rate (the highest taken is {MAX_RATE} Hz): "
+                              f"rates are in Hz, e.g. 48000.")
     return int(sr)
 
 

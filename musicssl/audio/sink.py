@@ -16,6 +16,9 @@ import soxr
 # Below this no recording is audio a model can use (telephony's 8 kHz is the lowest in use): a rate
 # under it is a damaged header, or a rate given in kHz.
 MIN_RATE = 1000
+# Above this no rate is audio either (DXD's 352.8 kHz and ultrasound recorders' 1 MHz are the highest
+# in use), and soxr takes minutes, or never returns, designing a filter for such a ratio.
+MAX_RATE = 10_000_000
 
 
 class ImplausibleRate(ValueError):

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from musicssl import __version__, signals
+from musicssl.audio.io import AUDIO_EXTENSIONS
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, RUN_INFO, Claim, RecordSink, check_compatible, earlier_root,
                                     merge_parts, now, read_view, settings_id, write_failed, write_run_info)
@@ -82,7 +83,8 @@ class ExtractResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed or self.unreadable or self.stopped_early else 0
+        """1 when an input failed, a folder could not be searched, the run stopped early, or there was no input."""
+        return 1 if self.failed or self.unreadable or self.stopped_early or not self.found else 0
 
 
 class _Stop(Exception):
@@ -143,15 +145,19 @@ def extract(
         then takes its share of that.
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
     """
-    _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device)
-    if isinstance(inputs, (str, os.PathLike)):  # one file or folder, not its characters
-        inputs = [inputs]
+    inputs = _check_inputs(inputs)
+    if isinstance(extensions, str):  # "flac", not its letters
+        extensions = [extensions]
+    _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device, dtype, shard)
+    out = os.path.expanduser(out)  # "~/feats" as load() and the inputs read it, not a folder named "~"
     ranks = distributed.from_env()
     if ranks:
         distributed.start(ranks)
     try:
         with unmade_if_unused(out):  # a run that never began (a bad model) leaves no folder
             run = _Run(inputs, out, files_from, root, extensions, shard, ranks, format, overwrite)
+            if not run.found:  # no model loaded, no folder made
+                return run.nothing_found(inputs, files_from, extensions)
             return run.execute(model, layers=layers, pool=pool, table=table, batch_size=batch_size,
                                num_workers=num_workers, decode_timeout=decode_timeout, device=device, dtype=dtype,
                                fail_fast=fail_fast, offline=offline, progress=progress, log_every=log_every,
@@ -161,14 +167,41 @@ def extract(
             distributed.stop()
 
 
-def _check_settings(out: str | os.PathLike, batch_size: int, num_workers: int | None, decode_timeout: float | None,
-                    format: str, pool: str | None, device: str | None) -> None:
+def _check_inputs(inputs: Any) -> list[str | os.PathLike]:
+    """`inputs` as a list of paths: one file or folder, or a list of them (not its characters)."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [inputs]
+    if isinstance(inputs, (list, tuple)) and all(isinstance(i, (str, os.PathLike)) for i in inputs):
+        return list(inputs)
+    raise TypeError(f"inputs must be a file or folder, or a list of them (str or Path), not {_short(inputs)}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}..." if len(text) > 60 else f"{type(value).__name__} {text}"
+
+
+def _check_settings(out: Any, batch_size: int, num_workers: int | None, decode_timeout: float | None,
+                    format: str, pool: str | None, device: str | None, dtype: Any, shard: Any) -> None:
     """Refuse bad settings before any folder is made or model loaded."""
     check_batch_size(batch_size)
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
         raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), not {num_workers!r}")
-    if decode_timeout is not None and not decode_timeout > 0:
+    if decode_timeout is not None and not (_is_number(decode_timeout) and decode_timeout > 0):
         raise ValueError(f"decode_timeout must be seconds > 0 (or None for no limit), not {decode_timeout!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16 (or None for the model's "
+                         f"own), not {dtype!r}")
+    if shard is not None:
+        if not isinstance(shard, str):
+            raise ValueError(f"shard takes 'K/N' as a string, e.g. '0/4' for the first of four, not {shard!r}")
+        parse_shard(shard)
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be the output folder (str or Path), not {_short(out)}")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {sorted(FORMATS)}, not {format!r}")
     if pool not in (None, "mean", "max"):
@@ -189,11 +222,6 @@ class _Run:
         jobs, self.root = plan_jobs(inputs, self.out_dir, FORMATS[fmt], files_from=files_from, root=root,
                                     extensions=extensions, earlier_root=earlier_root(self.out_dir),
                                     unreadable=self.unreadable)
-        make_out_dir(self.out_dir)
-        manifest = self.out_dir / MANIFEST  # appended to, not replaced: the file itself must be writable
-        if manifest.exists() and not os.access(manifest, os.W_OK):
-            raise OutputPathError(f"{manifest} cannot be written (permission denied), so this run could not "
-                                  "record its inputs: make it writable (chmod u+w), or give -o another folder")
         self.found = len(jobs)
         if shard:
             jobs = take_shard(jobs, *parse_shard(shard))
@@ -206,11 +234,30 @@ class _Run:
         self.open: list[tuple[OpenFile, Claim]] = []  # files being embedded: (file, its claim)
 
     # --- the run ------------------------------------------------------------------------------
+    def nothing_found(self, inputs: Sequence[Any], files_from: Any, extensions: Iterable[str] | None) -> ExtractResult:
+        """The result of a run whose inputs hold no audio file, said in a warning."""
+        dotted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions or AUDIO_EXTENSIONS}
+        wanted = ",".join(sorted(dotted))
+        searched = f" (searched every subfolder for {wanted})" if inputs else ""
+        log.warning("no audio files found in %s%s: nothing to embed", ", ".join(map(str, inputs)) or files_from,
+                    searched)
+        return ExtractResult(ok=0, skipped=0, failed=0, out_dir=self.out_dir, root=self.root,
+                             manifest=self.out_dir / MANIFEST, failed_list=None,
+                             unreadable=[(str(p), why) for p, why in self.unreadable])
+
+    def _open_out_dir(self) -> None:
+        make_out_dir(self.out_dir)
+        manifest = self.out_dir / MANIFEST  # appended to, not replaced: the file itself must be writable
+        if manifest.exists() and not os.access(manifest, os.W_OK):
+            raise OutputPathError(f"{manifest} cannot be written (permission denied), so this run could not "
+                                  "record its inputs: make it writable (chmod u+w), or give -o another folder")
+
     def execute(self, model: Any, *, layers: LayersArg, pool: str | None, table: bool, batch_size: int,
                 num_workers: int | None, decode_timeout: float | None, device: str | None,
                 dtype: torch.dtype | None, fail_fast: bool, offline: bool | None, progress: bool | None,
                 log_every: float, compile: bool) -> ExtractResult:
         self.pool, self.fail_fast = pool, fail_fast
+        self._open_out_dir()  # before the model: a folder that cannot be written is said before any download
         self.encoder, info = self._load(model, layers, pool, device, dtype, offline)
         if compile:
             self.encoder.compile_windows()
@@ -219,7 +266,7 @@ class _Run:
         self.view = read_view(self.out_dir / MANIFEST)  # one pass over the manifest, for the steps below
         self.moved = self._check_names_taken()  # made again below, whatever their stamps say
         self.settings = info["settings_id"]
-        if self.found and (not self.ranks or self.ranks.rank == 0):  # no input: nothing to say of OUT
+        if not self.ranks or self.ranks.rank == 0:
             try:
                 write_run_info(self.out_dir, info)
             except OSError as err:
@@ -590,6 +637,7 @@ def run_info(enc: Encoder, name: str, layers: LayersArg, pool: str | None, fmt: 
     spec = enc.spec
     info = {
         "model": name, "family": enc.family, "revision": spec.revision if spec else None,
+        "weights": spec.weights if spec else None,  # None: random (pretrained=False), or a baseline without any
         "weights_files": dict(spec.files) if spec else {}, "model_sha256": model_sha256(enc),
         "layers": enc.layer_indices(layers), "layer_axis": not is_single_layer(layers), "pool": pool, "format": fmt,
         "dtype": str(dtype or torch.float32).replace("torch.", ""),  # as asked: one of the settings runs compare

@@ -165,7 +165,7 @@ def write_outputs(result: EvalResult, out: str | os.PathLike, name: str | None =
     returns what was written."""
     from musicssl.evaluate.report import plot_layers, write_json
 
-    out, name = Path(out), name or result.task["name"]
+    out, name = Path(out).expanduser(), name or result.task["name"]
     _check_replaceable(out / f"{name}.json", out / f"{name}.png")
     written: dict[str, Path] = {}
     try:

@@ -430,7 +430,10 @@ class RunningPool:
 
 
 def is_single_layer(layers: LayersArg) -> bool:
-    """Whether `layers` asks for one layer as such ("last" or an int): embed() then drops the L axis."""
+    """Whether `layers` asks for one layer as such ("last" or an int, a 0-d array or tensor too):
+    embed() then drops the L axis."""
+    if isinstance(layers, (np.ndarray, torch.Tensor)) and layers.ndim == 0:
+        layers = layers.item()
     return (isinstance(layers, str) and layers == "last") or isinstance(layers, (int, np.integer))
 
 

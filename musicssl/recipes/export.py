@@ -24,6 +24,7 @@ _PLACE = ("recipe", "preset", "data", "out")
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, name: str | None = None,
                dtype: torch.dtype | None = None) -> Path:
     """Write RUN's encoder to OUT (config.json, model.safetensors, README.md pre-filled from the run)."""
+    out = Path(out).expanduser()
     ckpt = load_checkpoint(run)
     if (Path(out) / CHECKPOINT).exists():  # its config.json would become the release's
         raise ValueError(f"--out {out} is a training run (it holds {CHECKPOINT}): export into a new folder")

@@ -225,7 +225,7 @@ def save_checkpoint(run: Path, recipe: nn.Module, opt: torch.optim.Optimizer, sc
 
 def load_checkpoint(run: str | os.PathLike) -> dict[str, Any]:
     """A run's checkpoint (tensors and plain data only: loaded with weights_only=True)."""
-    path = Path(run) / CHECKPOINT
+    path = Path(run).expanduser() / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no {CHECKPOINT} in {run}: train first (musicssl train RECIPE --out {run})")
     try:
@@ -386,7 +386,7 @@ def _train(recipe: str, preset: str | None, progress: bool | None, until: int | 
     device = _device(tcfg, rank)
     torch.manual_seed(tcfg.seed)
     model = build_recipe(recipe, rcfg).to(device)  # settings it refuses leave no folder behind
-    run = Path(tcfg.out)
+    run = Path(tcfg.out).expanduser()
     ckpt = load_checkpoint(run) if (run / CHECKPOINT).exists() else None
     if ckpt is not None:  # a resume: its settings are checked before the data is read
         check_resume(ckpt, tcfg, rcfg, run)
