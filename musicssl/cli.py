@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_model_parsers(sub: Any) -> None:
     """list, info, download and convert."""
     s = sub.add_parser("list", help="list models", description="List registered models.")
-    s.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'jepa-*'")
+    s.add_argument("pattern", nargs="?", default="*",
+                   help="glob over names, e.g. 'jepa-*'; without * ? or [ a part of the name, e.g. mert")
     s.add_argument("--all", action="store_true", help="include architectures without released weights")
     s.add_argument("--json", action="store_true", help="print the model specs as JSON")
     s.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
@@ -575,7 +576,10 @@ def run() -> None:
     left half-written)."""
     from musicssl.heap import keep_freed_memory
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our progress and notes at INFO; other libraries' only from WARNING (torch printed its compiler's
+    # cache statistics at exit after a Ctrl-C).
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("musicssl").setLevel(logging.INFO)
     # huggingface_hub adds its own stderr handler on first use: through ours as well, each of its
     # lines (retries of a download) would print twice.
     logging.getLogger("huggingface_hub").propagate = False

@@ -187,8 +187,22 @@ def provenance(spec: ModelSpec, files: Mapping[str, Path], sha256: Mapping[str, 
         "converted_from": spec.weights,
         "revision": spec.revision,
         "source_sha256": dict(sha256),
-        "pinned": bool(spec.files) and all(spec.files.get(name) == sha256[name] for name in files),
+        "pinned": bool(spec.files) and all(_is_pinned(spec, name, sha256[name]) for name in files),
     }
+
+
+def _is_pinned(spec: ModelSpec, name: str, sha256: str) -> bool:
+    """Whether a file given as `spec`'s upstream `name` is the one it pins, or the pinned archive's
+    checkpoint (a family's `pinned_members`)."""
+    pin = spec.files.get(name)
+    return pin is not None and sha256 in (pin, _pinned_members(spec).get(name))
+
+
+def _pinned_members(spec: ModelSpec) -> dict[str, str]:
+    """The family's `Encoder.pinned_members` (none for a family this musicssl does not know)."""
+    from musicssl.registry import family_class, is_family
+
+    return family_class(spec.family).pinned_members if is_family(spec.family) else {}
 
 
 def load_converted(spec: ModelSpec, *, offline: bool | None = None) -> Encoder:
@@ -413,7 +427,7 @@ def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: 
 
 def _evidence(spec: ModelSpec, files: Sequence[Path], sha: Mapping[Path, str]) -> tuple[int, int]:
     """How well `files` match a registry entry: (files with a sha256 it pins, files with a name it expects)."""
-    pins = set(spec.files.values())
+    pins = set(spec.files.values()) | set(_pinned_members(spec).values())
     return sum(sha[p] in pins for p in files), sum(p.name in spec.files for p in files)
 
 
@@ -423,7 +437,7 @@ def _say_what_it_is(spec: ModelSpec, matched: Mapping[str, Path], sha: Mapping[P
     same architecture (MusicFM's MSD and FMA checkpoints)."""
     for name, p in matched.items():
         pin = spec.files.get(name)
-        if pin and sha[p] != pin:
+        if pin and not _is_pinned(spec, name, sha[p]):
             log.warning("%s is not the %s that %s pins (sha256 %s, pinned %s): converted with %s's architecture "
                         "as other weights of that shape (a fine-tune, or another model); the release records "
                         "pinned: false", p, name, spec.name, sha[p][:12], pin[:12], spec.name)

@@ -63,6 +63,10 @@ def load(
             raise ValueError(f"load({source!r}, {', '.join(given)}): pretrained=False and constructor arguments apply "
                              f"only to registry names, and {source} is a release, loaded as saved. Build an "
                              "architecture with musicssl.load(NAME, pretrained=False, ...) instead.")
+        if is_registered(source):  # a bare name that a release folder here hides: said, or it goes unnoticed
+            log.warning("loading the release folder %s in the working folder, not the registered model %r of "
+                        "that name (write './%s' to mean the folder, or move it)", os.path.abspath(source), source,
+                        source)
         model = load_release(hub.fetch_release(source, offline=offline))
     else:
         model = _load_registered(source, pretrained, offline, overrides)

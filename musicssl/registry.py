@@ -69,10 +69,13 @@ class ModelSpec:
         """How the weights are pinned, in words (shown by `musicssl info` and `list --verbose`)."""
         if self.weights is None or self.weights.startswith("bundled:"):
             return "inside the package" if self.weights else "no weights"
-        shas = list(self.files.values())
         rev = f"revision {self.revision}, " if self.revision else ""
-        if shas and all(shas):
+        pinned = [f for f, sha in self.files.items() if sha]
+        if pinned and len(pinned) == len(self.files):
             return f"{rev}sha256 pinned"
+        if pinned:  # e.g. the weights pinned, a small config.json not
+            unpinned = ", ".join(f for f, sha in self.files.items() if not sha)
+            return f"{rev}sha256 pinned for {', '.join(pinned)}; {unpinned} recorded on first download"
         return f"{rev}sha256 recorded on first download (upstream publishes no checksum)"
 
     @property
@@ -144,9 +147,12 @@ def _ensure_loaded() -> None:
 
 
 def list_models(pattern: str = "*", pretrained: bool = True) -> list[str]:
-    """Registered names matching a glob `pattern`; only ready-to-load ones when `pretrained`."""
+    """Registered names matching a glob `pattern` (one without `*?[` matches anywhere in the name:
+    "mert" finds "mert-v1-95m"); only ready-to-load ones when `pretrained`."""
     _ensure_loaded()
     pat = canonical(pattern)
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"
     return sorted(
         spec.name
         for key, (spec, _) in _MODELS.items()
@@ -189,6 +195,12 @@ def model_info(name: str) -> ModelSpec:
 def builder(name: str) -> Callable[..., Any]:
     """The builder function of a registered name."""
     return _lookup(name)[1]
+
+
+def is_family(family: str) -> bool:
+    """Whether this musicssl has an encoder class for `family`."""
+    _ensure_loaded()
+    return family in _FAMILIES
 
 
 def family_class(family: str) -> type:

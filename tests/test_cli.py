@@ -144,6 +144,19 @@ def run_with_a_dropped_ctrl_c(argv: list[str], then_run: bool) -> subprocess.Com
     return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
 
 
+def test_the_command_prints_its_own_notes_and_not_other_libraries_info_logs():
+    """torch printed its compiler's cache statistics (INFO) at exit after a Ctrl-C."""
+    code = ("import logging, sys\nimport musicssl.cli as cli\n"
+            "def main(argv=None):\n"
+            "    logging.getLogger('torch._subclasses').info('FakeTensor cache stats')\n"
+            "    logging.getLogger('musicssl.bulk.run').info('3/3 files')\n"
+            "    logging.getLogger('torch').warning('a warning of torch')\n"
+            "    return 0\n"
+            "cli.main = main\nsys.argv = ['musicssl', 'list']\ncli.run()\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stderr.splitlines() == ["3/3 files", "a warning of torch"], res.stderr
+
+
 def test_ctrl_c_that_python_drops_in_a_finaliser_still_ends_the_command_as_interrupted():
     """soundfile's SoundFile has a __del__; the command must still end with status 130 and its one
     line, not with 0."""

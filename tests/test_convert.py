@@ -130,6 +130,9 @@ def test_source_key_follows_pins_and_architecture():
 def test_pinning_is_described():
     assert "recorded on first download" in _spec().pinning
     assert _spec(files={"m.bin": "0" * 64}, revision="a" * 40).pinning == f"revision {'a' * 40}, sha256 pinned"
+    # `list -v` said Dasheng's weights were not checksummed: only its config.json is not.
+    assert _spec(files={"m.bin": "0" * 64, "config.json": None}).pinning == (
+        "sha256 pinned for m.bin; config.json recorded on first download")
     assert _spec().converted and not _spec(upstream=False).converted
     assert _spec(upstream=False, weights="https://example.org/w").converted
 

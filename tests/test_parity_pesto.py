@@ -13,6 +13,7 @@ import functools
 import hashlib
 import importlib.resources
 import io
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -196,9 +197,13 @@ def test_load_through_fake_hub_from_the_wheel(fake_hub, monkeypatch, clip):
         assert rel_err(enc.embed(clip.numpy(), sr=16000).frames[0], act_ref) < TOL
 
 
-def test_convert_cli_takes_the_bare_checkpoint(tmp_path, clip, model):
-    spec, folder = convert.convert_local("pesto", [checkpoint_path()], tmp_path / "out")
-    assert spec.name == NAME
+def test_convert_cli_takes_the_bare_checkpoint(tmp_path, clip, model, caplog):
+    """The checkpoint inside the pinned wheel is the pinned weights: no warning that it is another
+    file, and the release records pinned: true."""
+    with caplog.at_level("WARNING", logger="musicssl"):
+        spec, folder = convert.convert_local("pesto", [checkpoint_path()], tmp_path / "out")
+    assert spec.name == NAME and "is not the" not in caplog.text
+    assert json.loads((folder / "config.json").read_text())["provenance"]["pinned"] is True
     back = musicssl.load(folder)
     for u, v in zip(back.pitch(clip.numpy(), sr=16000), model.pitch(clip.numpy(), sr=16000)):
         torch.testing.assert_close(u, v, rtol=0, atol=0)

@@ -24,6 +24,9 @@ def test_list_models_filters_on_weights_and_pattern():
     assert set(ready) <= set(every)
     assert musicssl.list_models("jepa-*", pretrained=False) == ["jepa-base", "jepa-small", "jepa-tiny"]
     assert musicssl.list_models("JEPA_*", pretrained=False) == ["jepa-base", "jepa-small", "jepa-tiny"]
+    # Without a wildcard, a part of the name: `musicssl list mert` found nothing.
+    assert musicssl.list_models("mert") == ["mert-v1-330m", "mert-v1-95m"]
+    assert musicssl.list_models("mfcc") == ["mfcc"] and musicssl.list_models("mert-v1-95m") == ["mert-v1-95m"]
 
 
 @pytest.mark.parametrize("licence, nc", [

@@ -89,6 +89,9 @@ class Encoder(nn.Module):
     num_layers: int
     args: dict[str, Any]
     spec: ModelSpec | None = None
+    # Ports whose pinned upstream file is an archive: {its name: sha256 of the checkpoint inside it
+    # that `load_upstream` takes as well}, so converting that checkpoint counts as the pinned weights.
+    pinned_members: dict[str, str] = {}
 
     # --- what a family implements -------------------------------------------------------------
     def forward_features(self, wav: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:

@@ -459,7 +459,10 @@ WHEEL_URL = (
     "pesto_pitch-2.0.1-py3-none-any.whl"
 )
 WHEEL_SHA256 = "2eb1e5ac1c2f78f7563f4800cccd73daf04d52717ff0d95ea30257a56f3f9d37"
-WHEEL_MEMBER = "pesto/weights/mir-1k_g7.ckpt"  # sha256 16c32e06ddd950e3e4866dfa3c7f8a87c4988f8adf43e57977b189f031f26f3e
+WHEEL_MEMBER = "pesto/weights/mir-1k_g7.ckpt"
+WHEEL_MEMBER_SHA256 = "16c32e06ddd950e3e4866dfa3c7f8a87c4988f8adf43e57977b189f031f26f3e"
+# The checkpoint taken out of the pinned wheel is the pinned weights too (`musicssl convert pesto FILE.ckpt`).
+PESTO.pinned_members = {WHEEL_URL.rsplit("/", 1)[1]: WHEEL_MEMBER_SHA256}
 # Its hparams are omegaconf containers: they unpickle as inert stand-ins (omegaconf is never imported).
 OMEGACONF_CLASSES = (
     "omegaconf.listconfig.ListConfig", "omegaconf.dictconfig.DictConfig", "omegaconf.nodes.AnyNode",
