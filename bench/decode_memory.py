@@ -11,6 +11,7 @@ channels at its own rate. Generated files are noise over a tone, written with so
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import subprocess
 import sys
@@ -56,9 +57,12 @@ def main() -> None:
         print("| file | MB on disk | minutes | seconds to decode | x-realtime | peak MiB | result MiB | peak / result |")
         print("|---|---|---|---|---|---|---|---|")
         for f in files:
-            out = subprocess.run([sys.executable, "-c", CHILD, str(args.sr), str(f)], capture_output=True,
-                                 text=True, check=True).stdout
-            seconds, peak, result, audio_s = map(float, out.split())
+            res = subprocess.run([sys.executable, "-c", CHILD, str(args.sr), str(f)], capture_output=True,
+                                 text=True, env=checkout.child_env())
+            if res.returncode:  # the decoder's own words, e.g. an undecodable file
+                print(f"| {f.name} | failed: {(res.stderr.strip().splitlines() or ['no message'])[-1]} |")
+                continue
+            seconds, peak, result, audio_s = map(float, res.stdout.split())
             print(f"| {f.name} | {f.stat().st_size / 1e6:.0f} | {audio_s / 60:.0f} | {seconds:.1f} | "
                   f"{audio_s / seconds:.0f} | {peak:.0f} | {result:.0f} | {peak / result:.1f} |")
 

@@ -15,6 +15,7 @@ it is in a real run.
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import shutil
 import statistics
@@ -29,7 +30,7 @@ from musicssl.bulk import extract
 from musicssl.bulk import run as bulk_run
 from musicssl.heap import keep_freed_memory
 
-from extract_speed import DATA, pick_files, stage
+from extract_speed import DATA, encoder, pick_files, stage
 
 
 def compare(folder: Path, enc: musicssl.Encoder, setups: list[str], rounds: int, tmp: Path) -> dict[str, list[float]]:
@@ -68,9 +69,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     args = p.parse_args()
     keep_freed_memory()
-    enc = musicssl.load(args.model).eval()
+    enc, weights = encoder(args.model, "cpu", torch.float32)  # random weights where none are cached: the same compute
     setups = args.setups
-    print(f"{args.model}, {args.minutes:g} min of audio, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{args.model} ({weights} weights), {args.minutes:g} min of audio, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"median of {args.rounds} alternated runs (s), x-realtime, and time against the first")
     print(f"{'codec':>6} " + " ".join(f"{label(s):>22}" for s in setups))
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,6 +12,7 @@ padded share of the samples run, x-realtime (median) and the speed-up.
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import statistics
 import time

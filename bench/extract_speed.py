@@ -21,10 +21,12 @@ rest of the host's work (stitching, bookkeeping): the largest is what bounds the
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -54,6 +56,9 @@ def pick_files(folder: Path, minutes: float) -> list[Path]:
 
 def stage(files: list[Path], dest: Path, codec: str) -> None:
     """Copy (`copy`) or transcode (mp3/opus, 44.1 kHz stereo like ripped music) the files into `dest`."""
+    if codec != "copy" and shutil.which("ffmpeg") is None:
+        sys.exit(f"--codec {codec} transcodes with ffmpeg, which is not on PATH: install it (apt-get install ffmpeg), "
+                 "or give --data a folder of such files with --codec copy")
     dest.mkdir(parents=True)
     for f in files:
         if codec == "copy":

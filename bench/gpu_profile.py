@@ -7,6 +7,7 @@ clips at batch 16 and its top host-side ops; the gap between the two rates is em
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import sys
 import time
 
@@ -61,6 +62,8 @@ def embed_overhead(enc: musicssl.Encoder) -> None:
 
 
 def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit(__doc__)  # the models to profile are the arguments: none given, nothing would run
     for name in sys.argv[1:]:
         torch.manual_seed(0)
         enc = musicssl.load(name, pretrained=False, device="cuda", dtype=torch.bfloat16)

@@ -16,6 +16,7 @@ rate given here, so when its model-only rate is near this, the host is what boun
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import shutil
 import statistics
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-import musicssl
 from musicssl.audio.io import audio_info
 from musicssl.bulk import extract
 from musicssl.heap import keep_freed_memory
 from musicssl.models.base import Encoder, conv_frames
+from musicssl.registry import DEFAULT_MODEL, model_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract_speed import DATA, pick_files, stage  # noqa: E402 -- a script beside this one
@@ -44,7 +45,7 @@ class NullEncoder(Encoder):
 
     def __init__(self, like: str):
         super().__init__()
-        spec = musicssl.registry.model_info(like)
+        spec = model_info(like)
         self.sample_rate, self.embed_dim, self.num_layers = spec.sample_rate, spec.embed_dim, 1
         self.hop_length = round(spec.sample_rate / spec.frame_rate)
         self.context_seconds, self.overlap_seconds = spec.context_seconds, 0.0
@@ -71,7 +72,7 @@ def run_once(folder: Path, out: Path, enc: NullEncoder, args: argparse.Namespace
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--like", nargs="+", default=[musicssl.registry.DEFAULT_MODEL, "mert-v1-330m"],
+    p.add_argument("--like", nargs="+", default=[DEFAULT_MODEL, "mert-v1-330m"],
                    help="models whose output shapes the stand-in takes (default: the default model and MERT-330M)")
     p.add_argument("--data", type=Path, default=DATA, help="folder of music (default: the dev soundtrack clips)")
     p.add_argument("--minutes", type=float, default=20.0, help="audio to use (default 20 min)")

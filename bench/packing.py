@@ -10,6 +10,7 @@ and the most bytes of audio and frames they held (float32, one layer).
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import sys
 from pathlib import Path

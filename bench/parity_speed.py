@@ -16,10 +16,10 @@ the table gives the peak resident memory of that process and the part added by e
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import importlib
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -87,7 +87,7 @@ def memory_table(names: list[str], seconds: float) -> None:
     print(f"{'model':<32} {'after build MB':>15} {'peak MB':>9} {'added MB':>9} {'frames':>7} {'wall s':>7}")
     for name in names:
         cmd = [sys.executable, __file__, "--memory-child", name, "--seconds", str(seconds)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        res = subprocess.run(cmd, capture_output=True, text=True, env=checkout.child_env())
         if res.returncode != 0:
             print(f"{name:<32} failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
             continue

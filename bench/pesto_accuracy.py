@@ -18,6 +18,7 @@ Without --weights the model comes from `musicssl.load("pesto-mir1k")` (downloads
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import csv
 import time

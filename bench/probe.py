@@ -5,7 +5,7 @@
 Each model embeds every clip once (mean over frames of its last layer); a logistic regression
 (scikit-learn, standardised features fitted on the training folds) is trained on folds 0-3 and
 scored on fold 4, as the dev set's README prescribes (clips of one track/kit/score share a fold).
-Fold 4 holds only 27-96 clips per task, so a second table rotates the held-out fold over all five
+Fold 4 holds only 27-160 clips per task, so a second table rotates the held-out fold over all five
 (5-fold cross-validation, mean accuracy): less noisy when two models are close.
 `NAME:random` is the registered architecture at random initialisation (seed 0).
 Prints both tables of test accuracies and writes them as JSON with --json.
@@ -13,6 +13,7 @@ Prints both tables of test accuracies and writes them as JSON with --json.
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import csv
 import json

@@ -9,6 +9,7 @@ hyper-parameter search on valid. Prints seconds per probe and kind, and the accu
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import time
 

@@ -10,6 +10,7 @@ time and by the device's measured bf16 matmul peak.
 
 from __future__ import annotations
 
+import checkout  # noqa: F401 -- first: this checkout's musicssl, not an installed copy
 import argparse
 import statistics
 import time

@@ -118,3 +118,14 @@ def test_host_overhead_runs_the_pipeline_with_outputs_of_each_models_shape() -> 
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in res.stdout.splitlines() if line.startswith("| m")}
     assert rows["mfcc"][1].endswith(" x 60") and rows["mert-v1-95m"][1].endswith(" x 768"), rows
     assert all(r[2] == "4" and float(r[3]) > 0 for r in rows.values()), rows
+
+
+def test_every_script_imports_the_checkouts_musicssl_first() -> None:
+    """Run from a second worktree, a script without `import checkout` timed the installed copy of
+    another one; the first import after `from __future__` is that, so it precedes musicssl's."""
+    own_path = {"run.py", "load_time.py", "checkout.py", "__main__.py", "__init__.py"}  # set sys.path themselves
+    for script in sorted((ROOT / "bench").glob("*.py")):
+        if script.name in own_path:
+            continue
+        imports = [line for line in script.read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert imports[1].startswith("import checkout"), script.name
