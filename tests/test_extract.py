@@ -536,6 +536,23 @@ def test_the_loops_own_work_runs_on_one_thread_and_the_model_on_the_free_cores(t
         torch.set_num_threads(before)
 
 
+def test_a_model_that_fails_on_every_window_says_why_once(tmp_path, monkeypatch, caplog):
+    """Each batch is retried in halves down to single windows, and each file fails; the reason was
+    logged at every split (7 lines per batch of 8), all run long. Now once, then a count."""
+    corpus(tmp_path / "in", 12)
+
+    def broken(self, wav, n_samples, keep):
+        raise RuntimeError("The expanded size of the tensor (501) must match the existing size (500)")
+
+    monkeypatch.setattr(musicssl.Encoder, "launch_windows", broken)
+    with caplog.at_level("WARNING", logger="musicssl"):
+        res = extract([tmp_path / "in"], tmp_path / "out", "mfcc", batch_size=4, num_workers=0)
+    assert res.failed == 12 and res.ok == 0
+    splits = [r.getMessage() for r in caplog.records if "in halves" in r.getMessage()]
+    assert len(splits) == 2 and splits[0].startswith("a batch of 4 windows failed (The expanded size"), splits
+    assert splits[1].endswith("more batches failed for a reason said above and were retried in halves")
+
+
 @pytest.mark.parametrize("when", ["launch", "result"])
 def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monkeypatch, when):
     """Out of memory on a batch of more than two windows, raised when the batch is started or (as an

@@ -405,7 +405,8 @@ class _Run:
         # Enough open files that most windows find company of their length (see WindowPacker).
         packer = WindowPacker(batch_size, max_open=4 * max(batch_size, 8))
         threads = LoopThreads(model_threads(self.encoder.device, workers))
-        runner = BatchRunner(self.encoder, self.keep, on_split=_log_split, watch=self.watch, threads=threads)
+        splits = _SplitNotes()
+        runner = BatchRunner(self.encoder, self.keep, on_split=splits, watch=self.watch, threads=threads)
         todo = self._retry_crashed(todo, timeout)
         paths = [str(j.source) for j in todo]
         with torch.inference_mode(), threads, contextlib.closing(Trail(self.out_dir)) as trail, \
@@ -424,6 +425,7 @@ class _Run:
                 self._finish_files(todo)
             runner.flush()
             self._finish_files(todo)
+        splits.close()
 
     def _retry_crashed(self, todo: list[Job], timeout: float | None) -> list[Job]:
         """Files that a dead run was decoding in its own process when it ended: each is decoded once
@@ -711,8 +713,25 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
-def _log_split(n: int, err: BaseException) -> None:
-    log.warning("a batch of %d windows failed (%s); retrying it in halves", n, first_line(err)[:200])
+class _SplitNotes:
+    """Says once each reason a batch failed and was retried in halves, and at the end how many more
+    failed so: a model that fails on every window said it 7 times per batch of 8, all run long."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+        self.more = 0
+
+    def __call__(self, n: int, err: BaseException) -> None:
+        why = first_line(err)[:200]
+        if why in self.said:
+            self.more += 1
+            return
+        self.said.add(why)
+        log.warning("a batch of %d windows failed (%s); retrying it in halves", n, why)
+
+    def close(self) -> None:
+        if self.more:
+            log.warning("%d more batches failed for a reason said above and were retried in halves", self.more)
 
 
 class _Progress:
