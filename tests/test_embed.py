@@ -169,6 +169,39 @@ def test_sample_rates_beyond_any_audio_and_meta_tensors_are_refused():
         enc.embed(torch.empty(16000, device="meta"), sr=SR)
 
 
+def test_pooled_windows_are_reduced_where_the_model_runs_and_copied_back_small():
+    """With pool_rows, launch_windows returns each window's sum and max over its kept rows (b, 2, L, D),
+    not its frames; a window that keeps no rows gives a sum of 0 and a max of -inf."""
+    enc = musicssl.load("mfcc")
+    wav = torch.from_numpy(np.stack([music(2.0, 1), music(2.0, 2)]))
+    full, n_valid = enc.launch_windows(wav, [32000, 20000], [0]).result()
+    pooled, _ = enc.launch_windows(wav, [32000, 20000], [0], pool_rows=[(3, 90), (5, 5)]).result()
+    assert pooled.shape == (2, 2, 1, enc.embed_dim) and n_valid == [101, 63]
+    torch.testing.assert_close(pooled[0, 0], full[0, 3:90].sum(0))
+    torch.testing.assert_close(pooled[0, 1], full[0, 3:90].amax(0))
+    assert not pooled[1, 0].any() and bool((pooled[1, 1] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_rows_past_a_windows_end_never_reach_the_clip(pool, monkeypatch):
+    """Padded rows may hold anything (NaN from a masked softmax): a short clip batched with a long
+    one pools as it does alone."""
+    enc = musicssl.load("mfcc")
+    real = type(enc).forward_features
+
+    def nan_past_the_end(self, wav, lengths):
+        out = real(self, wav, lengths)[0].clone()
+        for i, n in enumerate(self.frame_lengths(lengths).tolist()):
+            out[i, n:] = float("nan")
+        return [out]
+
+    monkeypatch.setattr(type(enc), "forward_features", nan_past_the_end)
+    long, short = music(12.0, 1), music(3.0, 2)
+    both = enc.embed([long, short], sr=SR, pool=pool, batch_size=4).clip
+    assert torch.isfinite(both).all()
+    torch.testing.assert_close(both[1], enc.embed(short, sr=SR, pool=pool).clip[0])
+
+
 @pytest.mark.parametrize("pool", ["mean", "max"])
 def test_pooling_keeps_no_frames_of_long_audio(pool):
     """pool= returns only the clip, so only a running sum and max per item are held, whatever the

@@ -541,7 +541,7 @@ def test_a_model_that_fails_on_every_window_says_why_once(tmp_path, monkeypatch,
     logged at every split (7 lines per batch of 8), all run long. Now once, then a count."""
     corpus(tmp_path / "in", 12)
 
-    def broken(self, wav, n_samples, keep):
+    def broken(self, wav, n_samples, keep, rows=None):
         raise RuntimeError("The expanded size of the tensor (501) must match the existing size (500)")
 
     monkeypatch.setattr(musicssl.Encoder, "launch_windows", broken)
@@ -565,13 +565,13 @@ def test_out_of_memory_falls_back_to_smaller_batches(tmp_path, tiny_model, monke
     def oom():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    def flaky(self, wav, n_samples, keep):
+    def flaky(self, wav, n_samples, keep, rows=None):
         seen.append(len(n_samples))
         if len(n_samples) <= 2:
-            return real(self, wav, n_samples, keep)
+            return real(self, wav, n_samples, keep, rows)
         if when == "launch":
             oom()
-        launched = real(self, wav, n_samples, keep)
+        launched = real(self, wav, n_samples, keep, rows)
         launched.result = oom
         return launched
 
@@ -588,10 +588,10 @@ def test_a_batch_failing_with_an_empty_message_is_split_too(tmp_path, tiny_model
     corpus(tmp_path / "in", 3, seconds=(3.0, 6.0))
     real = musicssl.Encoder.launch_windows
 
-    def flaky(self, wav, n_samples, keep):
+    def flaky(self, wav, n_samples, keep, rows=None):
         if len(n_samples) > 1:
             raise RuntimeError()
-        return real(self, wav, n_samples, keep)
+        return real(self, wav, n_samples, keep, rows)
 
     monkeypatch.setattr(musicssl.Encoder, "launch_windows", flaky)
     assert extract([tmp_path / "in"], tmp_path / "out", tiny_model, batch_size=8, num_workers=0).ok == 3

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import musicssl
-from musicssl.audio.frontends import VQT, AmplitudeToDB
+from musicssl.audio.frontends import VQT
 from musicssl.models.pesto import PESTO, ToeplitzLinear, checkpoint_filter_fn, reduce_activations
 from musicssl.recipes import losses
 from musicssl.recipes import pesto as recipe_mod

@@ -218,8 +218,12 @@ class BatchRunner:
         start = time.perf_counter()
         try:
             wav = self.encoder.stack_windows([f.audio for f, _ in batch], [w for _, w in batch])
+            rows = None  # pooled files: their windows are reduced on the model's device (launch_windows)
+            if isinstance(batch[0][0].frames, RunningPool):
+                rows = self.encoder.rows_to_pool([w for _, w in batch], [w.index == f.last_window for f, w in batch],
+                                                 self.plan)
             with self.watch("model"), self.threads.model() if self.threads else contextlib.nullcontext():
-                launched = self.encoder.launch_windows(wav, [w.length for _, w in batch], self.keep)
+                launched = self.encoder.launch_windows(wav, [w.length for _, w in batch], self.keep, rows)
         except Exception as err:  # noqa: BLE001 -- split to isolate the cause; see the class docstring
             self.flush()
             self._recover(batch, err)
@@ -243,7 +247,10 @@ class BatchRunner:
         # Time spent starting it and waiting for it, not the other batches' time in between.
         share = (spent + time.perf_counter() - start) / len(batch)
         for j, (f, w) in enumerate(batch):
-            self.encoder.place_window(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
+            if isinstance(f.frames, RunningPool):
+                f.frames.add(stacked[j])
+            else:
+                self.encoder.place_window(f.frames, w, w.index == f.last_window, stacked[j], n_valid[j], self.plan)
             f.windows_left -= 1
             f.seconds += share
 

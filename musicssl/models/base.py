@@ -59,7 +59,7 @@ class Window:
 class Launched:
     """A batch of windows started through the model (`Encoder.launch_windows`)."""
 
-    stacked: torch.Tensor  # (b, T, L, D) float32 on the CPU; still being copied until `done`
+    stacked: torch.Tensor  # (b, T, L, D) float32 on the CPU, or (b, 2, L, D) pooled; being copied until `done`
     n_valid: list[int]  # valid frames of each window
     done: torch.cuda.Event | None = None
 
@@ -259,14 +259,18 @@ class Encoder(nn.Module):
         def place(batch: list[Window], launched: Launched) -> None:
             stacked, n_valid = launched.result()
             for j, w in enumerate(batch):
-                self.place_window(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
+                if pooled:
+                    frames[w.item].add(stacked[j])
+                else:
+                    self.place_window(frames[w.item], w, w.index == last_window[w.item], stacked[j], n_valid[j], plan)
 
         pending, overlap = None, self.device.type == "cuda"  # a CPU has nothing to overlap
         # A compiled model pads every batch to full windows anyway: splitting by length would only add batches.
         min_share = 0.0 if getattr(self, "_compiled_features", None) is not None else BATCH_MIN_SHARE
         for batch in _length_batches(order, batch_size, min_share):
             wav = self.stack_windows([items[w.item] for w in batch], batch)
-            launched = self.launch_windows(wav, [w.length for w in batch], keep)
+            rows = self.rows_to_pool(batch, [w.index == last_window[w.item] for w in batch], plan) if pooled else None
+            launched = self.launch_windows(wav, [w.length for w in batch], keep, rows)
             if pending:  # stitched while the device runs the batch just launched
                 place(*pending)
             pending = batch, launched
@@ -285,9 +289,12 @@ class Encoder(nn.Module):
             wav[j, : w.length] = torch.as_tensor(x[w.start : w.start + w.length])
         return wav
 
-    def launch_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int]) -> Launched:
+    def launch_windows(self, wav: torch.Tensor, n_samples: list[int], keep: list[int],
+                       pool_rows: Sequence[tuple[int, int]] | None = None) -> Launched:
         """Start padded windows wav (b, S) through the model; the result is the hidden states of `keep`
-        (b, T, L, D) float32 on the CPU and the valid frames of each window.
+        (b, T, L, D) float32 on the CPU and the valid frames of each window. With `pool_rows` (each
+        window's rows [lo, hi) that its item keeps, `window_rows`), the result is their sum and max
+        (b, 2, L, D), reduced on the model's device: only that much is copied back.
 
         On a GPU nothing here waits for the device (unless the model reads its lengths back): the
         caller prepares or stitches another batch while this one runs, then asks for the result.
@@ -300,11 +307,12 @@ class Encoder(nn.Module):
         n_valid = self.frame_lengths(n[:rows]).tolist()
         if device.type != "cuda":
             hidden = (compiled or self.forward_features)(wav.to(device), n.to(device))
-            return Launched(torch.stack([hidden[i][:rows] for i in keep], dim=2).float().cpu(), n_valid)
+            stacked = _pool_rows(torch.stack([hidden[i][:rows] for i in keep], dim=2).float(), pool_rows)
+            return Launched(stacked.cpu(), n_valid)
         # From pinned memory, with non_blocking, the copies in are queued rather than waited for.
         wav, n = wav if wav.is_pinned() else wav.pin_memory(), n.pin_memory()
         hidden = (compiled or self.forward_features)(wav.to(device, non_blocking=True), n.to(device, non_blocking=True))
-        stacked = torch.stack([hidden[i][:rows] for i in keep], dim=2).float()
+        stacked = _pool_rows(torch.stack([hidden[i][:rows] for i in keep], dim=2).float(), pool_rows)
         # Into pinned host memory (non_blocking allocates it): a copy into pageable memory runs at
         # about a third of the rate, and took longer than the model itself (bench/RESULTS.md).
         host = stacked.to("cpu", non_blocking=True)
@@ -335,13 +343,23 @@ class Encoder(nn.Module):
                      plan: tuple[int, int, int]) -> None:
         """Stitch one window's frames (T_w, L, D) into its item's frames (T, L, D) in place; `plan` is
         `window_plan()`, computed once by the caller."""
+        g0, lo, hi = self.window_rows(w, last, n_valid, plan)
+        frames[g0 + lo : g0 + hi] = window[lo:hi]
+
+    def rows_to_pool(self, windows: Sequence[Window], last: Sequence[bool],
+                     plan: tuple[int, int, int]) -> list[tuple[int, int]]:
+        """Each window's rows [lo, hi) that its item keeps: `launch_windows(pool_rows=...)`."""
+        n_valid = self.frame_lengths(torch.tensor([w.length for w in windows])).tolist()
+        return [self.window_rows(w, is_last, n, plan)[1:] for w, is_last, n in zip(windows, last, n_valid)]
+
+    def window_rows(self, w: Window, last: bool, n_valid: int, plan: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(g0, lo, hi): window `w` gives its item frames g0 + lo .. g0 + hi from its rows [lo, hi)."""
         _, step, trim = plan
         frames_step = step // self.hop_length
         # Keep the middle of each window; the first and last keep their outer edges too.
         lo = 0 if w.index == 0 else trim
         hi = n_valid if last else min(trim + frames_step, n_valid)
-        g0 = w.index * frames_step
-        frames[g0 + lo : g0 + hi] = window[lo:hi]
+        return w.index * frames_step, lo, hi
 
     def assemble(
         self, frames: torch.Tensor, lengths: torch.Tensor, keep: list[int], pool: str | None,
@@ -413,8 +431,8 @@ def masked_pool(frames: torch.Tensor, lengths: torch.Tensor, how: str = "mean") 
 
 
 class RunningPool:
-    """Stands in for one item's frames (T, L, D) when only its clip is kept: `pool[a:b] = rows`
-    adds rows (n, L, D) to a running sum and max, so memory does not grow with the audio."""
+    """Stands in for one item's frames (T, L, D) when only its clip is kept: `add` takes each window's
+    rows reduced to a sum and max, so memory does not grow with the audio."""
 
     def __init__(self, n_frames: int, layers: int, dim: int) -> None:
         self.shape = (n_frames, layers, dim)
@@ -422,14 +440,30 @@ class RunningPool:
         self.max = torch.full((layers, dim), float("-inf"))
         self.nbytes = self.sum.nbytes + self.max.nbytes
 
-    def __setitem__(self, index: slice, rows: torch.Tensor) -> None:
-        if len(rows):
-            self.sum += rows.sum(dim=0)
-            torch.maximum(self.max, rows.amax(dim=0), out=self.max)
+    def add(self, pooled: torch.Tensor) -> None:
+        """A window's rows already reduced (`launch_windows(pool_rows=...)`): (2, L, D) sum and max."""
+        self.sum += pooled[0]
+        torch.maximum(self.max, pooled[1], out=self.max)
 
     def clip(self, pool: str | None) -> torch.Tensor:
         """(L, D): the max, or the mean over the item's frames."""
         return self.max.clone() if pool == "max" else self.sum / self.shape[0]
+
+
+def _pool_rows(stacked: torch.Tensor, rows: Sequence[tuple[int, int]] | None) -> torch.Tensor:
+    """stacked (b, T, L, D) -> (b, 2, L, D): sum and max over each window's rows [lo, hi); None: as is.
+    A window that gives its item no rows (hi <= lo) gives a sum of 0 and a max of -inf."""
+    if rows is None:
+        return stacked
+    out = stacked.new_empty((stacked.shape[0], 2, *stacked.shape[2:]))
+    out[:, 0], out[:, 1] = 0.0, float("-inf")
+    # Window by window over views: a mask over the batch would copy it twice, and rows past a
+    # window's end may hold anything (NaN from a masked softmax) that a product with 0 would keep.
+    for j, (lo, hi) in enumerate(rows):
+        if hi > lo:
+            torch.sum(stacked[j, lo:hi], dim=0, out=out[j, 0])
+            torch.amax(stacked[j, lo:hi], dim=0, out=out[j, 1])
+    return out
 
 
 def is_single_layer(layers: LayersArg) -> bool:
