@@ -461,7 +461,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         from musicssl.bulk.outputs import make_out_dir
 
-        make_out_dir(Path(args.out), "-o")  # before the work, not after it
+        make_out_dir(Path(args.out).expanduser(), "-o")  # before the work, not after it
     used: set[str] = set()
     for task in args.tasks:
         result = evaluate(

@@ -399,13 +399,13 @@ def convert_local(name_or_family: str, paths: Sequence[str | os.PathLike], out: 
     from musicssl.bulk.outputs import make_out_dir
     from musicssl.factory import check_release_out, save_pretrained
 
-    files = [Path(p) for p in paths]
+    files, out = [Path(p).expanduser() for p in paths], Path(out).expanduser()
     for p in files:
         if not p.is_file():
             raise FileNotFoundError(f"{p}: {'a folder' if p.is_dir() else 'no such file'} (give the upstream "
                                     "checkpoint files you downloaded)")
-    check_release_out(Path(out), "--out", files)
-    make_out_dir(Path(out), "--out")  # before the conversion, not after it
+    check_release_out(out, "--out", files)
+    make_out_dir(out, "--out")  # before the conversion, not after it
     sha = {p: hub.sha256_file(p) for p in files}
     candidates, errors = _candidates(name_or_family), []
     for spec in sorted(candidates, key=lambda s: _evidence(s, files, sha), reverse=True):

@@ -63,10 +63,7 @@ def load(
             raise ValueError(f"load({source!r}, {', '.join(given)}): pretrained=False and constructor arguments apply "
                              f"only to registry names, and {source} is a release, loaded as saved. Build an "
                              "architecture with musicssl.load(NAME, pretrained=False, ...) instead.")
-        if is_registered(source):  # a bare name that a release folder here hides: said, or it goes unnoticed
-            log.warning("loading the release folder %s in the working folder, not the registered model %r of "
-                        "that name (write './%s' to mean the folder, or move it)", os.path.abspath(source), source,
-                        source)
+        _say_if_hidden(source)
         model = load_release(hub.fetch_release(source, offline=offline))
     else:
         model = _load_registered(source, pretrained, offline, overrides)
@@ -86,6 +83,14 @@ def is_registry_name(source: str) -> bool:
     if not Path(source).is_dir():
         return True
     return is_registered(source) and not (Path(source) / "config.json").is_file()
+
+
+def _say_if_hidden(source: str) -> None:
+    """Warn where `source` is a registered name that a release folder in the working folder hides:
+    otherwise it goes unnoticed."""
+    if is_registered(source) and "/" not in source and os.sep not in source:
+        log.warning("using the release folder %s in the working folder, not the registered model %r of that name "
+                    "(write './%s' to mean the folder, or move it)", os.path.abspath(source), source, source)
 
 
 def _load_registered(name: str, pretrained: bool, offline: bool | None, overrides: dict[str, Any]) -> Encoder:
@@ -145,6 +150,7 @@ def _check_overrides(spec: ModelSpec, overrides: dict[str, Any]) -> None:
 def release_info(source: str, *, offline: bool | None = None) -> dict[str, Any]:
     """What `musicssl info` shows for a release ('hf-hub:org/repo[@rev]' or a folder), read from its
     config.json alone: the weights are not downloaded."""
+    _say_if_hidden(source)
     path = hub.fetch_release_config(source, offline=offline)
     config = read_config(path.parent)
     # A saved spec's own weights fields describe a registry entry, not this release: say where it is.

@@ -228,6 +228,18 @@ def test_convert_out_that_is_a_file_is_said_first(tmp_path):
         convert.convert_local("pesto", [f], f)
 
 
+def test_convert_reads_and_writes_under_home(tmp_path, monkeypatch):
+    """'~' in --out and the files is the home folder (a folder named '~' was made in the working one)."""
+    from musicssl.errors import OutputPathError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(OutputPathError, match="is a file: give --out a folder"):
+        convert.convert_local("pesto", ["~/w.bin"], "~/w.bin")  # both found where "~" says
+    assert not (tmp_path / "~").exists()
+
+
 def test_convert_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.bin"):
         convert.convert_local("pesto", [tmp_path / "nope.bin"], tmp_path / "out")

@@ -161,6 +161,24 @@ def test_audio_far_too_loud_for_float32_is_refused_and_unscaled_pcm_warned_of(ca
     assert not caplog.text
 
 
+def test_float_files_far_too_loud_are_refused_and_unscaled_ones_warned_of(tmp_path, caplog):
+    """The level check of arrays holds for float WAV files too: one at 1e19 gave NaN embeddings and an
+    exit code 0 from `musicssl embed`."""
+    from musicssl.errors import AudioDecodeError
+
+    x = music(1.0)
+    sf.write(tmp_path / "loud.wav", x * 1e19, SR, subtype="FLOAT")
+    sf.write(tmp_path / "unscaled.wav", x * 100, SR, subtype="FLOAT")
+    enc = musicssl.load("mfcc")
+    with pytest.raises(AudioDecodeError, match=r"loud.wav' has samples up to .*e\+1[89].*normalise it, e.g. `sox"):
+        enc.embed(tmp_path / "loud.wav")
+    with caplog.at_level("WARNING", logger="musicssl"):
+        assert torch.isfinite(enc.embed(tmp_path / "unscaled.wav").clip).all()
+    assert "unscaled.wav' has samples up to" in caplog.text and "a float file written without scaling?" in caplog.text
+    res = musicssl.extract(tmp_path, tmp_path / "out", enc, num_workers=0)
+    assert (res.ok, res.failed, res.exit_code) == (1, 1, 1)
+
+
 def test_sample_rates_beyond_any_audio_and_meta_tensors_are_refused():
     enc, x = musicssl.load("mfcc"), music(1.0)
     with pytest.raises(AudioInputError, match="not an audio sample rate \\(the highest taken is 10000000 Hz\\)"):

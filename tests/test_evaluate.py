@@ -122,6 +122,24 @@ def test_groups_never_straddle_splits(tmp_path: Path) -> None:
     assert {s for ss in where.values() for s in ss} == {"train", "valid", "test"}
 
 
+def test_a_group_the_csv_puts_partly_in_a_split_stays_there_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A split column filled for some rows only: a group with one row in test had its blank rows split
+    apart from it, mostly into train. They now follow the group's given split; a group the CSV itself
+    puts on two sides is warned of."""
+    rows = list(csv.DictReader(open(tone_task(tmp_path, n=24))))
+    for i, r in enumerate(rows):
+        r["group"], r["split"] = f"g{i // 6}", "test" if i % 6 == 0 and i < 12 else ""
+    task = load_task(write_csv(tmp_path / "partly.csv", rows))
+    where: dict[str, set[str]] = {}
+    for g, s in zip(task.groups, task.split):
+        where.setdefault(g, set()).add(s)
+    assert where["g0"] == where["g1"] == {"test"} and all(len(s) == 1 for s in where.values()), where
+    rows[1]["split"] = "train"  # g0: one row test, one train, as the CSV says
+    with caplog.at_level("WARNING", logger="musicssl"):
+        load_task(write_csv(tmp_path / "both.csv", rows))
+    assert "puts 1 groups on more than one side, e.g. 'g0' in ['test', 'train']" in caplog.text
+
+
 def test_kinds_are_read_from_labels_or_sidecar(tmp_path: Path) -> None:
     files = [tone(tmp_path / f"{i}.wav", 200 + 50 * i) for i in range(12)]
     multi = write_csv(tmp_path / "multi.csv", [{"path": f.name, "label": "a;b" if i % 2 else "a"} for i, f in enumerate(files)])
@@ -415,6 +433,14 @@ def test_cli_eval_tasks_of_one_name_do_not_overwrite_each_other(tmp_path: Path, 
     assert main(["eval", str(a), str(b), "--models", "mfcc,mfcc", "-o", str(out), "--cache", str(tmp_path / "c")]) == 0
     assert capsys.readouterr().out.count("| mfcc | linear |") == 2  # one row per task: the model once
     assert (out / "tones.json").exists() and (out / "tones-2.json").exists()
+
+
+def test_cli_eval_out_under_home_makes_no_folder_named_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = tone_task(tmp_path / "a")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "a")
+    assert main(["eval", str(task), "--models", "mfcc", "-o", "~/ev", "--cache", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "ev" / "tones.json").exists() and not (tmp_path / "a" / "~").exists()
 
 
 def test_cli_eval_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -476,6 +476,8 @@ def test_the_python_api_refuses_what_the_cli_could_not_pass(tmp_path):
            ({"dtype": torch.int8}, ValueError, "floating torch dtype"),
            ({"shard": (0, 2)}, ValueError, "shard takes 'K/N' as a string"),
            ({"decode_timeout": "10"}, ValueError, "decode_timeout must be seconds > 0"),
+           ({"log_every": "5"}, ValueError, "log_every must be seconds > 0"),
+           ({"num_workers": True}, ValueError, "num_workers must be an integer >= 0"),
            ({"inputs": None}, TypeError, "inputs must be a file or folder, or a list of them"),
            ({"inputs": np.zeros(3)}, TypeError, "inputs must be a file or folder.*not ndarray"),
            ({"out": None}, TypeError, "out must be the output folder")]
@@ -508,7 +510,8 @@ def test_out_under_home_and_random_weights_in_run_json(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path / "in")
     enc = musicssl.load("simclr-mini", pretrained=False, depth=2)
-    assert extract("~/in", "~/feats", enc).ok == 1
+    (tmp_path / "list.txt").write_text("~/in/a.wav\n")
+    assert extract([], "~/feats", enc, files_from="~/list.txt", root="~/in").ok == 1  # root and list too
     info = json.loads((tmp_path / "feats" / "run.json").read_text())
     assert (info["model"], info["weights"], info["weights_files"]) == ("simclr-mini", None, {})
     assert not (tmp_path / "in" / "~").exists()

@@ -123,13 +123,19 @@ def test_unknown_model_and_overrides():
 
 
 def test_a_folder_named_like_a_model_hides_it_only_if_it_is_a_release(tmp_path, monkeypatch, caplog):
+    from musicssl.factory import release_info
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mfcc").mkdir()  # as `musicssl embed x -o mfcc --model mfcc` leaves
     assert type(musicssl.load("mfcc")).__name__ == "Mfcc"
     musicssl.save_pretrained(musicssl.load("jepa-tiny", pretrained=False, depth=1), tmp_path / "jepa-tiny")
     with caplog.at_level("WARNING", logger="musicssl"):
         assert musicssl.load("jepa-tiny").num_layers == 1  # a release of that name: the folder, said
-    assert f"loading the release folder {tmp_path / 'jepa-tiny'} in the working folder, not the registered" in caplog.text
+    assert f"using the release folder {tmp_path / 'jepa-tiny'} in the working folder, not the registered" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="musicssl"):  # `musicssl info jepa-tiny` shows the folder's: said too
+        assert release_info("jepa-tiny")["args"]["depth"] == 1
+    assert "using the release folder" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="musicssl"):
         assert musicssl.load("./jepa-tiny").num_layers == 1  # meant as a folder: nothing to say

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Sequence
 
@@ -11,10 +10,6 @@ import torch
 
 from musicssl.errors import AudioInputError
 
-log = logging.getLogger(__name__)
-
-# Float samples beyond MAX_PEAK are refused (models overflow float32 on them); beyond LOUD_PEAK warned of.
-MAX_PEAK, LOUD_PEAK = 1e10, 16.0
 # More channels than any music layout (7.1): a trailing axis this short is channels, not samples.
 _MAX_CHANNELS = 8
 _INT_SCALE = {np.dtype(np.int8): 2.0**7, np.dtype(np.int16): 2.0**15, np.dtype(np.int32): 2.0**31}
@@ -110,20 +105,10 @@ def _as_numpy(x: np.ndarray | torch.Tensor, what: str) -> np.ndarray:
 
 
 def _check_level(arr: np.ndarray, what: str) -> None:
-    """Refuse float samples so loud that a model's power spectrum overflows float32 (NaN embeddings),
-    and warn of samples far outside [-1, 1] (integer PCM passed as floats, unscaled)."""
-    if not arr.size:
-        return
-    peak = float(np.abs(arr).max())
-    if not np.isfinite(peak):  # NaN or Inf: check_finite says where
-        return
-    if peak > MAX_PEAK:
-        raise AudioInputError(f"{what} has samples up to {peak:.3g}: float audio is expected in [-1, 1], and levels "
-                              "this far beyond it overflow a model's float32 arithmetic (NaN embeddings); scale it, "
-                              "e.g. x / np.abs(x).max()")
-    if peak > LOUD_PEAK:
-        log.warning("%s has samples up to %.6g, far outside [-1, 1]: integer PCM passed as floats? Divide it by its "
-                    "scale (32768 for 16-bit); models trained on [-1, 1] audio embed it as very loud", what, peak)
+    from musicssl.audio.io import check_level
+
+    check_level(arr, what, AudioInputError, "scale it, e.g. x / np.abs(x).max()",
+                "integer PCM passed as floats? Divide it by its scale (32768 for 16-bit)")
 
 
 def _channels_first(arr: np.ndarray, what: str, sr: int | None) -> np.ndarray:

@@ -163,6 +163,8 @@ def load_audio(
             f"or re-encode it with `ffmpeg -i '{p}' out.flac`."
         )
     x = sink.result()
+    check_level(x, f"audio file '{p}'", AudioDecodeError, f"normalise it, e.g. `sox '{p}' out.flac norm`",
+                "a float file written without scaling?")
     return (x if mono else np.ascontiguousarray(x.T)), sr if sr is not None else file_sr
 
 
@@ -195,6 +197,27 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise AudioInputError(f"to_mono expects audio shaped (S,) or (C, S), got shape {x.shape}.")
     return mix_down(x.T)
+
+
+# Float samples beyond MAX_PEAK are refused: a model's float32 arithmetic (a power spectrum) overflows
+# on them and gives NaN embeddings. Beyond LOUD_PEAK they are warned of: far outside [-1, 1].
+MAX_PEAK, LOUD_PEAK = 1e10, 16.0
+
+
+def check_level(x: np.ndarray, what: str, error: type[Exception], fix: str, guess: str) -> None:
+    """Raise `error` naming `what` and `fix` if float samples `x` exceed MAX_PEAK; warn (with
+    `guess`, what it may be) past LOUD_PEAK. NaN and Inf are left to check_finite."""
+    if not x.size or x.dtype.kind != "f":
+        return
+    peak = max(float(x.max()), -float(x.min()))  # no |x| copy: a 60 min file's would double its memory
+    if not np.isfinite(peak):
+        return
+    if peak > MAX_PEAK:
+        raise error(f"{what} has samples up to {peak:.3g}: float audio is expected in [-1, 1], and levels this far "
+                    f"beyond it overflow a model's float32 arithmetic (NaN embeddings); {fix}")
+    if peak > LOUD_PEAK:
+        log.warning("%s has samples up to %.6g, far outside [-1, 1]: %s; models trained on [-1, 1] audio embed it as "
+                    "very loud", what, peak, guess)
 
 
 def check_finite(x: Any, what: str) -> None:

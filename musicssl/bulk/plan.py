@@ -35,7 +35,7 @@ def read_list(list_file: str | os.PathLike) -> list[str]:
         raw = stdin.read() if stdin is not None else os.fsencode(sys.stdin.read())
     else:
         try:
-            raw = Path(list_file).read_bytes()
+            raw = Path(list_file).expanduser().read_bytes()
         except OSError as err:
             raise FileNotFoundError(f"cannot read the list of inputs {list_file}: {err}") from err
     # Bytes to names as the OS does, so names that are not UTF-8 survive; a UTF-8 byte-order mark
@@ -96,7 +96,7 @@ def plan_jobs(
     listed = read_list(files_from) if files_from is not None else []
     files, folders = gather(inputs, listed, extensions, unreadable)
     if root is not None:
-        base = Path(os.path.abspath(root))
+        base = Path(os.path.abspath(os.path.expanduser(root)))
         if base.is_file():
             raise ValueError(f"--root {root} is a file: give the folder that holds every input")
     elif earlier_root is not None and files and all(Path(f).is_relative_to(earlier_root) for f in files):

@@ -148,7 +148,7 @@ def extract(
     inputs = _check_inputs(inputs)
     if isinstance(extensions, str):  # "flac", not its letters
         extensions = [extensions]
-    _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device, dtype, shard)
+    _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device, dtype, shard, log_every)
     out = os.path.expanduser(out)  # "~/feats" as load() and the inputs read it, not a folder named "~"
     ranks = distributed.from_env()
     if ranks:
@@ -186,13 +186,16 @@ def _short(value: Any) -> str:
 
 
 def _check_settings(out: Any, batch_size: int, num_workers: int | None, decode_timeout: float | None,
-                    format: str, pool: str | None, device: str | None, dtype: Any, shard: Any) -> None:
+                    format: str, pool: str | None, device: str | None, dtype: Any, shard: Any, log_every: Any) -> None:
     """Refuse bad settings before any folder is made or model loaded."""
     check_batch_size(batch_size)
-    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+    if num_workers is not None and not (isinstance(num_workers, int) and not isinstance(num_workers, bool)
+                                        and num_workers >= 0):
         raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), not {num_workers!r}")
     if decode_timeout is not None and not (_is_number(decode_timeout) and decode_timeout > 0):
         raise ValueError(f"decode_timeout must be seconds > 0 (or None for no limit), not {decode_timeout!r}")
+    if not (_is_number(log_every) and log_every > 0):
+        raise ValueError(f"log_every must be seconds > 0 between progress lines, not {log_every!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch dtype such as torch.bfloat16 (or None for the model's "
                          f"own), not {dtype!r}")
@@ -239,7 +242,8 @@ class _Run:
         dotted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions or AUDIO_EXTENSIONS}
         wanted = ",".join(sorted(dotted))
         searched = f" (searched every subfolder for {wanted})" if inputs else ""
-        log.warning("no audio files found in %s%s: nothing to embed", ", ".join(map(str, inputs)) or files_from,
+        where = ", ".join(map(str, inputs)) or files_from
+        log.warning("no audio files found%s%s: nothing to embed", f" in {where}" if where else " (no inputs given)",
                     searched)
         return ExtractResult(ok=0, skipped=0, failed=0, out_dir=self.out_dir, root=self.root,
                              manifest=self.out_dir / MANIFEST, failed_list=None,

@@ -297,6 +297,7 @@ def _read_folder(path: Path) -> Task:
 
 def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: float) -> None:
     """Give every unassigned item a split; carve `test`, then `valid`, from the training items when absent."""
+    _follow_groups(task)
     free = task.split == ""
     if not free.any() and {"valid", "test"} <= set(task.split):
         return
@@ -315,6 +316,25 @@ def _fill_splits(task: Task, seed: int, valid_fraction: float, test_fraction: fl
                                  stratified_pick(_strata(task, loose), task.paths, loose, share, seed, keep)])
         task.split[chosen] = name
         pool = np.setdiff1d(pool, chosen)
+
+
+def _follow_groups(task: Task) -> None:
+    """Blank split cells of a group whose other items the CSV assigns take that split: splits made
+    here keep a group on one side (it was filled apart, and most of a test group went to train). A
+    group the CSV itself puts on two sides is warned of; its blank cells are filled as ungrouped."""
+    if task.groups is None:
+        return
+    given: dict[str, set[str]] = {}
+    for group, split in zip(task.groups, task.split):
+        if split and not group.startswith(_LOOSE):
+            given.setdefault(group, set()).add(split)
+    both = sorted(g for g, s in given.items() if len(s) > 1)
+    if both:
+        log.warning("the split column puts %d groups on more than one side, e.g. %r in %s: items of one group "
+                    "in train and test let a probe win by recognising it", len(both), both[0], sorted(given[both[0]]))
+    for i, group in enumerate(task.groups):
+        if task.split[i] == "" and len(given.get(group, ())) == 1:
+            task.split[i] = next(iter(given[group]))
 
 
 def _strata(task: Task, pool: np.ndarray) -> list[str]:
