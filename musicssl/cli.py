@@ -621,3 +621,7 @@ RESUMES = {"embed": "; finished outputs are kept, and the same command carries o
            "train": "; the same command resumes from the last checkpoint",
            "eval": "; embeddings computed so far are cached for the next run",
            "finetune": "; -o keeps what it held before, and its log.partial.jsonl has this run's epochs so far"}
+
+
+if __name__ == "__main__":  # `python -m musicssl.cli ...` (as `python -m musicssl ...`)
+    run()

@@ -144,6 +144,13 @@ def run_with_a_dropped_ctrl_c(argv: list[str], then_run: bool) -> subprocess.Com
     return subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
 
 
+def test_python_m_musicssl_cli_runs_the_command():
+    """`torchrun -m musicssl.cli embed ...` did nothing and exited 0: the module had no main guard."""
+    res = subprocess.run([sys.executable, "-m", "musicssl.cli", "list", "mfcc"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.startswith("mfcc "), res
+
+
 def test_the_command_prints_its_own_notes_and_not_other_libraries_info_logs():
     """torch printed its compiler's cache statistics (INFO) at exit after a Ctrl-C."""
     code = ("import logging, sys\nimport musicssl.cli as cli\n"

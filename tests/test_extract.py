@@ -774,7 +774,8 @@ def test_shards_cover_every_file_exactly_once(tmp_path):
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     files = corpus(tmp_path / "in", 10, seconds=(0.5, 2.0))
-    (tmp_path / "in" / "broken.wav").write_bytes(b"RIFF nonsense")
+    broken = tmp_path / "in" / "d0" / "track 00b.wav"  # second in order: rank 1's, whose errors rank 0 prints too
+    broken.write_bytes(b"RIFF nonsense")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "musicssl", "embed", str(tmp_path / "in"), "-o", str(out), "--model", "mfcc", "--num-workers", "1"]
@@ -785,7 +786,34 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     records = manifest(out)  # merged by rank 0; no part files left
     assert sorted(r["input"] for r in records if r["status"] == "ok") == sorted(map(str, files))
     assert len({r["host"] for r in records}) == 2 and not leftovers(out)
-    assert (out / "failed.txt").read_text().strip().endswith("broken.wav")
+    assert (out / "failed.txt").read_text().strip() == str(broken) and f"error: {broken}" in res.stderr
+
+
+def test_what_a_killed_torchrun_run_left_is_merged_before_this_runs_records(tmp_path):
+    """A killed torchrun run's part files were appended after the resuming run's records, so they read
+    as the latest: a file fixed since stayed failed (failed.txt, the table). They now go in first."""
+    tone(tmp_path / "in" / "a.wav", 0.5)
+    (tmp_path / "in" / "b.wav").write_bytes(b"RIFF nonsense")
+    out = tmp_path / "out"
+    assert extract(tmp_path / "in", out, "mfcc", num_workers=0).failed == 1
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    # As a killed rank leaves it: its records in a part file no live process holds.
+    (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines if '"ok"' in line))
+    (out / ".manifest.zz-killed.rank1.part.jsonl").write_text("".join(line + "\n" for line in lines if '"error"' in line))
+    tone(tmp_path / "in" / "b.wav", 0.5, seed=2)  # fixed since
+    res = extract(tmp_path / "in", out, "mfcc", num_workers=0, table=True)
+    assert (res.ok, res.skipped, res.failed, res.failed_list) == (1, 1, 0, None) and not leftovers(out)
+    latest = {r["input"]: r["status"] for r in manifest(out)}
+    assert latest == {str(tmp_path / "in" / "a.wav"): "skipped", str(tmp_path / "in" / "b.wav"): "ok"}
+
+
+def test_files_from_stdin_is_refused_under_torchrun(tmp_path, monkeypatch):
+    """Every process read the one standard input: rank 0 got none of it and said no audio was found."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--files-from - under torchrun: every process would read the one"):
+        extract([], tmp_path / "out", "mfcc", files_from="-")
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_encoder_passed_in_is_left_as_it_was(tmp_path):

@@ -64,7 +64,7 @@ class ExtractResult:
     audio_seconds: float = 0.0  # audio embedded by this run
     wall_seconds: float = 0.0
     stopped_early: bool = False  # --fail-fast stopped at the first failure, or the output disk is full
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) seen by this process
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (input, reason); under torchrun the first 10 of each rank
     # Where this process's time went, in seconds: "model" (starting batches and waiting for their
     # results), "decoding" (waiting for decoded audio), "writing" (waiting for the writer threads and
     # the final sync), "host" (the rest: stitching, bookkeeping).
@@ -146,6 +146,9 @@ def extract(
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
     """
     inputs = _check_inputs(inputs)
+    if files_from is not None and os.fspath(files_from) == "-" and distributed.from_env():
+        raise ValueError("--files-from - under torchrun: every process would read the one standard input, and "
+                         "most would get none of it; write the list to a file and give its path")
     if isinstance(extensions, str):  # "flac", not its letters
         extensions = [extensions]
     _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device, dtype, shard, log_every)
@@ -267,6 +270,7 @@ class _Run:
             self.encoder.compile_windows()
         self.keep, self.single = self.encoder.layer_indices(layers), is_single_layer(layers)
         check_compatible(self.out_dir, info, self.overwrite)
+        self._merge_left_parts()
         self.view = read_view(self.out_dir / MANIFEST)  # one pass over the manifest, for the steps below
         self.moved = self._check_names_taken()  # made again below, whatever their stamps say
         self.settings = info["settings_id"]
@@ -316,6 +320,21 @@ class _Run:
         enc.eval()
         enc.to(device=where, dtype=dtype)
         return enc, info
+
+    def _merge_left_parts(self) -> None:
+        """The records a killed torchrun run left in part files go into the manifest before this run's:
+        merged after them at its end, they read as the latest (a file fixed since stayed failed)."""
+        if not self.ranks or self.ranks.rank == 0:
+            try:
+                merged = merge_parts(self.out_dir)
+            except OSError as err:  # a full disk: tried again at the end, after this run's own
+                log.warning("cannot merge what an earlier run left in %s yet: %s", self.out_dir, err.strerror or err)
+            else:
+                if merged:
+                    log.info("merged the manifest parts %d processes of an earlier run left in %s", merged,
+                             self.out_dir)
+        if self.ranks:
+            distributed.barrier()  # no rank reads the manifest while rank 0 appends to it
 
     def _records_path(self) -> Path:
         if self.ranks:
@@ -572,6 +591,10 @@ class _Run:
         if self.ranks:
             distributed.barrier()  # every rank has closed its part of the manifest
             counts = distributed.sum_counts(counts)
+            # Every rank's errors (the first 10 of each) and stop reason, for the summary rank 0 prints.
+            notes = distributed.gather((self.errors[:10], self.stop_reason))
+            self.errors = [e for errors, _ in notes for e in errors]
+            self.stop_reason = next((why for _, why in notes if why), "")
         failed_list, tables = None, []
         if lead:
             try:
