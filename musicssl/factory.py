@@ -88,7 +88,7 @@ def is_registry_name(source: str) -> bool:
 def _say_if_hidden(source: str) -> None:
     """Warn where `source` is a registered name that a release folder in the working folder hides:
     otherwise it goes unnoticed."""
-    if is_registered(source) and "/" not in source and os.sep not in source:
+    if is_registered(source):  # registry names hold no path separator: "./name" is never one
         log.warning("using the release folder %s in the working folder, not the registered model %r of that name "
                     "(write './%s' to mean the folder, or move it)", os.path.abspath(source), source, source)
 

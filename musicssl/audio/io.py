@@ -242,6 +242,14 @@ def check_finite(x: Any, what: str) -> None:
     )
 
 
+def audio_suffixes(extensions: Iterable[str] | str) -> tuple[str, ...]:
+    """Extensions as find_audio_files matches them: lower case with a dot, sorted ("flac" is one, not
+    its letters)."""
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    return tuple(sorted({e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}))
+
+
 def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSIONS,
                      unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Audio files under ``root``, sorted; a file given as ``root`` comes back alone.
@@ -257,9 +265,7 @@ def find_audio_files(root: PathLike, extensions: Iterable[str] = AUDIO_EXTENSION
         return [base]
     if not base.is_dir():
         raise FileNotFoundError(f"Cannot search '{base}' for audio files: no such file or folder.")
-    if isinstance(extensions, str):  # "flac", not its letters
-        extensions = [extensions]
-    suffixes = tuple({e.lower() if e.startswith(".") else "." + e.lower() for e in extensions})
+    suffixes = audio_suffixes(extensions)
     found: list[Path] = []
     seen_dirs: set[tuple[int, int]] = set()
 

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from musicssl import __version__, signals
-from musicssl.audio.io import AUDIO_EXTENSIONS
+from musicssl.audio.io import AUDIO_EXTENSIONS, audio_suffixes
 from musicssl.bulk import distributed
 from musicssl.bulk.manifest import (MANIFEST, RUN_INFO, Claim, RecordSink, check_compatible, earlier_root,
                                     merge_parts, now, read_view, settings_id, write_failed, write_run_info)
@@ -146,14 +146,12 @@ def extract(
     progress: a bar (default: when stderr is a terminal); otherwise a log line every `log_every` s.
     """
     inputs = _check_inputs(inputs)
-    if files_from is not None and os.fspath(files_from) == "-" and distributed.from_env():
-        raise ValueError("--files-from - under torchrun: every process would read the one standard input, and "
-                         "most would get none of it; write the list to a file and give its path")
-    if isinstance(extensions, str):  # "flac", not its letters
-        extensions = [extensions]
     _check_settings(out, batch_size, num_workers, decode_timeout, format, pool, device, dtype, shard, log_every)
     out = os.path.expanduser(out)  # "~/feats" as load() and the inputs read it, not a folder named "~"
     ranks = distributed.from_env()
+    if files_from is not None and os.fspath(files_from) == "-" and ranks:
+        raise ValueError("--files-from - under torchrun: every process would read the one standard input, and "
+                         "most would get none of it; write the list to a file and give its path")
     if ranks:
         distributed.start(ranks)
     try:
@@ -242,8 +240,7 @@ class _Run:
     # --- the run ------------------------------------------------------------------------------
     def nothing_found(self, inputs: Sequence[Any], files_from: Any, extensions: Iterable[str] | None) -> ExtractResult:
         """The result of a run whose inputs hold no audio file, said in a warning."""
-        dotted = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions or AUDIO_EXTENSIONS}
-        wanted = ",".join(sorted(dotted))
+        wanted = ",".join(audio_suffixes(extensions or AUDIO_EXTENSIONS))
         searched = f" (searched every subfolder for {wanted})" if inputs else ""
         where = ", ".join(map(str, inputs)) or files_from
         log.warning("no audio files found%s%s: nothing to embed", f" in {where}" if where else " (no inputs given)",
